@@ -1,0 +1,1 @@
+"""Optuna sweeps over precision_cfg x fidelity_cfg, Pareto fronts, reports and plots."""
