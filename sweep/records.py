@@ -1,0 +1,63 @@
+"""The measured record of one sweep trial, as stored in Optuna trial user attributes.
+
+This is the contract between the runner (`sweep.study`, which writes it) and everything that
+reads studies (`sweep.pareto`, `sweep.report`, `sweep.plots`, the notebook). The canonical config
+string is the join key for reports.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass
+class TrialRecord:
+    config: str  # canonical ModelConfig string (str(ModelConfig)): the join key
+    model: str  # registry name, e.g. "smollm2-135m"
+    top1: float  # percent
+    top5: float  # percent
+    top1_ci: tuple[float, float]  # 95% Wilson interval, percent
+    top5_ci: tuple[float, float]
+    kld: float  # mean KL(reference || trial) over scored positions, nats
+    ppl: float  # perplexity of the text under the trial
+    ref_ppl: float  # perplexity under the fp32 reference
+    tokens: int  # scored decode steps
+    speed: dict[str, float] = field(default_factory=dict)  # device -> predicted t/s/u
+    ttft: dict[str, float] = field(default_factory=dict)  # device -> predicted TTFT ms
+    wall_s: float = 0.0  # accuracy evaluation wall time (0 when reused)
+    host: str = ""
+    reused_from: str | None = None  # config string whose accuracy was reused (numerically equal)
+    decoder_json: dict | None = None  # tt-metal decoder JSON of the config
+
+    def to_user_attrs(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["top1_ci"], d["top5_ci"] = list(self.top1_ci), list(self.top5_ci)
+        return d
+
+    @classmethod
+    def from_user_attrs(cls, attrs: Mapping[str, Any]) -> "TrialRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in attrs.items() if k in names}
+        d["top1_ci"], d["top5_ci"] = tuple(d["top1_ci"]), tuple(d["top5_ci"])
+        return cls(**d)
+
+    def objective(self, name: str) -> float:
+        """Value of an objective named `top1`, `top5`, `kld`, `speed:N150` or `ttft:N300`."""
+        kind, _, device = name.partition(":")
+        if kind in ("speed", "ttft"):
+            table = getattr(self, kind)
+            if device not in table:
+                raise KeyError(f"objective {name!r}: no {kind} for device {device!r}; have {sorted(table)}")
+            return float(table[device])
+        if kind in ("top1", "top5", "kld", "ppl"):
+            return float(getattr(self, kind))
+        raise KeyError(f"unknown objective {name!r}; legal: top1, top5, kld, ppl, speed:DEVICE, ttft:DEVICE")
+
+
+#: Direction of each objective kind (Optuna's words).
+DIRECTIONS = {"top1": "maximize", "top5": "maximize", "speed": "maximize", "ttft": "minimize", "kld": "minimize", "ppl": "minimize"}
+
+
+def direction(objective: str) -> str:
+    return DIRECTIONS[objective.partition(":")[0]]
