@@ -1,0 +1,32 @@
+"""ModelSpec: the hyperparameters of a Llama-family decoder, shared by the loaders, the model and
+the performance model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # registry or display name
+    arch: str  # "llama", "qwen2" or "phi3" (weight layout family)
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = field(default=None, hash=False, compare=False)  # HF rope_scaling (Llama 3 "llama3" type)
+    rms_eps: float = 1e-5
+    tied_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    max_seq: int = 8192
+
+    @property
+    def params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        attn = self.hidden * self.head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
+        mlp = 3 * self.hidden * self.intermediate
+        emb = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return self.n_layers * (attn + mlp + 2 * self.hidden) + emb + self.hidden
