@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -437,10 +438,44 @@ def optuna_front_numbers(study) -> list[int]:
     return sorted(t.number for t in study.best_trials)
 
 
+# --- opening studies ---------------------------------------------------------------------------
+def open_storage(storage: str):
+    """An Optuna storage from a URL (`sqlite:///x.db`, `postgresql://...`) or a journal file path."""
+    if "://" in storage:
+        return storage
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(storage)
+    if not path.exists():
+        raise FileNotFoundError(f"no study storage at {storage}; give a study .toml, a journal file or a storage URL")
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def open_study(target: str | Path, study_name: str | None = None):
+    """Load a study from a study file (`studies/x.toml`, through sweep.space / sweep.study), a journal
+    file (`studies/.runs/x.log`) or a storage URL; `study_name` picks one of several in a storage."""
+    import optuna
+
+    target = str(target)
+    if target.endswith(".toml"):
+        from sweep.space import load_spec
+        from sweep.study import load_study
+
+        return load_study(load_spec(target))
+    storage = open_storage(target)
+    if study_name is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        if len(names) != 1:
+            raise ValueError(f"{target} holds {len(names)} studies ({', '.join(names) or 'none'}); name one with --study-name")
+        study_name = names[0]
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
 __all__ = [
     "Analysis", "DeviceFront", "Point", "StudyInfo", "analyze", "complete_points", "default_reference",
     "device_front", "directions_of", "front_2d", "front_indices", "front_of", "hypervolume",
-    "intervals_overlap", "knee_index", "nondominated_ranks", "optuna_front_numbers", "pareto_mask",
+    "intervals_overlap", "knee_index", "nondominated_ranks", "open_storage", "open_study", "optuna_front_numbers", "pareto_mask",
     "records_by_config", "study_info", "values_of", "wilson_interval", "within_noise_mask",
 ]
 

@@ -1,0 +1,303 @@
+"""Front plots (PNG + SVG, matplotlib Agg) and an index page.
+
+Per model and device: Speed (t/s/u) vs Top-1 (%) (lt's plot: points numbered by trial, the front
+as a red line, each front point's config in a footnote), TTFT (ms) vs Top-1 (%); per model:
+Top-1 vs Top-5 (accuracy does not depend on the device). Accuracy error bars are the 95% Wilson
+intervals. Fronts are the 2-D fronts of each projection (sweep.pareto), not Optuna's plot.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from engine.config import Config  # noqa: E402
+from sweep.pareto import Analysis, Point, front_2d, pareto_mask, values_of, directions_of  # noqa: E402
+from sweep.report import calibration_text, display_name  # noqa: E402
+
+LABEL = {"top1": "Top-1 (%)", "top5": "Top-5 (%)", "speed": "Speed (t/s/u)", "ttft": "TTFT (ms)"}
+MAX_NUMBERED = 40  # above this many points only front and within-noise points get numbers
+C_POINT, C_FRONT, C_NOISE, C_KNEE = "#4c72b0", "#d62728", "#ff9f1c", "#2ca02c"
+
+
+def short_config(config: str) -> str:
+    """Config.diff() without the precision_cfg/fidelity_cfg wrappers: `ff1_3: bfp4, li_ff1_3: lofi`."""
+    head, sep, tail = config.partition("; decoders = {")
+    try:
+        d = Config.parse(head).diff()
+    except Exception:  # noqa: BLE001 - show what we have
+        return config
+    d = re.sub(r"(precision_cfg|fidelity_cfg) = \{([^}]*)\}", r"\2", d)
+    if sep:
+        n = tail.count(": precision_cfg") + tail.count(": fidelity_cfg")
+        d += f" + {max(1, tail.count(';') + 1)} per-layer override(s)"
+    return d
+
+
+def _label(objective: str) -> str:
+    kind, _, dev = objective.partition(":")
+    return LABEL.get(kind, objective)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+
+
+def _ci(p: Point, objective: str) -> tuple[float, float] | None:
+    if objective == "top1":
+        return tuple(p.record.top1_ci)
+    if objective == "top5":
+        return tuple(p.record.top5_ci)
+    return None
+
+
+def _err(points: Sequence[Point], objective: str):
+    cis = [_ci(p, objective) for p in points]
+    if any(c is None for c in cis):
+        return None
+    vals = [p.value(objective) for p in points]
+    return [[max(0.0, v - c[0]) for v, c in zip(vals, cis)], [max(0.0, c[1] - v) for v, c in zip(vals, cis)]]
+
+
+def _usable(points, objs):
+    out = []
+    for p in points:
+        try:
+            if all(math.isfinite(p.value(o)) for o in objs):
+                out.append(p)
+        except KeyError:
+            pass
+    return out
+
+
+def _place_labels(ax, fig, xs, ys, texts, colors, rings=()):
+    """Number the points, choosing for each label the offset that overlaps least with the labels
+    and markers already placed (greedy; good enough for tens of points)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    marker_boxes = []
+    for x, y in zip(xs, ys):
+        px, py = ax.transData.transform((x, y))
+        marker_boxes.append((px - 5, py - 5, px + 5, py + 5))
+    for bx, by, r in rings:
+        px, py = ax.transData.transform((bx, by))
+        marker_boxes.append((px - r, py - r, px + r, py + r))
+    placed = []
+    offsets = [(5, 4), (5, -11), (-5, 4), (-5, -11), (8, -3), (-8, -3), (0, 7), (0, -14), (12, 10), (-12, 10),
+               (12, -17), (-12, -17)]
+    for x, y, t, c in zip(xs, ys, texts, colors):
+        best, best_cost = None, None
+        for dx, dy in offsets:
+            ha = "left" if dx > 0 else ("right" if dx < 0 else "center")
+            ann = ax.annotate(t, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, color=c,
+                              ha=ha, va="bottom", zorder=6)
+            bb = ann.get_window_extent(renderer)
+            box = (bb.x0, bb.y0, bb.x1, bb.y1)
+            axb = ax.get_window_extent(renderer)
+            cost = sum(_overlap(box, b) for b in placed) * 3 + sum(_overlap(box, b) for b in marker_boxes)
+            cost += 1000 * (box[0] < axb.x0 or box[2] > axb.x1 or box[1] < axb.y0 or box[3] > axb.y1)
+            if best_cost is None or cost < best_cost:
+                if best is not None:
+                    best[0].remove()
+                best, best_cost = (ann, box), cost
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        placed.append(best[1])
+
+
+def _overlap(a, b) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+@dataclass
+class Figure:
+    path_png: Path
+    path_svg: Path
+    title: str
+    front: list[int]
+
+
+def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, *, noise: Sequence[int] = (),
+               knee: int | None = None, footer: str = "") -> Figure:
+    """Scatter of y against x, points numbered by trial, the 2-D front as a red line, error bars
+    from the accuracy intervals, and a footnote mapping front numbers to config diffs."""
+    pts = _usable(points, [x, y])
+    front = front_2d(pts, x, y)
+    fnums = {p.number for p in front}
+    noise = set(noise) - fnums
+    legend_lines = [f"{p.number}: {short_config(p.config)}" for p in sorted(front, key=lambda p: p.number)]
+    foot = ["Front (red line):"] + ["  " + s for s in legend_lines]
+    if footer:
+        foot += [footer]
+    n_foot = len(foot)
+    foot_h = 0.13 * n_foot + 0.08  # inches of footnote (7.5 pt monospace lines)
+    fig_h = 5.0 + foot_h
+    fig = plt.figure(figsize=(9.0, fig_h), dpi=110)
+    bottom = (foot_h + 0.55) / fig_h
+    ax = fig.add_axes([0.09, bottom, 0.88, 1 - bottom - 0.45 / fig_h])
+    xs = [p.value(x) for p in pts]
+    ys = [p.value(y) for p in pts]
+    xerr, yerr = _err(pts, x), _err(pts, y)
+    ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="#9aa7b8", elinewidth=0.8, capsize=2, zorder=1,
+                label="95% Wilson interval" if (xerr or yerr) else None)
+    plain = [i for i, p in enumerate(pts) if p.number not in fnums and p.number not in noise]
+    ax.scatter([xs[i] for i in plain], [ys[i] for i in plain], s=22, color=C_POINT, zorder=3, label="trial")
+    nz = [i for i, p in enumerate(pts) if p.number in noise]
+    if nz:
+        ax.scatter([xs[i] for i in nz], [ys[i] for i in nz], s=30, facecolor="white", edgecolor=C_NOISE, linewidth=1.6,
+                   zorder=4, label="within noise of the front")
+    fx = [p.value(x) for p in front]
+    fy = [p.value(y) for p in front]
+    ax.plot(fx, fy, "-", color=C_FRONT, linewidth=1.6, zorder=2)
+    ax.scatter(fx, fy, s=34, color=C_FRONT, zorder=5, label="Pareto front")
+    rings = []
+    if knee is not None and knee in fnums:
+        k = next(p for p in front if p.number == knee)
+        rings.append((k.value(x), k.value(y), 9))
+        ax.scatter([k.value(x)], [k.value(y)], s=170, facecolor="none", edgecolor=C_KNEE, linewidth=1.8, zorder=5,
+                   label="knee")
+    ax.set_xlabel(_label(x))
+    ax.set_ylabel(_label(y))
+    ax.set_title(title, fontsize=10.5)
+    ax.grid(True, alpha=0.3)
+    # a little room so labels at the edges fit
+    for getter, setter in ((ax.get_xlim, ax.set_xlim), (ax.get_ylim, ax.set_ylim)):
+        lo, hi = getter()
+        pad = (hi - lo) * 0.05 or 1.0
+        setter(lo - pad, hi + pad)
+    ax.legend(loc="best", fontsize=8, framealpha=0.85)
+    numbered = [i for i, p in enumerate(pts) if len(pts) <= MAX_NUMBERED or p.number in fnums or p.number in noise]
+    _place_labels(ax, fig, [xs[i] for i in numbered], [ys[i] for i in numbered],
+                  [str(pts[i].number) for i in numbered],
+                  [C_FRONT if pts[i].number in fnums else "#222222" for i in numbered], rings)
+    fig.text(0.02, 0.012, "\n".join(foot), fontsize=7.5, family="monospace", va="bottom", ha="left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png, svg = path.with_suffix(".png"), path.with_suffix(".svg")
+    fig.savefig(png)
+    fig.savefig(svg)
+    plt.close(fig)
+    return Figure(png, svg, title, [p.number for p in front])
+
+
+@dataclass
+class PlotResult:
+    images: list[Path] = field(default_factory=list)
+    index: Path | None = None
+    figures: list[Figure] = field(default_factory=list)
+
+
+def write_plots(analysis: Analysis, out: str | Path) -> PlotResult:
+    """All plots of a study under `out/<study>/` and the index page `out/<study>/index.md`
+    (plus `out/index.md` linking every study's index)."""
+    out = Path(out)
+    sdir = out / _slug(analysis.info.name)
+    res = PlotResult()
+    models = sorted({p.record.model for p in analysis.points})
+    calib = calibration_text(analysis)
+    speed_note = f"Speed/TTFT: performance-model predictions, not measurements ({calib})."
+    if len(speed_note) > 120:
+        speed_note = speed_note[:117] + "..."
+    sections = []
+    for model in models:
+        pts = [p for p in analysis.points if p.record.model == model]
+        name = display_name(model)
+        figs = []
+        for dev in analysis.info.devices:
+            df = analysis.devices.get(dev)
+            noise = df.within_noise if df else ()
+            knee = df.knee if df else None
+            f1 = plot_front(pts, "top1", f"speed:{dev}", sdir / f"{_slug(model)}_{dev}_speed_vs_top1",
+                            f"{name} on {dev}: Speed vs Top-1 ({analysis.info.name}, {len(pts)} trials)",
+                            noise=noise, knee=knee, footer=speed_note)
+            f2 = plot_front(pts, "top1", f"ttft:{dev}", sdir / f"{_slug(model)}_{dev}_ttft_vs_top1",
+                            f"{name} on {dev}: TTFT vs Top-1 ({analysis.info.name}, {len(pts)} trials)",
+                            footer=speed_note)
+            figs += [(dev, f1), (dev, f2)]
+        f3 = plot_front(pts, "top5", "top1", sdir / f"{_slug(model)}_top1_vs_top5",
+                        f"{name}: Top-1 vs Top-5 ({analysis.info.name}, {len(pts)} trials; any device)")
+        figs.append((None, f3))
+        for _, f in figs:
+            res.images += [f.path_png, f.path_svg]
+            res.figures.append(f)
+        sections.append((model, figs))
+    res.index = write_index(analysis, sdir, sections)
+    _write_top_index(out)
+    return res
+
+
+def _fmt(x, nd=1):
+    return "" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
+
+
+def front_table(analysis: Analysis, device: str) -> list[str]:
+    df = analysis.devices[device]
+    lines = ["| # | Top-1 (%) [95% CI] | Top-5 (%) | Speed (t/s/u) | TTFT (ms) | config (diff from defaults) |",
+             "|---|---|---|---|---|---|"]
+    for n in df.front:
+        p = analysis.point(n)
+        r = p.record
+        mark = " (knee)" if n == df.knee else ""
+        lines.append(f"| {n}{mark} | {r.top1:.1f} [{r.top1_ci[0]:.1f}, {r.top1_ci[1]:.1f}] | {r.top5:.1f} | "
+                     f"{_fmt(r.speed.get(device))} | {_fmt(r.ttft.get(device), 0)} | `{short_config(p.config)}` |")
+    return lines
+
+
+def write_index(analysis: Analysis, sdir: Path, sections) -> Path:
+    info = analysis.info
+    lines = [f"# Study {info.name}: fronts", ""]
+    lines.append(f"Model {display_name(info.model)} (`{info.model}`), devices {', '.join(info.devices)}, "
+                 f"{len(analysis.points)} COMPLETE trials. Points are numbered by trial number (same as the CSV "
+                 f"and the front export).")
+    lines.append("")
+    lines.append(f"Speed and TTFT are performance-model predictions, not measurements ({calibration_text(analysis)}). "
+                 "Accuracy error bars are 95% Wilson intervals.")
+    lines.append("")
+    lines.append(f"Front over all study objectives ({', '.join(info.objectives)}): trials "
+                 f"{', '.join(map(str, analysis.front)) or 'none'}; knee {analysis.knee}; hypervolume "
+                 f"{analysis.hypervolume:.6g} with reference point ({analysis.reference_text()}).")
+    lines.append("")
+    for model, figs in sections:
+        lines += [f"## {display_name(model)}", ""]
+        for dev in info.devices:
+            if dev not in analysis.devices:
+                continue
+            df = analysis.devices[dev]
+            lines += [f"### {dev}: Top-1 / speed front", ""]
+            lines += front_table(analysis, dev)
+            lines += ["", f"Within noise of the front (Top-1 interval overlaps a front point's at equal or better "
+                      f"speed): {', '.join(map(str, df.within_noise)) or 'none'}. Knee: {df.knee}. Hypervolume "
+                      f"{df.hypervolume:.5g} with reference point (Top-1 {df.reference[0]:.2f} %, speed "
+                      f"{df.reference[1]:.2f} t/s/u)." if df.reference else "", ""]
+            for d, f in figs:
+                if d == dev:
+                    lines += [f"![{f.title}]({f.path_png.name})", "", f"[SVG]({f.path_svg.name})", ""]
+        for d, f in figs:
+            if d is None:
+                lines += ["### Top-1 vs Top-5", "", f"![{f.title}]({f.path_png.name})", "", f"[SVG]({f.path_svg.name})", ""]
+    path = sdir / "index.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+    return path
+
+
+def _write_top_index(out: Path) -> Path:
+    studies = sorted(p.parent.name for p in out.glob("*/index.md"))
+    lines = ["# Pareto plots", "", "One page per study (written by `sweep pareto`):", ""]
+    lines += [f"- [{s}]({s}/index.md)" for s in studies]
+    path = out / "index.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+__all__ = ["Figure", "PlotResult", "front_table", "plot_front", "short_config", "write_index", "write_plots"]
