@@ -453,15 +453,13 @@ def _ensure_blank_end(blocks: list[Block], i: int) -> None:
 
 # --- files -------------------------------------------------------------------------------------
 def n_layers_of(model: str) -> int | None:
-    """Decoder layer count of a registry model, if the engine can tell (for decoder JSON)."""
-    for mod, fn in (("engine.loaders", "model_spec"), ("engine.loaders", "spec"), ("engine.shapes", "spec"),
-                    ("engine.shapes", "model_spec")):
-        try:
-            f = getattr(__import__(mod, fromlist=[fn]), fn)
-            return int(f(model).n_layers)
-        except Exception:  # noqa: BLE001 - probe; the record's decoder JSON is the main source
-            continue
-    return None
+    """Decoder layer count of a registry model from its metadata (for decoder JSON), if known."""
+    try:
+        from engine.loaders import model_spec
+
+        return int(model_spec(model).n_layers)
+    except Exception:  # noqa: BLE001 - the record's decoder JSON is the main source; this is a fallback
+        return None
 
 
 def decoder_json_of(point: Point) -> dict | None:
