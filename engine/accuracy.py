@@ -1,0 +1,394 @@
+"""Accuracy of a config against the fp32 reference: tt-metal's teacher-forced Top-1 / Top-5 method
+(tt-numerics.md section 4), plus KL divergence and perplexity.
+
+Method
+------
+Reference: the model's own weights run by `transformers` in fp32 (independent code: HF directories
+are loaded with `from_pretrained` in their ORIGINAL layout, e.g. Phi-3's fused qkv_proj /
+gate_up_proj; GGUF models are rebuilt as LlamaForCausalLM / Qwen2ForCausalLM from the spec and
+the loader's dequantized weights), teacher-forced over the first 1024 tokens of the evaluation
+text (`engine.text`). Its prediction at position p is the distribution of token p+1.
+
+Trial (`Evaluator.evaluate`): prefill tokens 0..P-1 with the prefill numerics, then D
+teacher-forced decode steps with the decode numerics in ONE batched pass
+(`Model.decode_batched`) feeding tokens P..P+D-1. The decode logits at position p (p = P..P+D-1)
+are scored against the reference's prediction at p. Default P = 512, D = 511: positions
+512..1022, every token of the 1024 used. The prefill's own last prediction (position P-1) is
+checked for NaN/Inf but not scored (tt-metal scores the decode steps).
+
+Metrics over the D scored positions:
+- top1: % of positions where the trial argmax equals the reference argmax;
+  top5: % where the trial argmax is inside the reference top-5 (agreement with the reference
+  model, not with the text); 95% Wilson score intervals for both (`wilson_interval`).
+- kld: mean KL(reference || trial) in nats, over the full vocabulary.
+- ppl / ref_ppl: perplexity of the true next tokens under the trial / the reference.
+Any NaN or Inf in the trial's logits raises `NonFiniteLogits` (never a number).
+
+Reference cache (what is stored and why)
+----------------------------------------
+One safetensors file per (model weights fingerprint, text hash, reference length, P, D) under
+`<cache>/reference/` (`$TTSWEEP_CACHE` or ~/.cache/ttsweep; never pickle):
+  tokens       int32 [L]            the evaluation tokens (L = max(1024, P + D + 1))
+  top5         int32 [L-1, 5]       reference top-5 next-token ids at every position, best first
+  target_logp  fp32  [L-1]          reference log-prob of the true next token (ref perplexity)
+  logp         fp16  [D, vocab]     reference log-probs at the scored positions P..P+D-1
+KL(ref || trial) = sum_v p(v) (log p(v) - log q(v)) needs the reference's whole distribution at
+each scored position. A top-k + log-sum-exp summary is not enough: on SmolLM2-135M the mass
+outside the reference top-256 averages ~8% (up to 50% at uncertain positions) and a
+bucketed top-256 KL reads ~10% low. fp16 log-probs are exact to ~1e-5 relative in the KL
+(measured: 0.643186 vs 0.643189 nats) at 2 bytes per entry (50 MB for SmolLM2 at D = 511),
+so the full distribution is stored, only at the scored positions.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import loaders
+from engine.config import Config, ModelConfig
+from engine.spec import ModelSpec
+from engine.text import text_sha256, text_tokens
+
+REF_TOKENS = 1024  # tokens the reference runs over (tt-metal's method)
+DEFAULT_PREFILL = 512
+DEFAULT_DECODE = 511
+REF_FORMAT = "2"  # bump when the cache file layout changes
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+class NonFiniteLogits(RuntimeError):
+    """The trial produced NaN or Inf logits; the message says where and how many."""
+
+
+# --- statistics ----------------------------------------------------------------------------------
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion, as fractions in [0, 1]."""
+    if n <= 0:
+        raise ValueError("a Wilson interval needs n >= 1")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes {successes} outside 0..{n}")
+    p = successes / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def check_finite(logits: torch.Tensor, what: str, first_position: int) -> None:
+    """Raise NonFiniteLogits naming the positions and counts of NaN / Inf values."""
+    bad = ~torch.isfinite(logits)
+    if not bool(bad.any()):
+        return
+    rows = bad.reshape(logits.shape[0], -1).any(dim=-1).nonzero().flatten().tolist()
+    nan = int(torch.isnan(logits).sum())
+    inf = int(bad.sum()) - nan
+    first = first_position + rows[0]
+    raise NonFiniteLogits(
+        f"non-finite logits in {what}: {len(rows)} of {logits.shape[0]} positions "
+        f"(first at position {first}); {nan} NaN and {inf} Inf values in all"
+    )
+
+
+def kl_divergence(ref_logp: torch.Tensor, trial_logp: torch.Tensor) -> torch.Tensor:
+    """KL(ref || trial) per row from log-probs [N, V] (computed in fp32; 0 * log 0 = 0).
+
+    The reference row is renormalised first (its stored fp16 log-probs sum to 1 only to ~1e-3),
+    which leaves the rounding error second order: ~1e-6 nats for an identical trial."""
+    p_log = ref_logp.float()
+    p_log = p_log - torch.logsumexp(p_log, dim=-1, keepdim=True)
+    p = p_log.exp()
+    diff = p_log - trial_logp.float()
+    return torch.where(p > 0, p * diff, torch.zeros((), dtype=p.dtype)).sum(-1)
+
+
+# --- the reference -------------------------------------------------------------------------------
+@dataclass
+class Reference:
+    """The fp32 reference of one model over the evaluation text (see the module docstring)."""
+
+    tokens: np.ndarray  # int32 [L]
+    top5: np.ndarray  # int32 [L-1, 5]
+    target_logp: np.ndarray  # fp32 [L-1]
+    logp: np.ndarray  # fp16 [D, vocab] at positions prefill..prefill+D-1
+    prefill: int
+    decode: int
+    path: Path | None = None
+
+    @property
+    def scored(self) -> slice:
+        return slice(self.prefill, self.prefill + self.decode)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:48] or "model"
+
+
+def reference_path(loaded: loaders.LoadedModel, prefill: int, decode: int, cache: Path) -> Path:
+    length = max(REF_TOKENS, prefill + decode + 1)
+    return cache / "reference" / (
+        f"{_slug(loaded.spec.name)}-{loaded.fingerprint}-{text_sha256()[:12]}-L{length}-P{prefill}-D{decode}.safetensors"
+    )
+
+
+def hf_config_from_spec(spec: ModelSpec):
+    """A transformers config equivalent to `spec` (used for GGUF models)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads, num_key_value_heads=spec.n_kv_heads,
+        head_dim=spec.head_dim, max_position_embeddings=spec.max_seq, rms_norm_eps=spec.rms_eps,
+        rope_theta=spec.rope_theta, tie_word_embeddings=spec.tied_embeddings,
+    )
+    if spec.rope_scaling:
+        common["rope_scaling"] = dict(spec.rope_scaling)
+    if spec.arch == "llama":
+        return LlamaConfig(**common)
+    if spec.arch == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    raise ValueError(f"no transformers config for arch {spec.arch!r} from a spec; load it from its HF directory")
+
+
+def _no_init():
+    for mod in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return __import__(mod, fromlist=["no_init_weights"]).no_init_weights()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
+def reference_model(loaded: loaders.LoadedModel):
+    """The fp32 transformers model of the same weights (eval mode)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        if loaded.kind == "hf":
+            model = AutoModelForCausalLM.from_pretrained(loaded.source, dtype=torch.float32)
+        else:
+            config = hf_config_from_spec(loaded.spec)
+            with _no_init():
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            missing, unexpected = model.load_state_dict(loaded.weights, strict=False)
+            allowed_missing = {"lm_head.weight"} if loaded.spec.tied_embeddings else set()
+            if set(missing) - allowed_missing or unexpected:
+                raise RuntimeError(f"reference model: missing {missing}, unexpected {unexpected}")
+            if loaded.spec.tied_embeddings:
+                model.lm_head.weight = model.model.embed_tokens.weight
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model.eval()
+
+
+@torch.inference_mode()
+def reference_logits(loaded: loaders.LoadedModel, tokens, model=None) -> torch.Tensor:
+    """fp32 transformers logits [T, vocab] for `tokens` (teacher-forced, one forward)."""
+    model = model or reference_model(loaded)
+    ids = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
+    return model(input_ids=ids, use_cache=False).logits[0].float()
+
+
+def compute_reference(loaded: loaders.LoadedModel, prefill: int, decode: int) -> Reference:
+    """Run the fp32 transformers reference over the first max(1024, P+D+1) tokens."""
+    length = max(REF_TOKENS, prefill + decode + 1)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise FileNotFoundError(f"model {loaded.spec.name!r} ({loaded.source}) has no tokenizer files; cannot tokenize the text")
+    tokens = text_tokens(tok, length)
+    if max(tokens) >= loaded.spec.vocab:
+        raise ValueError(f"tokenizer produced id {max(tokens)} >= vocab {loaded.spec.vocab}")
+    logits = reference_logits(loaded, tokens)
+    logp = torch.log_softmax(logits[:-1], dim=-1)
+    del logits
+    check_finite(logp, "the fp32 reference", 0)
+    targets = torch.as_tensor(tokens[1:], dtype=torch.long)
+    return Reference(
+        tokens=np.asarray(tokens, dtype=np.int32),
+        top5=logp.topk(5, dim=-1).indices.to(torch.int32).numpy(),
+        target_logp=logp.gather(1, targets[:, None])[:, 0].numpy().astype(np.float32),
+        logp=logp[prefill:prefill + decode].to(torch.float16).numpy(),
+        prefill=prefill, decode=decode,
+    )
+
+
+def _meta(loaded: loaders.LoadedModel, prefill: int, decode: int) -> dict[str, str]:
+    return {"format": REF_FORMAT, "model": loaded.spec.name, "fingerprint": loaded.fingerprint,
+            "text_sha256": text_sha256(), "length": str(max(REF_TOKENS, prefill + decode + 1)),
+            "prefill": str(prefill), "decode": str(decode), "vocab": str(loaded.spec.vocab)}
+
+
+def save_reference(ref: Reference, path: Path, meta: dict[str, str]) -> None:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ref-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"tokens": ref.tokens, "top5": ref.top5, "target_logp": ref.target_logp, "logp": ref.logp}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    ref.path = path
+
+
+def read_reference(path: Path, meta: dict[str, str]) -> Reference | None:
+    """The cached reference at `path`, or None when absent, unreadable or for other inputs."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            if (f.metadata() or {}) != meta:
+                return None
+            arrays = {k: f.get_tensor(k) for k in ("tokens", "top5", "target_logp", "logp")}
+    except Exception:  # truncated or foreign file: recompute
+        return None
+    p, d, length, vocab = int(meta["prefill"]), int(meta["decode"]), int(meta["length"]), int(meta["vocab"])
+    if (arrays["tokens"].shape != (length,) or arrays["top5"].shape != (length - 1, 5)
+            or arrays["target_logp"].shape != (length - 1,) or arrays["logp"].shape != (d, vocab)):
+        return None
+    return Reference(arrays["tokens"], arrays["top5"], arrays["target_logp"], arrays["logp"], p, d, path)
+
+
+def load_reference(loaded: loaders.LoadedModel, prefill: int, decode: int, cache: str | os.PathLike | None = None) -> Reference:
+    """The cached reference, computed (and cached) on first use."""
+    path = reference_path(loaded, prefill, decode, loaders.cache_dir(cache))
+    meta = _meta(loaded, prefill, decode)
+    ref = read_reference(path, meta)
+    if ref is None:
+        ref = compute_reference(loaded, prefill, decode)
+        save_reference(ref, path, meta)
+    return ref
+
+
+# --- scoring -------------------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    top1: float  # percent
+    top5: float  # percent
+    top1_ci: tuple[float, float]  # 95% Wilson, percent
+    top5_ci: tuple[float, float]
+    kld: float  # mean KL(reference || trial), nats
+    ppl: float  # perplexity of the true next tokens under the trial
+    ref_ppl: float  # ... under the fp32 reference
+    tokens: int  # scored decode positions
+    seconds: float  # trial wall time (prefill + decode + scoring)
+    config: str = ""  # canonical ModelConfig string
+    model: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["top1_ci"], d["top5_ci"] = list(self.top1_ci), list(self.top5_ci)
+        return d
+
+
+def score(logits: torch.Tensor, ref: Reference) -> dict:
+    """Metrics of decode logits [D, vocab] (positions ref.prefill..) against the reference."""
+    d = ref.decode
+    if tuple(logits.shape) != (d, ref.logp.shape[1]):
+        raise ValueError(f"decode logits have shape {tuple(logits.shape)}, expected ({d}, {ref.logp.shape[1]})")
+    check_finite(logits, "decode", ref.prefill)
+    logits = logits.float()
+    trial_logp = torch.log_softmax(logits, dim=-1)
+    argmax = logits.argmax(dim=-1)
+    top5 = torch.from_numpy(ref.top5[ref.scored].astype(np.int64))
+    hit1 = int((argmax == top5[:, 0]).sum())
+    hit5 = int((argmax[:, None] == top5).any(dim=-1).sum())
+    kld = kl_divergence(torch.from_numpy(ref.logp), trial_logp)
+    targets = torch.from_numpy(ref.tokens[ref.prefill + 1:ref.prefill + d + 1].astype(np.int64))
+    nll = -trial_logp.gather(1, targets[:, None])[:, 0].double()
+    ref_nll = -torch.from_numpy(ref.target_logp[ref.scored]).double()
+    ci1, ci5 = wilson_interval(hit1, d), wilson_interval(hit5, d)
+    return dict(
+        top1=100.0 * hit1 / d, top5=100.0 * hit5 / d,
+        top1_ci=(100.0 * ci1[0], 100.0 * ci1[1]), top5_ci=(100.0 * ci5[0], 100.0 * ci5[1]),
+        kld=float(kld.double().mean()), ppl=float(torch.exp(nll.mean())), ref_ppl=float(torch.exp(ref_nll.mean())),
+        tokens=d,
+    )
+
+
+# --- the evaluator -------------------------------------------------------------------------------
+class Evaluator:
+    """Loads a model, its tokens and its fp32 reference once; `evaluate(config)` runs one trial.
+
+    One `engine.model.Model` is reused across trials, so its quantized-weight cache is too.
+    `lm_head` (optional) is passed to Model (default: Model's own, bfp8 + hifi2 like tt-metal).
+    """
+
+    def __init__(self, model_name: str, prefill: int = DEFAULT_PREFILL, decode: int = DEFAULT_DECODE,
+                 cache_dir: str | os.PathLike | None = None, *, lm_head: tuple[str, str] | None = None):
+        if prefill < 1 or decode < 1:
+            raise ValueError(f"prefill and decode must be >= 1 (got {prefill}, {decode})")
+        self.model_name = str(model_name)
+        self.prefill, self.decode = int(prefill), int(decode)
+        self.cache_dir = loaders.cache_dir(cache_dir)
+        self.loaded = loaders.load(model_name, cache=self.cache_dir)
+        self.spec: ModelSpec = self.loaded.spec
+        if prefill + decode > self.spec.max_seq:
+            raise ValueError(f"prefill + decode = {prefill + decode} exceeds {self.spec.name}'s context of {self.spec.max_seq}")
+        self.reference = load_reference(self.loaded, self.prefill, self.decode, self.cache_dir)
+        self.tokens = torch.from_numpy(self.reference.tokens[: prefill + decode].astype(np.int64))
+        self._lm_head = lm_head
+        self._model = None
+
+    @property
+    def model(self):
+        """The engine Model (built on first use, then reused)."""
+        if self._model is None:
+            from engine.model import Model
+
+            kwargs = {"lm_head": tuple(self._lm_head)} if self._lm_head else {}
+            self._model = Model(self.spec, self.loaded.weights, **kwargs)
+        return self._model
+
+    def model_config(self, config: ModelConfig | Config | str) -> ModelConfig:
+        """A ModelConfig for this model from a ModelConfig, a Config (uniform) or a preset /
+        config string (resolved for this model's name; uniform unless it has a decoders part)."""
+        n = self.spec.n_layers
+        if isinstance(config, ModelConfig):
+            if config.n_layers != n:
+                raise ValueError(f"config has {config.n_layers} layers, {self.spec.name} has {n}")
+            return config
+        if isinstance(config, Config):
+            return ModelConfig.uniform(config, n)
+        if isinstance(config, str):
+            return ModelConfig.parse(config, n, self.spec.name)
+        raise TypeError(f"config must be a ModelConfig, Config or string, not {type(config).__name__}")
+
+    def run(self, config: ModelConfig | Config | str) -> torch.Tensor:
+        """Prefill + one batched teacher-forced decode pass; the decode logits [D, vocab]."""
+        mc = self.model_config(config)
+        model = self.model
+        p, d = self.prefill, self.decode
+        kwargs = {}
+        if "capacity" in inspect.signature(model.prefill).parameters:
+            kwargs["capacity"] = p + d
+        with torch.inference_mode():
+            last, cache = model.prefill(self.tokens[:p], mc, logits_for="last", **kwargs)
+            check_finite(last, "prefill", p - 1)
+            return model.decode_batched(self.tokens[p:p + d], cache, mc)
+
+    def evaluate(self, config: ModelConfig | Config | str) -> EvalResult:
+        mc = self.model_config(config)
+        t0 = time.perf_counter()
+        logits = self.run(mc)
+        with torch.inference_mode():
+            metrics = score(logits, self.reference)
+        return EvalResult(**metrics, seconds=time.perf_counter() - t0, config=str(mc), model=self.spec.name)
