@@ -23,7 +23,7 @@ from sweep.pareto import Analysis, Point, front_2d, pareto_mask, values_of, dire
 from sweep.report import calibration_text, display_name  # noqa: E402
 
 LABEL = {"top1": "Top-1 (%)", "top5": "Top-5 (%)", "speed": "Speed (t/s/u)", "ttft": "TTFT (ms)"}
-MAX_NUMBERED = 40  # above this many points only front and within-noise points get numbers
+MAX_NUMBERED = 40  # above this many points only front points get numbers (and error bars fade)
 C_POINT, C_FRONT, C_NOISE, C_KNEE = "#4c72b0", "#d62728", "#ff9f1c", "#2ca02c"
 
 
@@ -149,10 +149,13 @@ def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, 
     xs = [p.value(x) for p in pts]
     ys = [p.value(y) for p in pts]
     xerr, yerr = _err(pts, x), _err(pts, y)
-    ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="#9aa7b8", elinewidth=0.8, capsize=2, zorder=1,
+    many = len(pts) > MAX_NUMBERED
+    ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="#9aa7b8", elinewidth=0.8, capsize=0 if many else 2,
+                alpha=0.35 if many else 1.0, zorder=1,
                 label="95% Wilson interval" if (xerr or yerr) else None)
     plain = [i for i, p in enumerate(pts) if p.number not in fnums and p.number not in noise]
-    ax.scatter([xs[i] for i in plain], [ys[i] for i in plain], s=22, color=C_POINT, zorder=3, label="trial")
+    if plain:
+        ax.scatter([xs[i] for i in plain], [ys[i] for i in plain], s=22, color=C_POINT, zorder=3, label="trial")
     nz = [i for i, p in enumerate(pts) if p.number in noise]
     if nz:
         ax.scatter([xs[i] for i in nz], [ys[i] for i in nz], s=30, facecolor="white", edgecolor=C_NOISE, linewidth=1.6,
@@ -177,7 +180,7 @@ def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, 
         pad = (hi - lo) * 0.05 or 1.0
         setter(lo - pad, hi + pad)
     ax.legend(loc="best", fontsize=8, framealpha=0.85)
-    numbered = [i for i, p in enumerate(pts) if len(pts) <= MAX_NUMBERED or p.number in fnums or p.number in noise]
+    numbered = [i for i, p in enumerate(pts) if not many or p.number in fnums]
     _place_labels(ax, fig, [xs[i] for i in numbered], [ys[i] for i in numbered],
                   [str(pts[i].number) for i in numbered],
                   [C_FRONT if pts[i].number in fnums else "#222222" for i in numbered], rings)
@@ -212,20 +215,21 @@ def write_plots(analysis: Analysis, out: str | Path) -> PlotResult:
     for model in models:
         pts = [p for p in analysis.points if p.record.model == model]
         name = display_name(model)
+        ntr = f"{len(pts)} trial{'s' if len(pts) != 1 else ''}"
         figs = []
         for dev in analysis.info.devices:
             df = analysis.devices.get(dev)
             noise = df.within_noise if df else ()
             knee = df.knee if df else None
             f1 = plot_front(pts, "top1", f"speed:{dev}", sdir / f"{_slug(model)}_{dev}_speed_vs_top1",
-                            f"{name} on {dev}: Speed vs Top-1 ({analysis.info.name}, {len(pts)} trials)",
+                            f"{name} on {dev}: Speed vs Top-1 ({analysis.info.name}, {ntr})",
                             noise=noise, knee=knee, footer=speed_note)
             f2 = plot_front(pts, "top1", f"ttft:{dev}", sdir / f"{_slug(model)}_{dev}_ttft_vs_top1",
-                            f"{name} on {dev}: TTFT vs Top-1 ({analysis.info.name}, {len(pts)} trials)",
+                            f"{name} on {dev}: TTFT vs Top-1 ({analysis.info.name}, {ntr})",
                             footer=speed_note)
             figs += [(dev, f1), (dev, f2)]
         f3 = plot_front(pts, "top5", "top1", sdir / f"{_slug(model)}_top1_vs_top5",
-                        f"{name}: Top-1 vs Top-5 ({analysis.info.name}, {len(pts)} trials; any device)")
+                        f"{name}: Top-1 vs Top-5 ({analysis.info.name}, {ntr}; any device)")
         figs.append((None, f3))
         for _, f in figs:
             res.images += [f.path_png, f.path_svg]
