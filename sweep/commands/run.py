@@ -1,0 +1,49 @@
+"""`sweep run STUDY [--workers N]`: run or resume a study file's sweep."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run (or resume) a study: N worker processes on the study's storage")
+    p.add_argument("study", help="study file, e.g. studies/lt-pareto.toml")
+    p.add_argument("-w", "--workers", type=int, default=1, help="worker processes (default: %(default)s)")
+    p.add_argument("--storage", help="override the study file's storage URL (journal:PATH, sqlite:///..., postgresql://...)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="queue again the configs whose trials FAILed (NaN logits, errors); by default they stay failed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plan", action="store_true",
+                   help="only validate the study file and print the plan (space size, skipped configs); writes nothing")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from sweep.space import load_spec
+
+    spec = load_spec(args.study, storage=args.storage)  # validates everything before anything is written
+    if args.plan:
+        return _plan(spec)
+    from sweep.study import run as run_study
+
+    summary = run_study(spec, workers=args.workers, progress=not args.no_progress, retry_failed=args.retry_failed)
+    if summary.worker_errors and summary.counts.get("WAITING", 0):
+        return 1
+    return 0
+
+
+def _plan(spec) -> int:
+    print(f"study {spec.name}: model {spec.model}, devices {', '.join(spec.devices)} (primary {spec.primary})")
+    print(f"  objectives: {', '.join(spec.objectives)}"
+          + (f"; constraints: {', '.join(c.key for c in spec.constraints)}" if spec.constraints else ""))
+    print(f"  eval: prefill {spec.eval['prefill']}, decode {spec.eval['decode']}; perf: "
+          + ", ".join(f"{k} {v}" for k, v in spec.perf.items()))
+    print(f"  space: {spec.space.size} configs, parameters: "
+          + ", ".join(f"{p.name}({len(p.choices)})" for p in spec.space.params))
+    if spec.is_grid:
+        from sweep.study import plan_grid
+
+        kept, skipped = plan_grid(spec)
+        print(f"  grid: {len(kept)} to run, {len(skipped)} skipped as equal in numerics to a faster config")
+    else:
+        s = spec.sampler
+        print(f"  sampler: {s.kind}, {s.n_trials} trials, seed {s.seed}")
+    print(f"  storage: {spec.storage}")
+    return 0
