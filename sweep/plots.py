@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure as MplFigure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from engine.config import Config  # noqa: E402
-from sweep.pareto import Analysis, Point, front_2d, pareto_mask, values_of, directions_of  # noqa: E402
-from sweep.report import calibration_text, display_name  # noqa: E402
+from engine.config import Config
+from sweep.pareto import Analysis, Point, front_2d
+from sweep.report import calibration_text, display_name
 
 LABEL = {"top1": "Top-1 (%)", "top5": "Top-5 (%)", "speed": "Speed (t/s/u)", "ttft": "TTFT (ms)"}
 MAX_NUMBERED = 40  # above this many points only front points get numbers (and error bars fade)
@@ -36,8 +34,8 @@ def short_config(config: str) -> str:
         return config
     d = re.sub(r"(precision_cfg|fidelity_cfg) = \{([^}]*)\}", r"\2", d)
     if sep:
-        n = tail.count(": precision_cfg") + tail.count(": fidelity_cfg")
-        d += f" + {max(1, tail.count(';') + 1)} per-layer override(s)"
+        n = tail.count(";") + 1
+        d += f" + {n} per-layer override{'s' if n != 1 else ''}"
     return d
 
 
@@ -143,7 +141,8 @@ def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, 
     n_foot = len(foot)
     foot_h = 0.13 * n_foot + 0.08  # inches of footnote (7.5 pt monospace lines)
     fig_h = 5.0 + foot_h
-    fig = plt.figure(figsize=(9.0, fig_h), dpi=110)
+    fig = MplFigure(figsize=(9.0, fig_h), dpi=110)  # Agg canvas, no pyplot: no global backend state
+    FigureCanvasAgg(fig)
     bottom = (foot_h + 0.55) / fig_h
     ax = fig.add_axes([0.09, bottom, 0.88, 1 - bottom - 0.45 / fig_h])
     xs = [p.value(x) for p in pts]
@@ -189,7 +188,6 @@ def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, 
     png, svg = path.with_suffix(".png"), path.with_suffix(".svg")
     fig.savefig(png)
     fig.savefig(svg)
-    plt.close(fig)
     return Figure(png, svg, title, [p.number for p in front])
 
 
