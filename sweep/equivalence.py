@@ -10,7 +10,7 @@ numerics). The facts used (tt-numerics.md section 3):
   2 and 3 SrcB's 7th bit. LoFi runs phase 0, HiFi2 phases 0-1, HiFi3 0-2, HiFi4 0-3.
 * A phase whose slice is zero for every element adds exact zeros, so it can be dropped:
   - bfp4 values have at most 2 fraction bits: SrcA's "next 3 bits" are zero, phases 1 and 3
-    vanish (LoFi == HiFi2 on the phase side);
+    vanish (LoFi == HiFi2 and HiFi3 == HiFi4 on the phase side);
   - bfp8 values have at most 6 fraction bits and bf16 7, so HiFi2 already holds all weight bits
     (phases 1/3 still matter for them: they carry mantissa bits 5-7);
   - an activation stored as bfp8 or bfp4 has no 7th mantissa bit: phases 2 and 3 vanish
@@ -18,10 +18,10 @@ numerics). The facts used (tt-numerics.md section 3):
     is the SiLU(w1)*w3 product feeding w2 under activation `mixed`, `bfp8` or `bfp4`. Every other
     SrcB operand (norm outputs, attention outputs, softmax P) is treated as bf16 (7th bit set).
 * The key follows the emulator's arithmetic (engine.fidelity), which must reproduce it bit for
-  bit: HiFi4 is one product x7 @ w7, HiFi3 two (xh @ w7 + xl @ wh). With bfp4 weights these are
-  equal in exact arithmetic (HiFi3 == HiFi4 on hardware, which sums phases in dest) but not in
-  fp32 (the summation is split differently), so HiFi3 and HiFi4 are NOT merged for bfp4 weights;
-  tests/test_equivalence.py checks every merge against the engine with torch.equal.
+  bit: HiFi4 is one product x7 @ w7; HiFi3 is x7 @ w7 - lo(x) @ (w7 - hi(w)), whose second
+  product is exactly zero for bfp4 weights (then HiFi3 == HiFi4) or for activations without a
+  7th bit (then HiFi3 == HiFi2). tests/test_equivalence.py checks every merge against the engine
+  with torch.equal.
 * fp32 dest accumulation and packer L1 accumulation change results: they stay in the key.
   Approx mode changes only the vector unit's exp/reciprocal, i.e. the SDPA ops; for the
   linears it is dropped from the key (so hifi4 == hifi4fp32 on a linear).
@@ -100,11 +100,12 @@ def _src_b_precision(cfg: Config, op: OpGroup) -> Precision:
 
 #: The operand pairs whose products the emulator sums for each phase count (engine.fidelity):
 #: x = activation (SrcB): xh = hidden one + top 6 bits, x7 = all 7 bits, xl = x7 - xh (bit 7);
-#: w = weight (SrcA): wh = hidden one + top 4 bits, w7 = all 7 bits.
+#: w = weight (SrcA): wh = hidden one + top 4 bits, w7 = all 7 bits, wl = w7 - wh (bits 5-7).
+#: HiFi3 = xh @ w7 + xl @ wh is computed as x7 @ w7 - xl @ wl (the second product subtracted).
 TERMS = {
     1: (("xh", "wh"),),
     2: (("xh", "w7"),),
-    3: (("xh", "w7"), ("xl", "wh")),
+    3: (("x7", "w7"), ("xl", "wl")),
     4: (("x7", "w7"),),
 }
 
@@ -113,10 +114,9 @@ def op_key(cfg: Config, op: OpGroup) -> tuple:
     """What determines `op`'s results in `cfg` beyond the precisions (which are keyed separately).
 
     The phases become the emulator's operand products (`TERMS`) with the slices that are provably
-    equal substituted: a weight with <= 4 fraction bits has w7 == wh; an activation with <= 6
-    fraction bits has x7 == xh and xl == 0 (its term is dropped; adding a zero product is exact).
-    HiFi3 is two products and HiFi4 one, so they are never merged with each other unless the
-    activation side has no 7th bit (HiFi3's second term vanishes, HiFi4's x7 becomes xh).
+    equal substituted: a weight with <= 4 fraction bits has w7 == wh and wl == 0; an activation
+    with <= 6 fraction bits has x7 == xh and xl == 0. A product with a zero factor is dropped
+    (adding or subtracting exact zeros changes nothing).
     """
     f = cfg.fidelity(op)
     ks = _settings(f)
@@ -128,8 +128,11 @@ def op_key(cfg: Config, op: OpGroup) -> tuple:
     b_low = FRACTION_BITS[b] > 6  # SrcB's 7th bit can be nonzero
     terms = []
     for xs, ws in TERMS[ks.phases]:
-        if not a_low and ws == "w7":
-            ws = "wh"
+        if not a_low:
+            if ws == "wl":
+                continue
+            if ws == "w7":
+                ws = "wh"
         if not b_low:
             if xs == "xl":
                 continue

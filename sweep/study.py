@@ -584,15 +584,15 @@ class Worker:
             reused_from = a.get("reused_from") or a["config"]
             wall = 0.0
         else:
-            _test_hook(cfg)
             try:
                 ev = self._evaluator()
             except Exception as exc:  # noqa: BLE001
                 raise _FatalWorkerError(_one_line(exc)) from exc
             t0 = time.perf_counter()
-            self.in_eval = True
+            self.in_eval = True  # from here SIGINT / SIGTERM interrupt the evaluation
             if self.stop:
                 raise _Interrupted()
+            _test_hook(cfg)
             res = ev.evaluate(mc)
             self.in_eval = False
             wall = time.perf_counter() - t0
