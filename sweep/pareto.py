@@ -219,6 +219,7 @@ class Point:
     number: int
     record: TrialRecord
     params: dict[str, Any] = field(default_factory=dict)
+    feasible: bool = True  # every Optuna constraint value <= 0 (infeasible points are never on a front)
 
     @property
     def config(self) -> str:
@@ -259,14 +260,16 @@ def study_info(study, points: Sequence[Point] | None = None) -> StudyInfo:
 
 
 def complete_points(study) -> list[Point]:
-    """Every COMPLETE trial that carries a TrialRecord, in trial-number order."""
+    """Every COMPLETE trial that carries a TrialRecord, in trial-number order, with its feasibility
+    under the study's constraints (as Optuna judges it: every constraint value <= 0)."""
     from optuna.trial import TrialState
 
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "config" not in t.user_attrs:
+        if "config" not in t.user_attrs or "top1" not in t.user_attrs:
             continue
-        out.append(Point(t.number, TrialRecord.from_user_attrs(t.user_attrs), dict(t.params)))
+        feasible = all(v <= 0.0 for v in (getattr(t, "constraints", None) or {}).values())
+        out.append(Point(t.number, TrialRecord.from_user_attrs(t.user_attrs), dict(t.params), feasible))
     out.sort(key=lambda p: p.number)
     return out
 
@@ -280,7 +283,8 @@ def directions_of(objectives: Sequence[str]) -> list[str]:
 
 
 def front_of(points: Sequence[Point], objectives: Sequence[str]) -> list[Point]:
-    """The non-dominated points over `objectives` (any subset of the study's), in input order."""
+    """The non-dominated feasible points over `objectives` (any subset of the study's), in input order."""
+    points = [p for p in points if p.feasible]
     if not points:
         return []
     m = pareto_mask(values_of(points, objectives), directions_of(objectives))
@@ -349,6 +353,7 @@ class Analysis:
             for d in self.info.devices:
                 row[f"speed:{d}"] = r.speed.get(d, math.nan)
                 row[f"ttft:{d}"] = r.ttft.get(d, math.nan)
+            row["feasible"] = p.feasible
             row["front"] = p.number in self.front
             row["rank"] = self.ranks.get(p.number, -1)
             row["knee"] = p.number == self.knee
@@ -364,8 +369,11 @@ class Analysis:
 
 
 def _usable(points: Sequence[Point], objectives: Sequence[str]) -> list[Point]:
+    """Feasible points with finite values for every objective: the candidates for a front."""
     out = []
     for p in points:
+        if not p.feasible:
+            continue
         try:
             vals = [p.value(o) for o in objectives]
         except KeyError:
@@ -452,9 +460,10 @@ def open_storage(storage: str):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def open_study(target: str | Path, study_name: str | None = None):
-    """Load a study from a study file (`studies/x.toml`, through sweep.space / sweep.study), a journal
-    file (`studies/.runs/x.log`) or a storage URL; `study_name` picks one of several in a storage."""
+def open_study(target: str | Path, study_name: str | None = None, storage: str | None = None):
+    """Load a study from a study file (`studies/x.toml`, through sweep.space / sweep.study; `storage`
+    overrides its storage URL as in `sweep run --storage`), a journal file (`studies/.runs/x.log`)
+    or a storage URL; `study_name` picks one of several in a storage."""
     import optuna
 
     target = str(target)
@@ -462,7 +471,9 @@ def open_study(target: str | Path, study_name: str | None = None):
         from sweep.space import load_spec
         from sweep.study import load_study
 
-        return load_study(load_spec(target))
+        return load_study(load_spec(target, storage=storage))
+    if storage:
+        raise ValueError("--storage goes with a study file (.toml); give the journal file or URL as STUDY instead")
     storage = open_storage(target)
     if study_name is None:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]

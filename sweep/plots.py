@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -137,7 +138,7 @@ def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, 
     legend_lines = [f"{p.number}: {short_config(p.config)}" for p in sorted(front, key=lambda p: p.number)]
     foot = ["Front (red line):"] + ["  " + s for s in legend_lines]
     if footer:
-        foot += [footer]
+        foot += textwrap.wrap(footer, 118, subsequent_indent="  ")
     n_foot = len(foot)
     foot_h = 0.13 * n_foot + 0.08  # inches of footnote (7.5 pt monospace lines)
     fig_h = 5.0 + foot_h
@@ -152,7 +153,11 @@ def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, 
     ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="#9aa7b8", elinewidth=0.8, capsize=0 if many else 2,
                 alpha=0.35 if many else 1.0, zorder=1,
                 label="95% Wilson interval" if (xerr or yerr) else None)
-    plain = [i for i, p in enumerate(pts) if p.number not in fnums and p.number not in noise]
+    bad = [i for i, p in enumerate(pts) if not p.feasible]
+    if bad:
+        ax.scatter([xs[i] for i in bad], [ys[i] for i in bad], s=26, marker="x", color="#888888", zorder=3,
+                   label="infeasible (study constraint)")
+    plain = [i for i, p in enumerate(pts) if p.feasible and p.number not in fnums and p.number not in noise]
     if plain:
         ax.scatter([xs[i] for i in plain], [ys[i] for i in plain], s=22, color=C_POINT, zorder=3, label="trial")
     nz = [i for i, p in enumerate(pts) if p.number in noise]
@@ -173,11 +178,20 @@ def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, 
     ax.set_ylabel(_label(y))
     ax.set_title(title, fontsize=10.5)
     ax.grid(True, alpha=0.3)
-    # a little room so labels at the edges fit
-    for getter, setter in ((ax.get_xlim, ax.set_xlim), (ax.get_ylim, ax.set_ylim)):
+    # a little room so labels at the edges fit; a predicted speed/TTFT axis spans at least 2% of
+    # its level, so differences far below the model's resolution do not fill the plot
+    for obj, getter, setter in ((x, ax.get_xlim, ax.set_xlim), (y, ax.get_ylim, ax.set_ylim)):
         lo, hi = getter()
+        if obj.partition(":")[0] in ("speed", "ttft"):
+            vals = [p.value(obj) for p in pts]
+            if vals:
+                mid = (min(vals) + max(vals)) / 2
+                need = 0.02 * abs(mid)
+                if hi - lo < need:
+                    lo, hi = mid - need / 2, mid + need / 2
         pad = (hi - lo) * 0.05 or 1.0
         setter(lo - pad, hi + pad)
+    ax.ticklabel_format(useOffset=False, style="plain")
     ax.legend(loc="best", fontsize=8, framealpha=0.85)
     numbered = [i for i, p in enumerate(pts) if not many or p.number in fnums]
     _place_labels(ax, fig, [xs[i] for i in numbered], [ys[i] for i in numbered],
@@ -206,9 +220,7 @@ def write_plots(analysis: Analysis, out: str | Path) -> PlotResult:
     res = PlotResult()
     models = sorted({p.record.model for p in analysis.points})
     calib = calibration_text(analysis)
-    speed_note = f"Speed/TTFT: performance-model predictions, not measurements ({calib})."
-    if len(speed_note) > 120:
-        speed_note = speed_note[:117] + "..."
+    speed_note = f"Speed/TTFT: performance-model predictions, not measurements. Source: {calib.rstrip('. ')}."
     sections = []
     for model in models:
         pts = [p for p in analysis.points if p.record.model == model]

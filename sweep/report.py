@@ -297,9 +297,10 @@ def calibration_text(analysis: Analysis) -> str:
 def note_text(analysis: Analysis, point: Point, config_text: str | None = None) -> str:
     ev, pf = eval_settings(analysis.info.spec), perf_settings(analysis.info.spec)
     r = point.record
+    calib = calibration_text(analysis).rstrip(". ")
     parts = [
-        f"Speed and TTFT are performance-model predictions, not measurements ({calibration_text(analysis)};"
-        f" batch {pf['batch']}, {pf['prefill']}-token prompt, {pf['decode']} generated tokens).",
+        f"Speed and TTFT are performance-model predictions, not measurements (batch {pf['batch']},"
+        f" {pf['prefill']}-token prompt, {pf['decode']} generated tokens; source: {calib}).",
         f"Accuracy: {ev['prefill']}-token prefill + {ev['decode']} teacher-forced decode steps vs fp32 reference"
         f" ({r.tokens} scored; Top-1 95% CI {r.top1_ci[0]:.1f}-{r.top1_ci[1]:.1f}%).",
         f"Study {analysis.info.name}, trial {point.number}.",
@@ -463,18 +464,37 @@ def n_layers_of(model: str) -> int | None:
 
 
 def decoder_json_of(point: Point) -> dict | None:
+    """tt-metal decoder JSON of a point: the record's, else built from its config string; None
+    when a layer uses a setting tt-metal lacks (hifi3, fp32, exact)."""
     if point.record.decoder_json:
         return point.record.decoder_json
     n = n_layers_of(point.record.model)
     if n is None:
         return None
-    return ModelConfig.parse(point.config, n, point.record.model).to_decoder_json()
+    try:
+        return ModelConfig.parse(point.config, n, point.record.model).to_decoder_json()
+    except ValueError:
+        return None
 
 
 def optimizations_string(point: Point) -> str:
     """tt-metal's --optimizations string: the config string of the (base) layer config."""
     head = point.config.partition("; decoders = {")[0]
     return str(Config.parse(head))
+
+
+def tt_problem(point: Point) -> str | None:
+    """Why a point's config cannot run on tt-metal (a setting it lacks), or None."""
+    head, sep, _ = point.config.partition("; decoders = {")
+    try:
+        Config.parse(head).to_tt()
+        if sep:
+            n = n_layers_of(point.record.model)
+            if n is not None:
+                ModelConfig.parse(point.config, n, point.record.model).to_decoder_json()
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def write_csv(analysis: Analysis, path: str | Path) -> Path:
@@ -507,7 +527,10 @@ def write_front(analysis: Analysis, out_dir: str | Path) -> list[Path]:
             f.write_text(json.dumps(dj, indent=2) + "\n")
             written.append(f)
         per_layer = "; decoders = {" in p.config
-        suffix = f"  # per-layer: use {n}.json" if per_layer else ""
+        problem = tt_problem(p)
+        suffix = f"  # per-layer: use {n}.json" if per_layer and dj is not None else ""
+        if problem:
+            suffix = f"  # NOT runnable on tt-metal: {problem}"
         lines.append(f"{n}\t{','.join(where)}\t{optimizations_string(p)}{suffix}")
     f = out_dir / "optimizations.txt"
     f.write_text("\n".join(lines) + "\n")

@@ -168,3 +168,14 @@ def test_analysis_on_a_subset_of_objectives():
     study = build_study()
     a = pareto.analyze(study, objectives=["top1", "speed:N150"])
     assert a.front == sorted(a.devices["N150"].front)
+
+
+def test_constraints_make_points_infeasible_as_in_optuna():
+    # a Top-1 floor of 89%: Optuna's best_trials drops the infeasible points, so do we
+    study = build_study(constraints=lambda r: {"top1_min": 89.0 - r.top1})
+    a = pareto.analyze(study)
+    infeasible = {p.number for p in a.points if not p.feasible}
+    assert infeasible and not infeasible & set(a.front_numbers())
+    assert a.front == pareto.optuna_front_numbers(study)
+    assert not infeasible & {n for d in a.devices.values() for n in d.within_noise}
+    assert a.frame().set_index("trial").loc[sorted(infeasible), "feasible"].eq(False).all()

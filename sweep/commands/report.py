@@ -6,6 +6,7 @@ from pathlib import Path
 
 def add_study_args(p) -> None:
     p.add_argument("study", help="study file (studies/NAME.toml), journal file (studies/.runs/NAME.log) or storage URL")
+    p.add_argument("--storage", help="with a study file: override its storage URL (as in `sweep run --storage`)")
     p.add_argument("--study-name", help="which study, when the storage holds several")
     p.add_argument("--objectives", help="comma-separated objectives for the front (default: the study's), e.g. top1,speed:N150")
 
@@ -13,7 +14,7 @@ def add_study_args(p) -> None:
 def load_analysis(args):
     from sweep.pareto import analyze, open_study
 
-    study = open_study(args.study, args.study_name)
+    study = open_study(args.study, args.study_name, getattr(args, "storage", None))
     objectives = [o.strip() for o in args.objectives.split(",")] if getattr(args, "objectives", None) else None
     a = analyze(study, objectives=objectives)
     if not a.points:

@@ -84,8 +84,9 @@ def params_of(cfg: Config) -> dict:
 
 
 def build_study(storage=None, name: str = "lt-pareto", model: str = MODEL, configs=None,
-                objectives=OBJECTIVES, devices=DEVICES, extra_records=()) -> optuna.Study:
-    """A COMPLETE study like the runner's: one trial per config, user attrs = TrialRecord."""
+                objectives=OBJECTIVES, devices=DEVICES, extra_records=(), constraints=None) -> optuna.Study:
+    """A COMPLETE study like the runner's: one trial per config, user attrs = TrialRecord.
+    `constraints`: optional function record -> {name: value} (> 0 = violated, Optuna's rule)."""
     from sweep.records import direction
 
     study = optuna.create_study(storage=storage, study_name=name, directions=[direction(o) for o in objectives])
@@ -103,6 +104,7 @@ def build_study(storage=None, name: str = "lt-pareto", model: str = MODEL, confi
         study.add_trial(optuna.trial.create_trial(
             params=params_of(cfg), distributions=DISTRIBUTIONS,
             values=[rec.objective(o) for o in objectives], user_attrs=rec.to_user_attrs(),
+            constraints=constraints(rec) if constraints else None,
         ))
     return study
 
