@@ -462,7 +462,8 @@ def _check_keys(where: str, table: str, d: Any, legal: Sequence[str]) -> dict:
         raise _fail(where, f"[{table}] must be a table of keys ({', '.join(legal)}), not {type(d).__name__}")
     for k in d:
         if k not in legal:
-            raise _fail(where, f"unknown key {table + '.' if table else ''}{k!r}; legal keys in [{table or 'top level'}]: {', '.join(legal)}")
+            full = f"{table}.{k}" if table else str(k)
+            raise _fail(where, f"unknown key {full!r}; legal keys in [{table or 'top level'}]: {', '.join(legal)}")
     return d
 
 
@@ -505,8 +506,11 @@ def _model_layers(where: str, model: str) -> int:
         return int(loaders.model_spec(model).n_layers)
     except Exception as exc:  # noqa: BLE001 - any lookup failure is an unknown model
         names = _model_names(loaders)
-        legal = f"; legal values: {', '.join(names)}" if names else ""
-        raise _fail(where, f"unknown study.model {model!r} ({type(exc).__name__}: {exc}){legal}") from None
+        if names and type(exc).__name__ == "UnknownModel":
+            raise _fail(where, f"unknown study.model {model!r}; legal values: {', '.join(names)} "
+                               "(or a path to a .gguf file or a Hugging Face model directory)") from None
+        legal = f"; registry names: {', '.join(names)}" if names else ""
+        raise _fail(where, f"study.model {model!r} cannot be used ({type(exc).__name__}: {exc}){legal}") from None
 
 
 def _model_names(loaders) -> list[str]:
@@ -635,7 +639,7 @@ def _parse_sampler(where: str, d: Any) -> SamplerSpec:
         if k not in legal:
             other = [s for s in SAMPLERS if k in SAMPLER_KEYS[s]]
             hint = f" ({k} is for {', '.join(other)})" if other else ""
-            raise _fail(where, f"unknown key sampler.{k!r} for kind = {kind!r}{hint}; legal keys: {', '.join(legal)}")
+            raise _fail(where, f"unknown key 'sampler.{k}' for kind = {kind!r}{hint}; legal keys: {', '.join(legal)}")
     if kind == "grid":
         return SamplerSpec("grid")
     if "n_trials" not in d:
