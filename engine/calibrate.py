@@ -1,0 +1,508 @@
+"""Calibration of the performance model's global parameters on published markdown tables.
+
+`parse_tables(text)` reads tables in the seed's format (reference/PERF-seed.md): `## ` sections
+whose header names the config (`Performance`, `Accuracy`, a section whose header is a full config
+string, or any other header = the performance preset), the run settings stated in the section's
+text (`Batch_size=32`, `prefill_length is 64k tokens`, `(32K Tokens)` in the header, a document-wide
+`maximum generation of 200 tokens`), and tables with Model / Device / Speed (t/s/u) / TTFT (ms)
+columns (extra columns such as Top-1 are read and ignored). Cells left empty are skipped; a device
+written `150` is read as N150; `(DP=N)` in the Model or Device cell sets data-parallel replicas.
+
+`fit(rows)` fits the global parameters by least squares on log(predicted / published) over every
+speed and TTFT figure (deterministic: scipy's trust-region solver from fixed starting points, or
+a damped Gauss-Newton in numpy if scipy is missing). Rows on T3K or TG are refused: those systems
+are the performance model's validation set and must be predicted from physics alone.
+
+TTFT figures from the config-string sections (the `lt pareto` export) are read but not fitted by
+default: that harness's TTFT is not comparable with the demo's (the seed's row for the very config
+of the Performance table reads 55 ms there and 24 ms in the Performance table).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from engine.devices import normalise_device
+from engine.perf import PARAMS_FILE, Params, predict
+
+HELD_BACK = ("T3K", "TG")
+LOSS, F_SCALE = "soft_l1", 0.1  # robust least squares: residuals beyond ~10% count linearly, not squared
+FIT_PARAMS = ("dram_eff", "kv_dram_eff", "prefill_dram_eff", "compute_eff", "softmax_cycles", "decode_op_us", "prefill_op_us",
+              "token_us", "user_layer_us", "user_step_us", "prefill_user_ms")
+BOUNDS = {  # physical ranges the fit may not leave
+    "dram_eff": (0.2, 1.0), "kv_dram_eff": (0.1, 1.0), "prefill_dram_eff": (0.05, 1.0), "compute_eff": (0.05, 1.0),
+    "softmax_cycles": (1.0, 20000.0), "decode_op_us": (0.1, 200.0), "prefill_op_us": (0.5, 2000.0),
+    "token_us": (1.0, 50000.0), "user_layer_us": (0.01, 200.0), "user_step_us": (0.1, 5000.0),
+    "prefill_user_ms": (0.01, 500.0), "eth_eff": (0.05, 1.0),
+}
+
+
+@dataclass
+class Row:
+    model: str
+    device: str
+    config: str  # "performance", "accuracy" or a config string
+    batch: int = 1
+    prefill: int = 128
+    decode: int = 200
+    dp: int = 1
+    speed: float | None = None
+    ttft: float | None = None
+    section: str = ""
+    harness: str = "demo"  # "demo" (simple_text_demo) or "pareto" (lt pareto export)
+    line: int = 0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        dp = f" (DP={self.dp})" if self.dp > 1 else ""
+        sec = self.section if len(self.section) <= 40 else self.section[:37] + "..."
+        return f"{self.model} {self.device}{dp} [{sec}]"
+
+
+@dataclass
+class ParseResult:
+    rows: list[Row] = field(default_factory=list)
+    skipped_empty: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _num(cell: str) -> float | None:
+    cell = cell.strip().replace(",", "")
+    if not cell:
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+_DP = re.compile(r"\(\s*DP\s*=\s*(\d+)\s*\)", re.I)
+
+
+def parse_tables(text: str) -> ParseResult:
+    out = ParseResult()
+    decode = 200
+    m = re.search(r"generation of (\d+) tokens", text)
+    if m:
+        decode = int(m.group(1))
+    lines = text.splitlines()
+    section, config, harness = "", "performance", "demo"
+    batch, prefill = 1, 128
+    header: list[str] | None = None
+    for no, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            title = line[level:].strip()
+            header = None
+            if level == 1:
+                section, config, harness, batch, prefill = title, "performance", "demo", 1, 128
+                continue
+            section, batch, prefill = title, 1, 128
+            low = title.lower()
+            if "precision_cfg" in low or "fidelity_cfg" in low:
+                config, harness = title, "pareto"
+            elif "accuracy" in low:
+                config, harness = "accuracy", "demo"
+            else:
+                config, harness = "performance", "demo"
+            k = re.search(r"(\d+)\s*k\s*tokens", low)
+            if k:
+                prefill = int(k.group(1)) * 1024
+            continue
+        if not line.startswith("|"):
+            b = re.search(r"batch_size\s*=\s*(\d+)", line, re.I)
+            if b:
+                batch = int(b.group(1))
+            pl = re.search(r"prefill_length is (\d+)\s*(k?)", line, re.I)
+            if pl:
+                prefill = int(pl.group(1)) * (1024 if pl.group(2) else 1)
+            if line:
+                header = None if not line.startswith("|") else header
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if header is None:
+            header = [c.lower() for c in cells]
+            continue
+        if all(re.fullmatch(r":?-+:?", c) for c in cells if c):
+            continue
+        col = {name: i for i, name in enumerate(header)}
+
+        def find(*keys: str) -> int | None:
+            for name, i in col.items():
+                if all(k in name for k in keys):
+                    return i
+            return None
+
+        im, idv, isp, itt = find("model"), find("device"), find("speed"), find("ttft")
+        if im is None or idv is None or (isp is None and itt is None):
+            continue
+        model, dev_cell = cells[im], cells[idv]
+        speed = _num(cells[isp]) if isp is not None and isp < len(cells) else None
+        ttft = _num(cells[itt]) if itt is not None and itt < len(cells) else None
+        dp = 1
+        for part in (model, dev_cell):
+            d = _DP.search(part)
+            if d:
+                dp = int(d.group(1))
+        model = _DP.sub("", model).strip()
+        dev_text = _DP.sub("", dev_cell).strip()
+        note = ""
+        try:
+            device = normalise_device(dev_text)
+        except ValueError:
+            out.notes.append(f"line {no}: unknown device {dev_text!r}, row skipped")
+            continue
+        if device.lower() != dev_text.lower():
+            note = f"device {dev_text!r} read as {device}"
+            out.notes.append(f"line {no}: {note}")
+        if speed is None and ttft is None:
+            out.skipped_empty.append(f"line {no}: {model} {dev_text} [{section}]")
+            continue
+        out.rows.append(Row(model=model, device=device, config=config, batch=batch, prefill=prefill,
+                            decode=decode, dp=dp, speed=speed, ttft=ttft, section=section,
+                            harness=harness, line=no, note=note))
+    return out
+
+
+def parse_file(path: str | Path) -> ParseResult:
+    return parse_tables(Path(path).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+def _predict(row: Row, params: Params):
+    return predict(row.model, row.device, row.config, batch=row.batch, prefill=row.prefill,
+                   decode=row.decode, dp=row.dp, params=params)
+
+
+def errors(rows: Sequence[Row], params: Params, fit_pareto_ttft: bool = False) -> dict:
+    """Per-row predictions and percentage errors, MAPE for speed and TTFT, and the worst rows."""
+    table = []
+    for r in rows:
+        res = _predict(r, params)
+        e = {"row": r, "speed_pred": res.speed_tsu, "ttft_pred": res.ttft_ms, "speed_err": None, "ttft_err": None,
+             "ttft_fitted": r.ttft is not None and (fit_pareto_ttft or r.harness != "pareto")}
+        if r.speed:
+            e["speed_err"] = 100.0 * (res.speed_tsu - r.speed) / r.speed
+        if r.ttft:
+            e["ttft_err"] = 100.0 * (res.ttft_ms - r.ttft) / r.ttft
+        table.append(e)
+
+    def mape(vals: list[float]) -> float:
+        return sum(abs(v) for v in vals) / len(vals) if vals else float("nan")
+
+    sp = [e for e in table if e["speed_err"] is not None]
+    tt = [e for e in table if e["ttft_err"] is not None and e["ttft_fitted"]]
+    tt_all = [e for e in table if e["ttft_err"] is not None]
+    worst_s = max(sp, key=lambda e: abs(e["speed_err"]), default=None)
+    worst_t = max(tt, key=lambda e: abs(e["ttft_err"]), default=None)
+    return {
+        "table": table,
+        "mape": {"speed": mape([e["speed_err"] for e in sp]), "ttft": mape([e["ttft_err"] for e in tt]),
+                 "ttft_all_rows": mape([e["ttft_err"] for e in tt_all])},
+        "counts": {"speed": len(sp), "ttft": len(tt), "ttft_all_rows": len(tt_all)},
+        "worst": {
+            "speed": None if worst_s is None else {"row": worst_s["row"].label, "published": worst_s["row"].speed,
+                                                   "predicted": worst_s["speed_pred"], "err_pct": worst_s["speed_err"]},
+            "ttft": None if worst_t is None else {"row": worst_t["row"].label, "published": worst_t["row"].ttft,
+                                                  "predicted": worst_t["ttft_pred"], "err_pct": worst_t["ttft_err"]},
+        },
+    }
+
+
+def check_calibration_rows(rows: Iterable[Row]) -> None:
+    held = [r for r in rows if r.device in HELD_BACK]
+    if held:
+        raise ValueError(
+            f"refusing to fit on {len(held)} row(s) from {'/'.join(sorted({r.device for r in held}))} "
+            f"(first: {held[0].label}); T3K and TG rows are the performance model's validation set and "
+            "are predicted from physics only - fit on N150/N300 rows"
+        )
+
+
+def _residuals(x, rows: Sequence[Row], base: Params, names: Sequence[str], fit_pareto_ttft: bool):
+    prm = base.replace(**{n: float(math.exp(v)) for n, v in zip(names, x)})
+    res = []
+    for r in rows:
+        out = _predict(r, prm)
+        if r.speed:
+            res.append(math.log(out.speed_tsu / r.speed))
+        if r.ttft and (fit_pareto_ttft or r.harness != "pareto"):
+            res.append(math.log(out.ttft_ms / r.ttft))
+    return res
+
+
+def fit(rows: Sequence[Row], start: Params | None = None, names: Sequence[str] = FIT_PARAMS,
+        fit_pareto_ttft: bool = False) -> Params:
+    """Least-squares fit of the named global parameters (log space, bounded, deterministic)."""
+    check_calibration_rows(rows)
+    if not rows:
+        raise ValueError("no calibration rows to fit")
+    import numpy as np
+
+    base = start or Params()
+    names = list(names)
+    lo = np.log([BOUNDS[n][0] for n in names])
+    hi = np.log([BOUNDS[n][1] for n in names])
+    x0 = np.clip(np.log([getattr(base, n) for n in names]), lo + 1e-9, hi - 1e-9)
+
+    def fun(x):
+        return np.asarray(_residuals(x, rows, base, names, fit_pareto_ttft))
+
+    try:
+        from scipy.optimize import least_squares
+    except ImportError:  # pragma: no cover - numpy fallback
+        least_squares = None
+    best_x, best_cost = None, math.inf
+    starts = [x0, np.clip(x0 - 0.5, lo, hi)]
+    for xs in starts:
+        if least_squares is not None:
+            sol = least_squares(fun, xs, bounds=(lo, hi), method="trf", x_scale=1.0, diff_step=1e-4,
+                                loss=LOSS, f_scale=F_SCALE, xtol=1e-8, ftol=1e-8, gtol=1e-8, max_nfev=300)
+            x, cost = sol.x, float(sol.cost)
+        else:  # same robust objective: residuals mapped so that 0.5 * sum(r'^2) is the soft-L1 cost
+            def robust(x):
+                r = fun(x) / F_SCALE
+                return np.sign(r) * F_SCALE * np.sqrt(2.0 * (np.sqrt(1.0 + r * r) - 1.0))
+
+            x, cost = _gauss_newton(robust, xs, lo, hi)
+        if cost < best_cost - 1e-12:
+            best_x, best_cost = x, cost
+    return base.replace(**{n: float(math.exp(v)) for n, v in zip(names, best_x)})
+
+
+def _gauss_newton(fun, x, lo, hi, iters: int = 200):
+    import numpy as np
+
+    lam = 1e-2
+    r = fun(x)
+    cost = 0.5 * float(r @ r)
+    for _ in range(iters):
+        J = np.empty((r.size, x.size))
+        for j in range(x.size):
+            dx = np.zeros_like(x)
+            dx[j] = 1e-4
+            J[:, j] = (fun(x + dx) - r) / 1e-4
+        A = J.T @ J
+        g = J.T @ r
+        step = -np.linalg.solve(A + lam * np.diag(np.diag(A) + 1e-12), g)
+        xn = np.clip(x + step, lo, hi)
+        rn = fun(xn)
+        cn = 0.5 * float(rn @ rn)
+        if cn < cost:
+            x, r, lam = xn, rn, lam / 3
+            if cost - cn < 1e-12:
+                cost = cn
+                break
+            cost = cn
+        else:
+            lam *= 5
+            if lam > 1e8:
+                break
+    return x, cost
+
+
+# --------------------------------------------------------------------------------------------
+def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE, fit_pareto_ttft: bool = False,
+              start: Params | None = None) -> dict:
+    """Parse tables, drop held-back systems, fit, and (if `out`) write the parameter file."""
+    rows: list[Row] = []
+    skipped: list[str] = []
+    notes: list[str] = []
+    sources = []
+    for p in paths:
+        text = Path(p).read_text(encoding="utf-8")
+        parsed = parse_tables(text)
+        rows += parsed.rows
+        skipped += parsed.skipped_empty
+        notes += [f"{Path(p).name}: {n}" for n in parsed.notes]
+        sources.append({"file": _display_path(p), "sha256": hashlib.sha256(text.encode()).hexdigest()})
+    held = [r for r in rows if r.device in HELD_BACK]
+    used = [r for r in rows if r.device not in HELD_BACK]
+    if held:
+        notes.append(f"ignored {len(held)} row(s) on held-back systems {'/'.join(HELD_BACK)} (validation only)")
+    if start is None:
+        start = Params()
+    params = fit(used, start=start, fit_pareto_ttft=fit_pareto_ttft)
+    rep = errors(used, params, fit_pareto_ttft)
+    meta = {
+        "source": ", ".join(s["file"] for s in sources),
+        "sources": sources,
+        "date": _dt.date.today().isoformat(),
+        "rows_used": len(used),
+        "speed_figures": rep["counts"]["speed"],
+        "ttft_figures": rep["counts"]["ttft"],
+        "ttft_figures_read": rep["counts"]["ttft_all_rows"],
+        "fit_pareto_ttft": fit_pareto_ttft,
+        "mape": rep["mape"],
+        "worst": rep["worst"],
+        "ignored_held_back": len(held),
+        "skipped_empty": skipped,
+        "notes": notes,
+        "method": "least squares on log(predicted/published) of every speed and TTFT figure; "
+                  "scipy.optimize.least_squares (trf, bounded, log-space parameters) from 3 fixed starts",
+    }
+    data = {
+        "params": params.to_dict(),
+        "fitted": list(FIT_PARAMS),
+        "fixed": {k: v for k, v in params.to_dict().items() if k not in FIT_PARAMS},
+        "calibration": meta,
+        "rows": [r.to_dict() for r in used],
+    }
+    if out:
+        Path(out).write_text(json.dumps(data, indent=1) + "\n")
+    return {"data": data, "report": rep, "held_back": held}
+
+
+def _display_path(p: str | Path) -> str:
+    path = Path(p).resolve()
+    root = PARAMS_FILE.parents[2]
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(p)
+
+
+def rows_from_params(path: str | Path | None = None) -> list[Row]:
+    data = json.loads(Path(path or PARAMS_FILE).read_text())
+    return [Row(**r) for r in data.get("rows", [])]
+
+
+# --- the prediction table (`sweep perf table`) --------------------------------------------------
+SEED_FILE = PARAMS_FILE.parents[2] / "reference" / "PERF-seed.md"
+LARGE_MODELS = ("Llama3.1-70B", "Llama3.2-90B", "Qwen2.5-72B")  # ran only on T3K / TG
+
+
+@dataclass
+class TableRow:
+    model: str
+    device: str
+    dp: int
+    speed_pred: float
+    ttft_pred: float
+    speed_pub: float | None = None
+    ttft_pub: float | None = None
+    kind: str = "calibration"  # calibration | validation (published T3K/TG) | prediction (no published figure)
+    fits: bool = True
+
+    @property
+    def device_label(self) -> str:
+        return f"{self.device} (DP={self.dp})" if self.dp > 1 else self.device
+
+    @staticmethod
+    def _err(pred: float, pub: float | None) -> float | None:
+        return None if not pub else 100.0 * (pred - pub) / pub
+
+    @property
+    def speed_err(self) -> float | None:
+        return self._err(self.speed_pred, self.speed_pub)
+
+    @property
+    def ttft_err(self) -> float | None:
+        return self._err(self.ttft_pred, self.ttft_pub)
+
+
+@dataclass
+class TableSection:
+    title: str
+    config: str
+    batch: int
+    prefill: int
+    decode: int
+    harness: str
+    rows: list[TableRow] = field(default_factory=list)
+
+
+def published_rows(seed: str | Path | None = None) -> list[Row]:
+    """Rows of a seed-format file (default: the repo's reference copy, else the calibration rows)."""
+    if seed:
+        return parse_file(seed).rows
+    if SEED_FILE.exists():
+        return parse_file(SEED_FILE).rows
+    return rows_from_params()
+
+
+def prediction_table(rows: Sequence[Row] | None = None, params: Params | None = None,
+                     extras: bool = True) -> list[TableSection]:
+    """Every published model x device row with its prediction, section by section; with `extras`,
+    pure predictions for the 70B-class models on T3K and TG and data-parallel (DP=N) rows."""
+    rows = list(rows) if rows is not None else published_rows()
+    single_chip = {r.model for r in rows if r.device == "N150" and r.dp == 1}
+    sections: dict[tuple, TableSection] = {}
+    for r in rows:
+        key = (r.section, r.config, r.batch, r.prefill)
+        sec = sections.get(key)
+        if sec is None:
+            sec = sections[key] = TableSection(r.section, r.config, r.batch, r.prefill, r.decode, r.harness)
+        res = predict(r.model, r.device, r.config, batch=r.batch, prefill=r.prefill, decode=r.decode,
+                      dp=r.dp, params=params)
+        kind = "validation" if r.device in HELD_BACK else "calibration"
+        sec.rows.append(TableRow(r.model, r.device, r.dp, res.speed_tsu, res.ttft_ms, r.speed, r.ttft, kind, res.fits))
+    if extras:
+        for sec in sections.values():
+            if sec.harness != "demo" or sec.prefill < 128 or "32k" in sec.title.lower():
+                continue
+            have = {(t.model, t.device, t.dp) for t in sec.rows}
+            wanted: list[tuple[str, str, int]] = []
+            for m in LARGE_MODELS:
+                wanted += [(m, "T3K", 1), (m, "TG", 1)]
+            for m in dict.fromkeys(t.model for t in sec.rows if t.model not in LARGE_MODELS):
+                replica = 1 if m in single_chip else 2
+                wanted += [(m, "T3K", 8 // replica), (m, "TG", 32 // replica)]
+            for m, dev, dp in wanted:
+                if (m, dev, dp) in have:
+                    continue
+                res = predict(m, dev, sec.config, batch=sec.batch, prefill=sec.prefill, decode=sec.decode,
+                              dp=dp, params=params)
+                sec.rows.append(TableRow(m, dev, dp, res.speed_tsu, res.ttft_ms, kind="prediction", fits=res.fits))
+    return list(sections.values())
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def _fmt_err(v: float | None) -> str:
+    return "" if v is None else f"{v:+.1f}"
+
+
+def format_prediction_table(sections: Sequence[TableSection], markdown: bool = True, note: str = "") -> str:
+    head = ["Model", "Device", "Speed (t/s/u)", "Published", "Err (%)", "TTFT (ms)", "Published", "Err (%)"]
+    out: list[str] = ["# Predicted performance (engine/perf.py) beside the published figures", ""]
+    for sec in sections:
+        out.append(f"## {sec.title}")
+        out.append("")
+        dp_note = " (per DP group)" if any(t.dp > 1 for t in sec.rows) else ""
+        out.append(f"Batch {sec.batch}{dp_note}, prefill {sec.prefill} tokens, {sec.decode} decode iterations. "
+                   "Rows without a published figure are pure predictions; T3K and TG are never fitted.")
+        out.append("")
+        body = []
+        for t in sec.rows:
+            flag = "" if t.fits else " (does not fit in DRAM)"
+            body.append([t.model, t.device_label + flag, _fmt(t.speed_pred, 1), _fmt(t.speed_pub, 1),
+                         _fmt_err(t.speed_err), _fmt(t.ttft_pred, 0), _fmt(t.ttft_pub, 1 if t.ttft_pub and t.ttft_pub % 1 else 0),
+                         _fmt_err(t.ttft_err)])
+        widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(head)]
+        if markdown:
+            out.append("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+            for r in body:
+                out.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+        else:
+            out.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+            for r in body:
+                out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        out.append("")
+    if note:
+        out.append(note)
+    return "\n".join(out).rstrip() + "\n"
