@@ -180,7 +180,7 @@ def _bf16_dest(pairs, kb: int, K: int, l1: bool, out_fmt) -> torch.Tensor:
     blocks_end = set(range(block_tiles - 1, T - 1, block_tiles)) if l1 else set()
     mc = min(M, 256)
     nc = max(32, min(N, _PARTIAL_BUDGET // max(1, B * T * mc)))
-    out = torch.empty(B, M, N)
+    out = torch.empty(B, M, N, device=tiles[0][0].device)
     for n0 in range(0, N, nc):
         n1 = min(N, n0 + nc)
         for m0 in range(0, M, mc):
@@ -191,7 +191,7 @@ def _bf16_dest(pairs, kb: int, K: int, l1: bool, out_fmt) -> torch.Tensor:
                 b = wt[..., n0:n1].reshape(B * T, TILE_K, n1 - n0)
                 part = torch.bmm(a, b) if part is None else part.baddbmm_(a, b, alpha=-1)
             part = part.view(B, T, m1 - m0, n1 - n0)
-            dest = torch.zeros(B, m1 - m0, n1 - n0, dtype=torch.bfloat16)
+            dest = torch.zeros(B, m1 - m0, n1 - n0, dtype=torch.bfloat16, device=part.device)
             acc = None
             for t in range(T):
                 torch.add(dest, part[:, t], out=dest)  # fp32 add, one rounding to bf16
@@ -210,8 +210,8 @@ def matmul(x: torch.Tensor, w: torch.Tensor, setting, *, k_block: int | None = N
     only matter with several K blocks; see the module docstring.
     """
     fid = resolve(setting)
-    x = torch.as_tensor(x).to(torch.float32)
-    w = torch.as_tensor(w).to(torch.float32)
+    x = torch.as_tensor(x).detach().to(torch.float32)
+    w = torch.as_tensor(w).detach().to(torch.float32)
     if x.dim() < 1 or w.dim() < 2 or x.shape[-1] != w.shape[-2]:
         raise ValueError(f"matmul needs x [..., M, K] and w [..., K, N]; got {tuple(x.shape)} and {tuple(w.shape)}")
     K, N = w.shape[-2:]
@@ -258,7 +258,7 @@ def exp(x: torch.Tensor, approx=False) -> torch.Tensor:
     Measured max relative error over x in [-42, 88]: 6.15% (the result is never below e^x by more
     than 0.01%; the linear segment overshoots up to 6.1% at frac(v) = 0.44).
     """
-    x = torch.as_tensor(x).to(torch.float32)
+    x = torch.as_tensor(x).detach().to(torch.float32)
     if not _approx(approx):
         return torch.exp(x)
     fixed = torch.round(x * _LN2_RECIP * 65536.0).to(torch.int32)  # v in fixed point, 16 fraction bits
@@ -277,7 +277,7 @@ def recip(x: torch.Tensor, approx=False) -> torch.Tensor:
     exponent is restored. Measured max relative error: 3.84% (at m near 1; r never exceeds 1/m beyond fp32 rounding).
     Zero gives inf with the sign of x.
     """
-    x = torch.as_tensor(x).to(torch.float32)
+    x = torch.as_tensor(x).detach().to(torch.float32)
     if not _approx(approx):
         return torch.reciprocal(x)
     m, e = torch.frexp(x.abs())  # |x| = m * 2^e, m in [0.5, 1)

@@ -109,7 +109,7 @@ def _check_rounding(rounding: str) -> None:
 
 
 def _as_f32(x) -> torch.Tensor:
-    x = torch.as_tensor(x)
+    x = torch.as_tensor(x).detach()
     return x if x.dtype == torch.float32 else x.to(torch.float32)
 
 
