@@ -82,7 +82,9 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1.0 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def check_finite(logits: torch.Tensor, what: str, first_position: int) -> None:
@@ -109,7 +111,7 @@ def kl_divergence(ref_logp: torch.Tensor, trial_logp: torch.Tensor) -> torch.Ten
     p_log = p_log - torch.logsumexp(p_log, dim=-1, keepdim=True)
     p = p_log.exp()
     diff = p_log - trial_logp.float()
-    return torch.where(p > 0, p * diff, torch.zeros((), dtype=p.dtype)).sum(-1)
+    return torch.where(p > 0, p * diff, torch.zeros((), dtype=p.dtype)).sum(-1).clamp_min(0.0)  # >= 0 (rounding)
 
 
 # --- the reference -------------------------------------------------------------------------------

@@ -232,8 +232,8 @@ def model_spec(name: str | os.PathLike, cache: str | os.PathLike | None = None) 
     """The model's hyperparameters from metadata only (GGUF header or config.json)."""
     src = _resolve(name, Path(cache) if cache else None)
     if src.kind == "gguf":
-        meta, tensors = read_gguf_header(src.path)
-        return _gguf_spec(meta, tensors, src.name, src.path)
+        header = read_gguf_header(src.path)
+        return _gguf_spec(header.meta, header.tensors, src.name, src.path)
     return _hf_spec(_read_config(src.path), src.name, src.path)
 
 
@@ -294,11 +294,31 @@ class _Reader:
         raise ModelFormatError(f"{self.path}: corrupt GGUF file (unknown value type {vtype})")
 
 
-def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
-    """Metadata (arrays summarised as GGUFArray) and tensor infos of a GGUF file, without reading
-    tensor data. Checks that the file is long enough for every tensor (truncation)."""
+@dataclass(frozen=True)
+class GGUFHeader:
+    meta: dict[str, Any]  # metadata; arrays summarised as GGUFArray
+    tensors: list[GGUFTensorInfo]
+    data_start: int  # file offset of the tensor data section
+
+
+def _tensor_nbytes(t: GGUFTensorInfo, path: Path) -> int:
     import gguf
 
+    try:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.ggml_type)]
+    except (ValueError, KeyError):
+        raise ModelFormatError(f"{path}: corrupt GGUF file (tensor {t.name!r} has unknown type {t.ggml_type})") from None
+    if not t.shape or t.shape[0] % block:
+        raise ModelFormatError(f"{path}: corrupt GGUF file (tensor {t.name!r} shape {t.shape})")
+    n = 1
+    for d in t.shape:
+        n *= d
+    return n // block * type_size
+
+
+def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
+    """Metadata and tensor infos of a GGUF file, without reading tensor data (string arrays such
+    as the vocabulary are skipped). Checks that the file is long enough for every tensor."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -331,17 +351,10 @@ def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, Any], list[GGUF
         raise ModelFormatError(f"{path}: cannot read GGUF file ({exc})") from None
     need = data_start
     for t in tensors:
-        try:
-            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.ggml_type)]
-        except (ValueError, KeyError):
-            raise ModelFormatError(f"{path}: corrupt GGUF file (tensor {t.name!r} has unknown type {t.ggml_type})") from None
-        n = 1
-        for d in t.shape:
-            n *= d
-        need = max(need, data_start + t.offset + n // block * type_size)
+        need = max(need, data_start + t.offset + _tensor_nbytes(t, path))
     if size < need:
         raise ModelFormatError(f"{path}: truncated GGUF file ({size} bytes, tensors need {need}); re-download or reinstall it")
-    return meta, tensors
+    return GGUFHeader(meta, tensors, data_start)
 
 
 def _gguf_spec(meta: dict, tensors: list[GGUFTensorInfo], name: str, path: Path) -> ModelSpec:
@@ -418,38 +431,43 @@ def unpermute_qk(w, n_heads: int):
 
 
 def load_gguf(path: str | os.PathLike, name: str | None = None, cache: str | os.PathLike | None = None) -> LoadedModel:
-    """Dequantize a llama.cpp GGUF (llama / qwen2) into canonical fp32 weights."""
+    """Dequantize a llama.cpp GGUF (llama / qwen2) into canonical fp32 weights.
+
+    The header is parsed by `read_gguf_header`; tensor bytes are memory-mapped and dequantized
+    with `gguf.quants.dequantize` (the vocabulary arrays, slow to parse, are never read here)."""
     import gguf
     import numpy as np
     import torch
     from gguf.quants import dequantize
 
     path = Path(path)
-    meta, infos = read_gguf_header(path)
-    spec = _gguf_spec(meta, infos, name or path.stem, path)
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError / IndexError / struct errors on bad files
-        raise ModelFormatError(f"{path}: corrupt GGUF file ({type(exc).__name__}: {exc})") from None
-    weights: dict[str, torch.Tensor] = {}
-    unknown = []
-    for t in reader.tensors:
-        hf = gguf_to_hf_name(t.name)
-        if hf is None:
-            unknown.append(t.name)
-            continue
-        try:
-            arr = dequantize(t.data, t.tensor_type)
-        except Exception as exc:
-            raise ModelFormatError(f"{path}: cannot dequantize tensor {t.name!r} ({type(exc).__name__}: {exc})") from None
-        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
-        if spec.arch == "llama" and (".q_proj." in hf or ".k_proj." in hf):
-            arr = unpermute_qk(arr, spec.n_heads if ".q_proj." in hf else spec.n_kv_heads)
-        if not np.all(np.isfinite(arr)):
-            raise ModelFormatError(f"{path}: tensor {t.name!r} holds NaN/Inf values (corrupt file)")
-        weights[hf] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+    header = read_gguf_header(path)
+    spec = _gguf_spec(header.meta, header.tensors, name or path.stem, path)
+    unknown = [t.name for t in header.tensors if gguf_to_hf_name(t.name) is None]
     if unknown:
         raise ModelFormatError(f"{path}: unsupported GGUF tensors {unknown[:4]}{' ...' if len(unknown) > 4 else ''}")
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    weights: dict[str, torch.Tensor] = {}
+    try:
+        for t in header.tensors:
+            hf = gguf_to_hf_name(t.name)
+            qtype = gguf.GGMLQuantizationType(t.ggml_type)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            start = header.data_start + t.offset
+            shape = tuple(int(d) for d in reversed(t.shape))  # numpy order: [out, in]
+            raw = data[start:start + _tensor_nbytes(t, path)].reshape(*shape[:-1], shape[-1] // block * type_size)
+            try:
+                arr = dequantize(np.array(raw), qtype)
+            except Exception as exc:
+                raise ModelFormatError(f"{path}: cannot dequantize tensor {t.name!r} ({type(exc).__name__}: {exc})") from None
+            arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+            if spec.arch == "llama" and (".q_proj." in hf or ".k_proj." in hf):
+                arr = np.ascontiguousarray(unpermute_qk(arr, spec.n_heads if ".q_proj." in hf else spec.n_kv_heads))
+            if not np.isfinite(arr).all():
+                raise ModelFormatError(f"{path}: tensor {t.name!r} holds NaN/Inf values (corrupt file)")
+            weights[hf] = torch.from_numpy(arr)
+    finally:
+        del data
     check_weights(spec, weights, path)
     fp = _file_fingerprint([path])
     return LoadedModel(spec, weights, None, str(path), kind="gguf", fingerprint=fp,

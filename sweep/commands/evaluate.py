@@ -1,0 +1,42 @@
+"""`sweep eval --model NAME --config CONFIG [--prefill 512 --decode 511] [--json]`: one accuracy
+trial (engine.accuracy.Evaluator) of a preset or config string against the fp32 reference."""
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate one config's accuracy (Top-1/Top-5, KLD, perplexity) against the fp32 reference",
+        description=__doc__,
+    )
+    p.add_argument("--model", default="smollm2-135m",
+                   help="registry name (smollm2-135m, tiny-llama, tiny-qwen2, tiny-phi3) or a path to an HF directory / .gguf")
+    p.add_argument("--config", default="defaults",
+                   help="preset (performance, accuracy, reference, defaults) or config string "
+                        "'precision_cfg = {...}, fidelity_cfg = {...}' (optionally '; decoders = {i: ...}')")
+    p.add_argument("--prefill", type=int, default=512, help="prefill tokens (default 512)")
+    p.add_argument("--decode", type=int, default=511, help="teacher-forced decode steps scored (default 511)")
+    p.add_argument("--cache-dir", default=None, help="cache root (default $TTSWEEP_CACHE or ~/.cache/ttsweep)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from engine.accuracy import Evaluator
+
+    ev = Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir)
+    mc = ev.model_config(args.config)  # config errors before any work
+    r = ev.evaluate(mc)
+    if args.json:
+        d = r.to_dict()
+        d |= {"prefill": args.prefill, "decode": args.decode}
+        print(json.dumps(d))
+        return 0
+    print(f"{r.model}: {r.tokens} teacher-forced decode steps after a {args.prefill}-token prefill")
+    print(f"  config  {r.config}")
+    print(f"  Top-1 {r.top1:.1f}% [{r.top1_ci[0]:.1f}, {r.top1_ci[1]:.1f}]   "
+          f"Top-5 {r.top5:.1f}% [{r.top5_ci[0]:.1f}, {r.top5_ci[1]:.1f}]  (95% Wilson)")
+    print(f"  KLD {r.kld:.5f} nats   perplexity {r.ppl:.3f} (reference {r.ref_ppl:.3f})   {r.seconds:.1f} s")
+    return 0
