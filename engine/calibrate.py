@@ -243,8 +243,14 @@ def _residuals(x, rows: Sequence[Row], base: Params, names: Sequence[str], fit_p
 
 
 def fit(rows: Sequence[Row], start: Params | None = None, names: Sequence[str] = FIT_PARAMS,
-        fit_pareto_ttft: bool = False) -> Params:
-    """Least-squares fit of the named global parameters (log space, bounded, deterministic)."""
+        fit_pareto_ttft: bool = False, loss: str = LOSS) -> Params:
+    """Least-squares fit of the named global parameters (log space, bounded, deterministic).
+
+    `loss` "soft_l1" (default) is robust least squares: a residual beyond ~10% (F_SCALE) counts
+    linearly, so a few inconsistent published figures cannot drag every global parameter;
+    "linear" is plain least squares."""
+    if loss not in ("soft_l1", "linear"):
+        raise ValueError(f"unknown loss {loss!r}; legal: soft_l1, linear")
     check_calibration_rows(rows)
     if not rows:
         raise ValueError("no calibration rows to fit")
@@ -268,11 +274,14 @@ def fit(rows: Sequence[Row], start: Params | None = None, names: Sequence[str] =
     for xs in starts:
         if least_squares is not None:
             sol = least_squares(fun, xs, bounds=(lo, hi), method="trf", x_scale=1.0, diff_step=1e-4,
-                                loss=LOSS, f_scale=F_SCALE, xtol=1e-8, ftol=1e-8, gtol=1e-8, max_nfev=300)
+                                loss=loss, f_scale=F_SCALE, xtol=1e-8, ftol=1e-8, gtol=1e-8, max_nfev=300)
             x, cost = sol.x, float(sol.cost)
         else:  # same robust objective: residuals mapped so that 0.5 * sum(r'^2) is the soft-L1 cost
             def robust(x):
-                r = fun(x) / F_SCALE
+                r = fun(x)
+                if loss == "linear":
+                    return r
+                r = r / F_SCALE
                 return np.sign(r) * F_SCALE * np.sqrt(2.0 * (np.sqrt(1.0 + r * r) - 1.0))
 
             x, cost = _gauss_newton(robust, xs, lo, hi)
@@ -314,7 +323,7 @@ def _gauss_newton(fun, x, lo, hi, iters: int = 200):
 
 # --------------------------------------------------------------------------------------------
 def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE, fit_pareto_ttft: bool = False,
-              start: Params | None = None) -> dict:
+              start: Params | None = None, loss: str = LOSS) -> dict:
     """Parse tables, drop held-back systems, fit, and (if `out`) write the parameter file."""
     rows: list[Row] = []
     skipped: list[str] = []
@@ -333,7 +342,7 @@ def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE,
         notes.append(f"ignored {len(held)} row(s) on held-back systems {'/'.join(HELD_BACK)} (validation only)")
     if start is None:
         start = Params()
-    params = fit(used, start=start, fit_pareto_ttft=fit_pareto_ttft)
+    params = fit(used, start=start, fit_pareto_ttft=fit_pareto_ttft, loss=loss)
     rep = errors(used, params, fit_pareto_ttft)
     meta = {
         "source": ", ".join(s["file"] for s in sources),
@@ -349,8 +358,10 @@ def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE,
         "ignored_held_back": len(held),
         "skipped_empty": skipped,
         "notes": notes,
-        "method": "least squares on log(predicted/published) of every speed and TTFT figure; "
-                  "scipy.optimize.least_squares (trf, bounded, log-space parameters) from 3 fixed starts",
+        "loss": loss,
+        "method": f"{'robust (soft-L1, scale 0.1) ' if loss == 'soft_l1' else ''}least squares on "
+                  "log(predicted/published) of every speed and TTFT figure; scipy.optimize.least_squares "
+                  "(trf, bounded, log-space parameters) from 2 fixed starts; deterministic",
     }
     data = {
         "params": params.to_dict(),

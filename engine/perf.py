@@ -21,8 +21,8 @@ Decode (one step: every user of the replica advances one token). Per decoder lay
   chips that hold the user's kv heads;
 * KV-cache update, norms, rotary, head reshapes, residual adds and SiLU*w3: dispatch + bytes;
 * tensor-parallel collectives (below); LM head (bfp8 weights, HiFi2) once per step;
-* per step: `token_us` (host loop, trace launch, output readback) + `user_step_us` per user the
-  host serves (sampling / readback; with DP=N the host serves N replicas' users).
+* per step: `token_us` (host loop, trace launch, output readback) + `user_step_us` per user of
+  the replica (sampling and per-user output handling, done by each replica in parallel).
 
 Prefill (TTFT) of one prompt of T tokens: compute-bound at long T and weight-streaming /
 dispatch-bound at short T. Matmul tiles ceil(T/32) x K/32 x N/32 at the op's prefill fidelity over
@@ -88,7 +88,7 @@ class Params:
     prefill_op_us: float = 40.0  # host dispatch per op, prefill (not traced)
     token_us: float = 4000.0  # fixed per decode step
     user_layer_us: float = 4.0  # per user per decoder layer (one chip holding all kv heads)
-    user_step_us: float = 140.0  # per user per decode step, host side
+    user_step_us: float = 140.0  # per user per decode step (sampling, output handling), per replica
     prefill_user_ms: float = 12.0  # per extra prompt of a batched prefill
     eth_eff: float = 1.0  # ethernet payload efficiency (of 12 GB/s per link)
 
@@ -128,6 +128,20 @@ def params_metadata(path: str | Path | None = None) -> dict:
     if not p.exists():
         return {}
     return _load_params_file(str(p.resolve()))[1]
+
+
+def calibration_info(path: str | Path | None = None) -> dict:
+    """Compact provenance of the speed figures (for a study's `perf_calibration` attribute)."""
+    data = params_metadata(path)
+    meta = data.get("calibration") or {}
+    return {
+        "model": "engine/perf.py analytic Wormhole model",
+        "params_file": str(Path(path) if path else PARAMS_FILE.name),
+        "source": meta.get("source"), "date": meta.get("date"), "rows_used": meta.get("rows_used"),
+        "mape_speed_pct": (meta.get("mape") or {}).get("speed"), "mape_ttft_pct": (meta.get("mape") or {}).get("ttft"),
+        "params": data.get("params", Params().to_dict()),
+        "held_back": "T3K, TG (never fitted)",
+    }
 
 
 def calibration_note(path: str | Path | None = None) -> str:
@@ -415,12 +429,12 @@ class _Cost:
         self._layer_ccl(acc, "prefill", rows, nq, n1)
 
     # --- once per model --------------------------------------------------------------------------
-    def model_level(self, users_total: int) -> _Acc:
+    def model_level(self) -> _Acc:
         acc, p, rep = _Acc(), self.p, self.rep
         k, n = self.mm["lm"]
         self._matmul(acc, "lm_head", "decode", k, n, 1.0625, FidelitySetting.HIFI2, 2.0, 2.0, self.m_dec)
         acc.add("embed_norm_sample", "decode", 0.0, 0.0, 3 * p.decode_op_us)
-        acc.add("host", "decode", 0.0, 0.0, p.token_us + users_total * p.user_step_us)
+        acc.add("host", "decode", 0.0, 0.0, p.token_us + self.batch * p.user_step_us)
         if rep.layout == "mesh2d":
             self._all_reduce(acc, "decode", self.m_dec * n * 2.0, axis=1)
         elif rep.layout != "single":
@@ -522,7 +536,7 @@ def predict(
         per_cfg[cfg] = per_cfg.get(cfg, 0) + count
     for cfg, count in per_cfg.items():
         total.merge(cost.layer(cfg), count)
-    total.merge(cost.model_level(users_total=batch * dp), 1)
+    total.merge(cost.model_level(), 1)
 
     step_us = sum(e["decode_us"] for e in total.d.values())
     prefill_us = sum(e["prefill_us"] for e in total.d.values())

@@ -37,6 +37,8 @@ def register(sub) -> None:
     c.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     c.add_argument("--fit-pareto-ttft", action="store_true",
                    help="also fit TTFT of config-string sections (the lt pareto harness; off by default)")
+    c.add_argument("--loss", choices=("soft_l1", "linear"), default="soft_l1",
+                   help="soft_l1: robust least squares (default); linear: plain least squares")
     c.add_argument("--json", action="store_true", help="print the fit report as JSON")
     c.set_defaults(func=run_calibrate)
 
@@ -85,7 +87,7 @@ def run_calibrate(args) -> int:
     from engine.perf import PARAMS_FILE, _load_params_file
 
     out = None if args.dry_run else (args.out or PARAMS_FILE)
-    result = cal.calibrate(args.tables, out=out, fit_pareto_ttft=args.fit_pareto_ttft)
+    result = cal.calibrate(args.tables, out=out, fit_pareto_ttft=args.fit_pareto_ttft, loss=args.loss)
     _load_params_file.cache_clear()
     data, rep = result["data"], result["report"]
     meta = data["calibration"]
