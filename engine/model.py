@@ -140,8 +140,8 @@ def _pad_rows(x: torch.Tensor, multiple: int = ROWS) -> torch.Tensor:
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: str) -> torch.Tensor:
-    var = x.pow(2).mean(-1, keepdim=True)
-    return rnd(w * (x * torch.rsqrt(var + eps)), out)
+    """x * rsqrt(mean(x^2) + eps) * w in fp32 (transformers' LlamaRMSNorm), rounded to `out`."""
+    return rnd(F.rms_norm(x, (x.shape[-1],), w, eps), out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,9 +169,12 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
     raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+def _rope_apply(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x [M, heads, D] * cos + rotate_half(x) * sin, with rotate_half(x) * sin computed as
+    (halves of x swapped) * (sin with its first half negated): the same products, bit for bit."""
+    M, nh, D = x.shape
+    swapped = x.reshape(M, nh, 2, D // 2).flip(-2).reshape(M, nh, D)
+    return x * cos + swapped * sin_signed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,14 +309,15 @@ class Model:
             n = max(need, 2 * self._cos.shape[0], 1024)
             freqs = torch.arange(n, dtype=torch.int64)[:, None].float() * self.inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = emb.cos(), emb.sin()
-        return self._cos[pos], self._sin[pos]
+            half = self.spec.head_dim // 2
+            self._cos, self._sin = emb.cos(), torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), -1)
+        return self._cos[pos][:, None], self._sin[pos][:, None]  # [M, 1, D]; sin with sign folded in
 
     # --- one decoder layer ---------------------------------------------------------------------
-    def _layer(self, i: int, c: Config, h: torch.Tensor, pos: torch.Tensor, n_real: int,
-               cache: KVCache, start: int, prefill: bool, rope: tuple) -> torch.Tensor:
-        """h [M, hidden] (rows >= n_real are padding) at positions pos [M]; writes K/V of the real
-        rows at cache positions start..start+n_real-1."""
+    def _layer(self, i: int, c: Config, h: torch.Tensor, n_real: int, cache: KVCache, start: int,
+               prefill: bool, rope: tuple, mask: torch.Tensor) -> torch.Tensor:
+        """h [M, hidden] (rows >= n_real are padding); writes K/V of the real rows at cache
+        positions start..start+n_real-1; `mask` [M, L] is 0 / -inf over the keys attended."""
         s = self.spec
         full = c.activation is Precision.FP32
         ug = FULL if full else "bf16"  # ungoverned ops' output format
@@ -322,52 +326,56 @@ class Model:
         qkv_k = kernel_for(c.li_qkv_prefill if prefill else c.li_qkv_decode)
         o_k = kernel_for(c.li_o_prefill if prefill else c.li_o_decode)
         sdpa_k = kernel_for(c.sdpa_prefill if prefill else c.sdpa_decode)
-        M, H, G, D = h.shape[0], s.n_heads, s.n_heads // s.n_kv_heads, s.head_dim
+        M, H, nkv, D = h.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
 
         # attention block
         x = _rms_norm(h, self.weight(p + "input_layernorm.weight", ug), s.rms_eps, ug)
         qkv = qkv_k.mm(x, self.weight(f"{i}.wqkv", _fmt(c.wqkv)))
         if s.qkv_bias:
             qkv = qkv + self.weight(f"{i}.bqkv", ug)
-        qkv = rnd(qkv, _out_fmt(c, "qkv", prefill))
-        q, k, v = qkv.split([H * D, s.n_kv_heads * D, s.n_kv_heads * D], dim=-1)
-        q = q.view(M, H, D).transpose(0, 1)  # [H, M, D]
-        k = k.view(M, s.n_kv_heads, D).transpose(0, 1)
-        v = v.view(M, s.n_kv_heads, D).transpose(0, 1)
-        cos, sin = rope
-        q = rnd(rnd(q * cos + _rotate_half(q) * sin, ug), _out_fmt(c, "q", prefill))
-        k = rnd(rnd(k * cos + _rotate_half(k) * sin, ug), kv)
-        v = rnd(v, kv)
+        qkv = rnd(qkv, _out_fmt(c, "qkv", prefill)).reshape(M, H + 2 * nkv, D)
+        qk = rnd(_rope_apply(qkv[:, : H + nkv], *rope), ug)  # RoPE on q and k heads together
+        q = rnd(qk[:, :H], _out_fmt(c, "q", prefill))  # [M, H, D]
+        k = rnd(qk[:, H:], kv)  # [M, nkv, D]
+        v = rnd(qkv[:, H + nkv:], kv)
         end = start + n_real
-        cache.kt[i][:, :, start:end] = k[:, :n_real].transpose(1, 2)
-        cache.v[i][:, start:end] = v[:, :n_real]
-        L = end if prefill else cache.capacity  # decode reads the whole (masked) buffer
-        o = self._sdpa(q, cache.kt[i][:, :, :L], cache.v[i][:, :L], pos, sdpa_k, ug, G)
+        cache.kt[i][:, :, start:end] = k[:n_real].permute(1, 2, 0)
+        cache.v[i][:, start:end] = v[:n_real].transpose(0, 1)
+        L = mask.shape[1]
+        o = self._sdpa(q, cache.kt[i][:, :, :L], cache.v[i][:, :L], mask, sdpa_k, ug)
         o = rnd(o_k.mm(o, self.weight(f"{i}.wo", _fmt(c.wo))), _out_fmt(c, "wo", prefill))
         h = rnd(h + o, ug)
 
         # MLP block
         x = _rms_norm(h, self.weight(p + "post_attention_layernorm.weight", ug), s.rms_eps, ug)
         gu = kernel_for(c.li_ff1_3).mm(x, self.weight(f"{i}.w13", _fmt(c.ff1_3)))
-        g, u = gu.split(s.intermediate, dim=-1)
         f13 = _out_fmt(c, "w13", prefill)
-        y = rnd(F.silu(rnd(g, f13)) * rnd(u, f13), _out_fmt(c, "prod", prefill))
+        if s.intermediate % formats.BLOCK == 0:  # no block straddles w1 | w3: round both at once
+            g, u = rnd(gu, f13).split(s.intermediate, dim=-1)
+        else:
+            g, u = (rnd(t.contiguous(), f13) for t in gu.split(s.intermediate, dim=-1))
+        y = rnd(F.silu(g) * u, _out_fmt(c, "prod", prefill))
         d = rnd(kernel_for(c.li_ff2).mm(y, self.weight(f"{i}.w2", _fmt(c.ff2))), _out_fmt(c, "w2", prefill))
         return rnd(h + d, ug)
 
-    def _sdpa(self, q, kt, v, pos, k: Kernel, ug: str, G: int) -> torch.Tensor:
-        """q [H, M, D] at positions pos [M]; kt [n_kv, D, L], v [n_kv, L, D] hold positions 0..L-1.
-        Causal: a query at position p sees keys 0..p. Returns [M, H*D] in `ug`."""
-        H, M, D = q.shape
+    def _sdpa(self, q, kt, v, mask, k: Kernel, ug: str) -> torch.Tensor:
+        """q [M, H, D]; kt [n_kv, D, L], v [n_kv, L, D] hold positions 0..L-1; mask [M, L] adds
+        0 / -inf. Grouped-query: q head h reads kv head h // (H / n_kv). Returns [M, H*D] in `ug`."""
+        M, H, D = q.shape
         nkv, L = v.shape[0], v.shape[1]
-        scores = k.mm(q.reshape(nkv, G * M, D), kt).view(nkv, G, M, L) * (1.0 / math.sqrt(D))
-        keep = torch.arange(L)[None, :] <= pos[:, None]  # [M, L]
-        scores = scores.masked_fill(~keep, float("-inf"))
-        mx = scores.amax(-1, keepdim=True)
-        e = k.exp((scores - mx).masked_fill(~keep, 0.0)).masked_fill(~keep, 0.0)
-        prob = rnd(k.div(e, e.sum(-1, keepdim=True)), ug)
-        o = k.mm(prob.view(nkv, G * M, L), v).view(H, M, D)
-        return rnd(o.transpose(0, 1).reshape(M, H * D), ug)
+        G = H // nkv
+        qh = q.reshape(M, nkv, G, D).permute(1, 2, 0, 3).reshape(nkv, G * M, D)
+        scores = k.mm(qh, kt).view(nkv, G, M, L)
+        scores.mul_(1.0 / math.sqrt(D)).add_(mask)
+        if k.approx:  # the SFPU's approximate exp and reciprocal
+            scores.sub_(scores.amax(-1, keepdim=True))
+            e = k.exp(scores)  # exp(-inf) = 0
+            prob = k.div(e, e.sum(-1, keepdim=True))
+        else:
+            prob = torch.softmax(scores, dim=-1)
+        prob = rnd(prob, ug)
+        o = k.mm(prob.view(nkv, G * M, L), v).view(nkv, G, M, D)
+        return rnd(o.permute(2, 0, 1, 3).reshape(M, H * D), ug)
 
     # --- whole model ---------------------------------------------------------------------------
     def _run(self, tokens: torch.Tensor, layers: tuple[Config, ...], cache: KVCache, start: int,
@@ -384,9 +392,11 @@ class Model:
             h = _pad_rows(h)
             pos = torch.cat([pos, pos[-1].repeat(h.shape[0] - n)])
         cache.reserve(start + n)
-        cos, sin = self._rope(pos)
+        L = start + n if prefill else cache.capacity  # decode reads the whole buffer, masked
+        mask = torch.zeros(h.shape[0], L).masked_fill_(torch.arange(L)[None, :] > pos[:, None], float("-inf"))
+        rope = self._rope(pos)
         for i, c in enumerate(layers):
-            h = self._layer(i, c, h, pos, n, cache, start, prefill, (cos, sin))
+            h = self._layer(i, c, h, n, cache, start, prefill, rope, mask)
         cache.length = start + n
         h = h[:n] if rows is None else h[rows]
         m = h.shape[0]

@@ -16,6 +16,15 @@ LLAMA3_ROPE = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: one thread avoids OpenMP spin-waits when the cores are shared (30x faster)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny(arch: str):
     """A random transformers model (fixed seed) -> (hf_model, ModelSpec, canonical weights)."""
     import transformers as tr
@@ -99,7 +108,7 @@ def test_full_precision_rule(llama, monkeypatch):
     cfg = DEFAULT.replace(activation="fp32", kv_cache="bfp4")
     llama.prefill(_tokens(20), cfg)
     device = {(s, f) for s, f, r in calls if r == "device"}
-    assert device == {((KV_HEADS, 20, HEAD_DIM), "bfp4")}  # K and V only
+    assert device == {((20, KV_HEADS, HEAD_DIM), "bfp4")}  # K and V only
     assert any(f == "bfp8" and r == "host" for _, f, r in calls)  # weights still bfp8
     fp = llama.prefill(_tokens(20), REFERENCE)[0]
     assert not torch.equal(llama.prefill(_tokens(20), cfg)[0], fp)
@@ -203,14 +212,18 @@ def test_activation_output_rules(llama, monkeypatch, act, mode):
     prefill = mode == "prefill"
     per_layer = lambda shape: [f for s, f in calls if s == shape]  # noqa: E731
     a = act or "bf16"
-    # qkv output, w1/w3 outputs + the product ((M, INTER): g, u, product), per layer
+    # the qkv linear's output
     assert per_layer((M, HIDDEN + 2 * KV_HEADS * HEAD_DIM)) == [a] * LAYERS
-    assert per_layer((M, INTER)) == [a, a, act or "bfp8"] * LAYERS
-    # Q: RoPE output bf16, then the Q dtype (mixed: bfp8 in prefill only)
-    assert per_layer((HEADS, M, HEAD_DIM)) == ["bf16", act or ("bfp8" if prefill else "bf16")] * LAYERS
-    # K: RoPE output bf16, then kv_cache; V: kv_cache
-    assert per_layer((KV_HEADS, M, HEAD_DIM)) == ["bf16", "bfp8", "bfp8"] * LAYERS
-    # [M, HIDDEN]: (embedding), norm, SDPA out, wo out, residual, norm, w2 out, residual; final norm
+    # RoPE output of the q and k heads (bf16)
+    assert per_layer((M, HEADS + KV_HEADS, HEAD_DIM)) == ["bf16"] * LAYERS
+    # Q before attention (mixed: bfp8 in prefill only)
+    assert per_layer((M, HEADS, HEAD_DIM)) == [act or ("bfp8" if prefill else "bf16")] * LAYERS
+    # K and V into the cache
+    assert per_layer((M, KV_HEADS, HEAD_DIM)) == ["bfp8", "bfp8"] * LAYERS
+    # w1 | w3 outputs (one fused tensor), then SiLU(w1) * w3
+    assert per_layer((M, 2 * INTER)) == [a] * LAYERS
+    assert per_layer((M, INTER)) == [act or "bfp8"] * LAYERS
+    # [M, HIDDEN] per layer: norm, SDPA out, wo out, residual, norm, w2 out, residual
     wo = act or ("bfp8" if prefill else "bf16")
     layer = ["bf16", "bf16", wo, "bf16", "bf16", a, "bf16"]
     # embedding (before any padding) first; final norm last (its rows padded to 32 for the LM head)
@@ -220,6 +233,8 @@ def test_activation_output_rules(llama, monkeypatch, act, mode):
         expect = {(8, HIDDEN): ["bf16"], (32, HIDDEN): layer * LAYERS + ["bf16"]}
     assert {s: per_layer(s) for s in expect} == expect
     assert per_layer((32, VOCAB)) == ["bfp8"]  # logits
+    L = 16 if prefill else 32  # keys: the prefill's tokens / the cache's capacity
+    assert per_layer((KV_HEADS, HEADS // KV_HEADS, M, L)) == ["bf16"] * LAYERS  # softmax P
 
 
 def test_mixed_product_path_differs_from_bf16(llama):
