@@ -83,6 +83,23 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
 
 
+def hidden_ties(g: torch.Generator, shared: int) -> torch.Tensor:
+    """A block with max exponent `shared` whose other elements, once shifted right by d = 1..6
+    (bfp8) or 1..2 (bfp4), sit exactly on a rounding tie with nonzero bits shifted out below."""
+    words = [shared << 23]
+    for i in range(15):
+        bfp8 = i % 2 == 0
+        d = int(torch.randint(1, 7 if bfp8 else 3, (1,), generator=g))
+        below = 17 if bfp8 else 21  # bits under the kept magnitude
+        top = 24 - below - d  # the magnitude's width after the shift
+        q = int(torch.randint(1 << (top - 1), 1 << top, (1,), generator=g))
+        r = int(torch.randint(1, 1 << d, (1,), generator=g))
+        sig = (((q << below) | (1 << (below - 1))) << d) | r  # in [2^23, 2^24)
+        sign = int(torch.randint(0, 2, (1,), generator=g)) << 31
+        words.append(sign | ((shared - d) << 23) | (sig & 0x7FFFFF))
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32).view(torch.float32)
+
+
 def random_blocks(seed: int, nblocks: int = 96) -> torch.Tensor:
     """Blocks that exercise every path: wide exponent spreads, exact ties on both grids, zeros,
     negative zeros, denormals, tiny blocks (E < 24), and blocks holding Inf or NaN."""
@@ -97,9 +114,10 @@ def random_blocks(seed: int, nblocks: int = 96) -> torch.Tensor:
             v = torch.randn(16, generator=g) * 2.0 ** (base - torch.randint(0, 40, (16,), generator=g).float())
         elif kind == 2:  # integers on a fine grid: many exact ties for bfp8 and bfp4
             v = torch.randint(-512, 512, (16,), generator=g).float() * 2.0 ** (base - 8)
-        elif kind == 3:  # ties with extra low bits shifted out (no sticky bit)
-            v = (torch.randint(-256, 256, (16,), generator=g).float() * 2 + 1) * 2.0 ** (base - 8)
-            v[0] = 2.0 ** (base + 2)
+        elif kind == 3:  # exact ties whose tie-breaking bits get shifted out (no sticky bit)
+            tiny = b % 16 == 3
+            shared = int(torch.randint(8, 24, (1,), generator=g)) if tiny else 127 + base
+            v = hidden_ties(g, shared)
         elif kind == 4:  # tiny blocks: shared exponent below 24, denormals among them
             v = torch.randn(16, generator=g) * 2.0 ** float(torch.randint(-140, -104, (1,), generator=g))
         elif kind == 5:  # zeros, negative zeros, denormals and a normal max
@@ -319,6 +337,13 @@ def layout_tile(mag_bits):
             sign = -1 if (r + c) % 3 == 0 else 1
             vals[r, c] = sign * m / top * 2.0 ** (e - 127)
     return vals.float(), mags
+
+
+@pytest.mark.parametrize("fmt", ["bfp8", "bfp4"])
+def test_pack_matches_slow_reference(fmt):
+    for seed in (0, 1):
+        x = random_blocks(seed).reshape(-1, 96)
+        assert same_bits(unpack(pack(x, fmt), fmt, x.shape), ref_quantize(x, fmt, "host"))
 
 
 def test_pack_bfp8_tile_layout_by_hand():
