@@ -186,8 +186,12 @@ def records(study: optuna.Study) -> list[tuple[int, TrialRecord]]:
     return sorted(out, key=lambda x: x[0])
 
 
-def _superseded(t: FrozenTrial) -> bool:
-    return t.state == TrialState.FAIL and bool(t.user_attrs.get("superseded"))
+def superseded_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """FAIL trials whose config was queued again: marked `superseded` when failed by the runner,
+    or named by a later trial's `requeued_from` (`--retry-failed`)."""
+    out = {t.number for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("superseded")}
+    out |= {int(t.user_attrs["requeued_from"]) for t in trials if "requeued_from" in t.user_attrs}
+    return out
 
 
 @dataclass
@@ -200,10 +204,11 @@ class Tally:
     @classmethod
     def of(cls, trials: list[FrozenTrial]) -> "Tally":
         counts = {s: 0 for s in STATES}
+        sups = superseded_numbers(trials)
         sup = 0
         for t in trials:
             counts[t.state.name] = counts.get(t.state.name, 0) + 1
-            sup += _superseded(t)
+            sup += t.state == TrialState.FAIL and t.number in sups
         done = counts["COMPLETE"] + counts["FAIL"] - sup
         pruned = counts.get("PRUNED", 0)
         return cls(counts, sup, done, len(trials) - sup - pruned)
@@ -218,12 +223,13 @@ def status(spec: StudySpec) -> dict:
                 "total": None, "skipped": None}
     trials = study.get_trials(deepcopy=False)
     tally = Tally.of(trials)
+    sups = superseded_numbers(trials)
     failures, running = [], []
     for t in trials:
         if t.state == TrialState.FAIL:
             failures.append({"number": t.number, "config": t.user_attrs.get("config", ""),
                              "reason": t.user_attrs.get("fail_reason", "(no reason recorded)"),
-                             "superseded": bool(t.user_attrs.get("superseded"))})
+                             "superseded": t.number in sups})
         elif t.state == TrialState.RUNNING:
             w = t.user_attrs.get("worker") or {}
             running.append({"number": t.number, "config": t.user_attrs.get("config", ""),
@@ -403,30 +409,38 @@ def prepare(spec: StudySpec, retry_failed: bool = False) -> Prepared:
                 study.set_user_attr("skipped_equivalent", skipped_n)
                 study.set_user_attr("skipped_configs", [{"config": str(a), "same_as": str(b)} for a, b in skipped])
             trials = study.get_trials(deepcopy=False)
-            present = {t.user_attrs.get("config") for t in trials if not _superseded(t) and t.state != TrialState.PRUNED}
+            sups = superseded_numbers(trials)
+            present = {t.user_attrs.get("config") for t in trials
+                       if t.number not in sups and t.state != TrialState.PRUNED}
+            retry: dict[str, int] = {}
             if retry_failed:
                 complete = {t.user_attrs.get("config") for t in trials if t.state == TrialState.COMPLETE}
                 for t in trials:
                     c = t.user_attrs.get("config")
-                    if t.state == TrialState.FAIL and not _superseded(t) and c not in complete:
-                        tid = _trial_id(study, t.number)
-                        study._storage.set_trial_user_attr(tid, "superseded", True)  # noqa: SLF001
+                    if t.state == TrialState.FAIL and t.number not in sups and c not in complete:
+                        retry[c] = t.number
                         present.discard(c)
-                        requeued_failed += 1
             for params, mc in kept:
                 c = str(mc)
                 if c not in present:
-                    study.enqueue_trial(params, user_attrs={"config": c})
+                    attrs: dict[str, Any] = {"config": c}
+                    if c in retry:
+                        attrs["requeued_from"] = retry[c]
+                        requeued_failed += 1
+                    study.enqueue_trial(params, user_attrs=attrs)
                     present.add(c)
                     enq += 1
             total = len(kept)
         else:
             if retry_failed:
-                for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-                    if not _superseded(t) and _params_of(t):
-                        tid = _trial_id(study, t.number)
-                        study._storage.set_trial_user_attr(tid, "superseded", True)  # noqa: SLF001
-                        study.enqueue_trial(_params_of(t), user_attrs={"requeued_from": t.number})
+                trials = study.get_trials(deepcopy=False)
+                sups = superseded_numbers(trials)
+                for t in trials:
+                    if t.state == TrialState.FAIL and t.number not in sups and _params_of(t):
+                        attrs = {"requeued_from": t.number}
+                        if "config" in t.user_attrs:
+                            attrs["config"] = t.user_attrs["config"]
+                        study.enqueue_trial(_params_of(t), user_attrs=attrs)
                         requeued_failed += 1
             total = int(spec.sampler.n_trials or 0)
     return Prepared(study, total, spec.space.size, skipped_n, enq, recovered, requeued_failed)
@@ -857,6 +871,18 @@ def run(spec: StudySpec, workers: int = 1, progress: bool = True, retry_failed: 
                         bar.update(min(tl.done, prep.total) - bar.n)
                         last_done = tl.done
                         bar.set_postfix_str(_best_text(trials, spec.primary), refresh=True)
+                if not procs and not fatal and respawns < 2 * workers:
+                    # every worker is gone: trials still RUNNING belong to dead workers (e.g. of a
+                    # run killed before this one started): recover them and go on
+                    with study_lock(spec):
+                        rec = recover_stale(study)
+                    recovered += rec
+                    if rec:
+                        tl, _ = tally()
+                        for _ in range(min(n_workers, tl.counts["WAITING"]) or 1):
+                            procs[next_index] = _spawn(spec, next_index, log_dir)
+                            next_index += 1
+                            respawns += 1
         except KeyboardInterrupt:
             interrupted = True
             _shutdown(procs)
@@ -895,7 +921,8 @@ def _shutdown(procs: dict[int, subprocess.Popen], grace_s: float = 30.0) -> None
 
 def _print_summary(s: RunSummary, trials: list[FrozenTrial], spec: StudySpec, out) -> None:
     c = s.counts
-    sup = sum(_superseded(t) for t in trials)
+    sups = superseded_numbers(trials)
+    sup = sum(t.state == TrialState.FAIL and t.number in sups for t in trials)
     line = (f"study {s.name}: {c['COMPLETE']} complete, {c['FAIL'] - sup} failed"
             + (f" (+{sup} re-queued)" if sup else "")
             + f", {c['RUNNING']} running, {c['WAITING']} waiting of {s.total}")
@@ -909,7 +936,7 @@ def _print_summary(s: RunSummary, trials: list[FrozenTrial], spec: StudySpec, ou
     for e in s.worker_errors:
         print(f"  {e}", file=out)
     for t in trials:
-        if t.state == TrialState.FAIL and not _superseded(t):
+        if t.state == TrialState.FAIL and t.number not in sups:
             print(f"  trial {t.number} FAIL: {t.user_attrs.get('fail_reason', '?')}", file=out)
     if s.interrupted or c["WAITING"] or c["RUNNING"]:
         print("  run the same command again to resume", file=out)

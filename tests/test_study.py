@@ -1,0 +1,321 @@
+"""Running studies (sweep.study): exact-once grids with 2 worker processes, a killed worker and a
+resume, Ctrl-C, crashing trials, sampler budgets, reuse of equal-numerics accuracy, status.
+
+Everything runs tiny-llama with a short evaluation (prefill 16, decode 15) on journal storage in
+temporary folders."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from sweep.cli import main as cli_main
+from sweep.records import TrialRecord
+from sweep.space import load_spec
+from sweep.study import Worker, load_study, prepare, records, run, status
+
+ROOT = Path(__file__).resolve().parents[1]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def tiny_lt_pareto(tmp_path: Path, name: str = "lt.toml") -> Path:
+    """The shipped lt-pareto study on tiny-llama with a short evaluation."""
+    text = (ROOT / "studies" / "lt-pareto.toml").read_text()
+    text = text.replace('model = "smollm2-135m"', 'model = "tiny-llama"')
+    text = text.replace("prefill = 512", "prefill = 16").replace("decode = 511", "decode = 15")
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+SMALL = """
+[study]
+model = "tiny-llama"
+devices = ["N150", "N300"]
+objectives = ["top1", "speed:N150"]
+[eval]
+prefill = 16
+decode = 15
+"""
+
+
+def trials_of(spec):
+    return load_study(spec).get_trials(deepcopy=False)
+
+
+def complete_configs(spec) -> Counter:
+    return Counter(t.user_attrs["config"] for t in trials_of(spec) if t.state == TrialState.COMPLETE)
+
+
+def assert_each_config_complete_once(spec):
+    want = {str(mc) for _, mc in spec.space.grid()}
+    got = complete_configs(spec)
+    assert set(got) == want
+    assert all(n == 1 for n in got.values()), got
+    counts = status(spec)["counts"]
+    assert counts["COMPLETE"] == len(want) and counts["RUNNING"] == 0 and counts["WAITING"] == 0
+
+
+def start_cli(args: list[str], env_extra: dict) -> subprocess.Popen:
+    env = dict(os.environ, **env_extra)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.Popen([sys.executable, "-m", "sweep.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90.0) -> int:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text())
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before the hook fired:\n{proc.stdout.read()}")
+        time.sleep(0.1)
+    raise AssertionError("hook never fired")
+
+
+def wait_dead(pids, timeout: float = 10.0) -> None:
+    """Wait until killed processes are gone or zombies (SIGKILL is delivered asynchronously)."""
+    t0 = time.time()
+    for pid in set(pids):
+        while time.time() - t0 < timeout:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                break
+            if stat[stat.rindex(")") + 2] in "ZX":
+                break
+            time.sleep(0.05)
+
+
+# --- exact once -----------------------------------------------------------------------------------
+def test_two_workers_run_a_12_config_grid_exactly_once(tmp_path, capsys):
+    spec = load_spec(tiny_lt_pareto(tmp_path))
+    summary = run(spec, workers=2, progress=False)
+    assert summary.counts == {"COMPLETE": 12, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
+    assert summary.workers == 2 and summary.skipped == 0
+    assert_each_config_complete_once(spec)
+    trials = trials_of(spec)
+    assert len(trials) == 12
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers took trials
+
+    # what a trial stores: the TrialRecord (the report's contract) and the objective values
+    study = load_study(spec)
+    recs = records(study)
+    assert [n for n, _ in recs] == list(range(12))
+    for t in trials:
+        rec = TrialRecord.from_user_attrs(t.user_attrs)
+        assert rec.model == "tiny-llama" and rec.tokens == 15
+        assert set(rec.speed) == set(rec.ttft) == {"N150", "N300"}
+        assert rec.top1_ci[0] <= rec.top1 <= rec.top1_ci[1]
+        assert rec.host and rec.wall_s > 0 and rec.reused_from is None
+        assert rec.decoder_json and "decoders" in rec.decoder_json
+        assert t.values == [rec.objective(o) for o in spec.objectives]
+        assert t.user_attrs["numerics_key"]
+    attrs = study.user_attrs
+    assert attrs["model"] == "tiny-llama" and attrs["devices"] == ["N150", "N300"]
+    assert attrs["objectives"] == spec.objectives and attrs["spec"]["name"] == "lt-pareto"
+    assert attrs["perf_calibration"] and attrs["skipped_equivalent"] == 0 and attrs["grid_planned"] == 12
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE", "MAXIMIZE", "MINIMIZE"]
+
+    # running it again finds nothing to do
+    again = run(spec, workers=2, progress=False)
+    assert again.workers == 0 and len(trials_of(spec)) == 12
+    assert "12 complete" in capsys.readouterr().out
+
+    # sweep status --json
+    assert cli_main(["status", str(spec.path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"COMPLETE": 12, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
+
+
+def test_killed_run_then_resume_completes_every_config_once(tmp_path):
+    """SIGKILL the whole run (parent and both workers) while a worker is inside a trial, then run
+    the same command again: the stale RUNNING trial is failed and re-queued, nothing finished is
+    re-run, and every config ends COMPLETE exactly once."""
+    path = tiny_lt_pareto(tmp_path)
+    spec = load_spec(path)
+    hang = tmp_path / "hang.pid"
+    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], {"SWEEP_TEST_HANG": str(hang)})
+    wait_for(hang, proc)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = trials_of(spec)
+    wait_dead([t.user_attrs["worker"]["pid"] for t in before if "worker" in t.user_attrs])
+    finished_before = {t.number: t.user_attrs["config"] for t in before if t.state == TrialState.COMPLETE}
+    assert any(t.state == TrialState.RUNNING for t in before)
+    st = status(spec)
+    assert any(not r["alive"] for r in st["running"])  # status sees the dead worker
+
+    summary = run(spec, workers=2, progress=False)
+    assert summary.recovered
+    assert_each_config_complete_once(spec)
+    after = {t.number: t for t in trials_of(spec)}
+    for n, cfg in finished_before.items():  # finished trials are kept as they were, not re-run
+        assert after[n].state == TrialState.COMPLETE and after[n].user_attrs["config"] == cfg
+    stale = [t for t in after.values() if t.state == TrialState.FAIL]
+    assert stale and all(t.user_attrs["superseded"] for t in stale)
+    assert all("worker died" in t.user_attrs["fail_reason"] for t in stale)
+
+
+def small_grid(tmp_path: Path) -> Path:
+    p = tmp_path / "small.toml"
+    p.write_text(SMALL + '[space]\nff1_3 = ["bfp8", "bf16"]\nff2 = ["bfp8", "bf16"]\n')
+    return p
+
+
+def test_a_worker_killed_mid_trial_is_replaced_in_the_same_run(tmp_path):
+    path = small_grid(tmp_path)
+    spec = load_spec(path)
+    hang = tmp_path / "hang.pid"
+    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], {"SWEEP_TEST_HANG": str(hang)})
+    pid = wait_for(hang, proc)
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert "died" in out
+    assert_each_config_complete_once(spec)
+
+
+def test_ctrl_c_fails_and_requeues_the_running_trial(tmp_path):
+    path = small_grid(tmp_path)
+    spec = load_spec(path)
+    hang = tmp_path / "hang.pid"
+    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], {"SWEEP_TEST_HANG": str(hang)})
+    wait_for(hang, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "run the same command again" in out
+    trials = trials_of(spec)
+    assert not any(t.state == TrialState.RUNNING for t in trials)
+    interrupted = [t for t in trials if "interrupted" in t.user_attrs.get("fail_reason", "")]
+    assert interrupted and all(t.user_attrs["superseded"] for t in interrupted)
+    waiting = Counter(t.user_attrs["config"] for t in trials if t.state == TrialState.WAITING)
+    assert all(t.user_attrs["config"] in waiting for t in interrupted)
+
+    run(spec, workers=2, progress=False)
+    assert_each_config_complete_once(spec)
+
+
+# --- failures, samplers, reuse ------------------------------------------------------------------------
+def test_a_crashing_trial_is_recorded_fail_and_the_study_goes_on(tmp_path, monkeypatch, capsys):
+    spec = load_spec(tiny_lt_pareto(tmp_path))
+    monkeypatch.setenv("SWEEP_TEST_FAIL", "ff2: bf16")  # 3 of the 12 configs raise NonFiniteLogits
+    prep = prepare(spec)
+    assert prep.enqueued == 12 and prep.total == 12
+    done = Worker(prep.study, spec).run()
+    assert done == {"COMPLETE": 9, "FAIL": 3}
+    st = status(spec)
+    assert st["counts"] == {"COMPLETE": 9, "FAIL": 3, "RUNNING": 0, "WAITING": 0}
+    assert len(st["failures"]) == 3
+    for f in st["failures"]:
+        assert "ff2: bf16" in f["config"] and f["reason"].startswith("NonFiniteLogits: non-finite logits")
+    assert cli_main(["status", str(spec.path)]) == 0
+    assert "FAIL: NonFiniteLogits" in capsys.readouterr().out
+
+    # a failed config stays failed on resume ...
+    monkeypatch.delenv("SWEEP_TEST_FAIL")
+    prep = prepare(spec)
+    assert prep.enqueued == 0
+    # ... unless asked to retry
+    prep = prepare(spec, retry_failed=True)
+    assert prep.enqueued == 3 and prep.requeued_failed == 3
+    Worker(prep.study, spec).run()
+    assert_each_config_complete_once(spec)
+
+
+
+
+def test_grid_skips_configs_dominated_a_priori_and_reports_it(tmp_path, capsys):
+    # li_ff2 reads the bfp8 SiLU product (activation mixed): hifi2 == hifi3 == hifi4 == hifi4fp32
+    p = tmp_path / "g.toml"
+    p.write_text(SMALL + '[space]\nli_ff2 = ["hifi2", "hifi3", "hifi4", "hifi4fp32", "lofi"]\nff1_3 = ["bfp8", "bf16"]\n')
+    spec = load_spec(p)
+    assert cli_main(["run", str(p), "--plan"]) == 0
+    assert "4 to run, 6 skipped" in capsys.readouterr().out
+    assert not (tmp_path / ".runs").exists()  # --plan writes nothing
+    prep = prepare(spec)
+    assert (prep.size, prep.total, prep.skipped) == (10, 4, 6)
+    attrs = prep.study.user_attrs
+    assert attrs["skipped_equivalent"] == 6 and len(attrs["skipped_configs"]) == 6
+    assert all("li_ff2: hifi2" in s["same_as"] for s in attrs["skipped_configs"])
+    Worker(prep.study, spec).run()
+    assert sorted(t.params["li_ff2"] for t in trials_of(spec)) == ["hifi2", "hifi2", "lofi", "lofi"]
+
+
+def test_sampler_budget_with_two_workers_and_reuse_of_equal_numerics(tmp_path):
+    # 2 x 2 configs, two numerics classes per ff1_3 value: a 6-trial budget repeats some
+    p = tmp_path / "t.toml"
+    p.write_text(SMALL + """
+[sampler]
+kind = "tpe"
+n_trials = 6
+seed = 3
+n_startup = 3
+[[constraints]]
+metric = "top1"
+min = 0
+[space]
+ff1_3 = ["bfp8", "bf16"]
+li_ff2 = ["hifi2", "hifi4"]
+""")
+    spec = load_spec(p)
+    summary = run(spec, workers=2, progress=False)
+    assert summary.counts["COMPLETE"] == 6 and summary.total == 6
+    trials = [t for t in trials_of(spec) if t.state == TrialState.COMPLETE]
+    assert len(trials_of(spec)) == 6
+    by_key: dict = {}
+    for t in trials:
+        by_key.setdefault(t.user_attrs["numerics_key"], []).append(t)
+        assert t.constraints == {"top1>=0": 0 - t.user_attrs["top1"]}
+    assert len(by_key) <= 2  # hifi2 == hifi4 on w2 here, so at most 2 classes
+    reused = [t for t in trials if t.user_attrs.get("reused_from")]
+    assert reused  # 6 trials over at most 2 numerics classes: most reuse a measurement
+    for ts in by_key.values():
+        assert len({(t.user_attrs["top1"], t.user_attrs["kld"]) for t in ts}) == 1
+    for t in reused:
+        assert t.user_attrs["wall_s"] == 0 and set(t.user_attrs["speed"]) == {"N150", "N300"}
+
+
+def test_constraints_make_trials_infeasible(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(SMALL + '[[constraints]]\nmetric = "top1"\nmin = 101\n[space]\nff2 = ["bfp8", "bf16"]\n')
+    spec = load_spec(p)
+    prep = prepare(spec)
+    Worker(prep.study, spec).run()
+    study = load_study(spec)
+    assert len(records(study)) == 2 and study.best_trials == []
+
+
+def test_sqlite_is_refused_with_several_workers(tmp_path):
+    p = tiny_lt_pareto(tmp_path)
+    spec = load_spec(p, storage=f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(ValueError, match="SQLite"):
+        run(spec, workers=2, progress=False)
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_a_changed_study_file_is_not_resumed(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text(SMALL + '[space]\nff2 = ["bfp8", "bf16"]\n')
+    prepare(load_spec(p))
+    p.write_text(SMALL + '[space]\nff2 = ["bfp8", "bfp4"]\n')
+    with pytest.raises(ValueError, match="different study file"):
+        prepare(load_spec(p))
+
+
+def test_status_of_a_study_never_run_writes_nothing(tmp_path, capsys):
+    p = tiny_lt_pareto(tmp_path)
+    assert cli_main(["status", str(p), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"COMPLETE": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["lt.toml"]
