@@ -169,9 +169,18 @@ def _tiles(xs: torch.Tensor, ws: torch.Tensor, pad: int):
     return xt, ws.reshape(ws.shape[0], T, TILE_K, ws.shape[-1]).expand(B, T, TILE_K, ws.shape[-1])
 
 
+def _chunks(B: int, bc: int, N: int, nc: int, M: int, mc: int):
+    """(b0, b1, n0, n1, m0, m1) ranges covering [B, M, N] in chunks."""
+    for b0 in range(0, B, bc):
+        for n0 in range(0, N, nc):
+            for m0 in range(0, M, mc):
+                yield b0, min(B, b0 + bc), n0, min(N, n0 + nc), m0, min(M, m0 + mc)
+
+
 def _bf16_dest(pairs, kb: int, K: int, l1: bool, out_fmt) -> torch.Tensor:
-    """bf16 dest: per-tile partials as one batched matmul over [K/32] tiles (chunked over M and
-    N to bound memory), then the sequential bf16-rounded running sum."""
+    """bf16 dest: per-tile partials as one batched matmul over [K/32] tiles (chunked over batch,
+    M and N so a chunk holds about _PARTIAL_BUDGET floats), then the sequential bf16-rounded
+    running sum over the tiles."""
     pad = (-K) % TILE_K
     tiles = [_tiles(xs, ws, pad) for xs, ws in pairs]
     B, T, M, _ = tiles[0][0].shape
@@ -179,26 +188,24 @@ def _bf16_dest(pairs, kb: int, K: int, l1: bool, out_fmt) -> torch.Tensor:
     block_tiles = kb // TILE_K
     blocks_end = set(range(block_tiles - 1, T - 1, block_tiles)) if l1 else set()
     mc = min(M, 256)
-    nc = max(32, min(N, _PARTIAL_BUDGET // max(1, B * T * mc)))
+    nc = min(N, max(32, _PARTIAL_BUDGET // max(1, B * T * mc)))
+    bc = min(B, max(1, _PARTIAL_BUDGET // max(1, T * mc * nc)))
     out = torch.empty(B, M, N, device=tiles[0][0].device)
-    for n0 in range(0, N, nc):
-        n1 = min(N, n0 + nc)
-        for m0 in range(0, M, mc):
-            m1 = min(M, m0 + mc)
-            part = None
-            for xt, wt in tiles:
-                a = xt[:, :, m0:m1].reshape(B * T, m1 - m0, TILE_K)
-                b = wt[..., n0:n1].reshape(B * T, TILE_K, n1 - n0)
-                part = torch.bmm(a, b) if part is None else part.baddbmm_(a, b, alpha=-1)
-            part = part.view(B, T, m1 - m0, n1 - n0)
-            dest = torch.zeros(B, m1 - m0, n1 - n0, dtype=torch.bfloat16, device=part.device)
-            acc = None
-            for t in range(T):
-                torch.add(dest, part[:, t], out=dest)  # fp32 add, one rounding to bf16
-                if t in blocks_end:  # packer L1 accumulation of this K block's result
-                    acc = _round_to(out_fmt, dest.float() if acc is None else acc + dest.float())
-                    dest.zero_()
-            out[:, m0:m1, n0:n1] = dest.float() if acc is None else _round_to(out_fmt, acc + dest.float())
+    for b0, b1, n0, n1, m0, m1 in _chunks(B, bc, N, nc, M, mc):
+        part = None
+        for xt, wt in tiles:
+            a = xt[b0:b1, :, m0:m1].reshape(-1, m1 - m0, TILE_K)
+            b = wt[b0:b1, ..., n0:n1].reshape(-1, TILE_K, n1 - n0)
+            part = torch.bmm(a, b) if part is None else part.baddbmm_(a, b, alpha=-1)
+        part = part.view(b1 - b0, T, m1 - m0, n1 - n0)
+        dest = torch.zeros(b1 - b0, m1 - m0, n1 - n0, dtype=torch.bfloat16, device=part.device)
+        acc = None
+        for t in range(T):
+            torch.add(dest, part[:, t], out=dest)  # fp32 add, one rounding to bf16
+            if t in blocks_end:  # packer L1 accumulation of this K block's result
+                acc = _round_to(out_fmt, dest.float() if acc is None else acc + dest.float())
+                dest.zero_()
+        out[b0:b1, m0:m1, n0:n1] = dest.float() if acc is None else _round_to(out_fmt, acc + dest.float())
     return out
 
 

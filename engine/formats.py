@@ -167,8 +167,9 @@ _MAGIC = 1.5 * 2.0**23  # (y + M) - M rounds |y| < 2^22 to an integer, ties to e
 def _fast_blocks(xb: torch.Tensor, fmt: Format, rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize blocks [nb, 16] with float ops (a few passes, the fast path).
 
-    Same arithmetic as `_encode_blocks`: t = |x| * 2^(150-E) is the hidden-one significand aligned
-    to E, so trunc(t) is the truncating shift; the rounding then works on trunc(t) / 2^(24-bits).
+    Same arithmetic as `_encode_blocks`: |x| * 2^(150-E) is the hidden-one significand already
+    shifted right by E - e, so trunc() of it (toward zero, sign kept) is the bit-dropping shift;
+    the rounding then works on that integer / 2^(24-bits).
     Exact for blocks with E == 0 or 24 <= E <= 254 (zeros and denormals then give |t| < 1);
     returns (values, special) where `special` marks the blocks the caller must redo on the integer
     path (0 < E < 24, where 2^(150-E) overflows, and E == 255, Inf/NaN).

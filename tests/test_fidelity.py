@@ -234,9 +234,12 @@ def test_bf16_dest_on_random_data_and_ragged_k():
 
 def test_bf16_dest_chunking_does_not_change_results(monkeypatch):
     x, w = small_ints((2, 40, 256), 5, 0, 9, 0.5), small_ints((256, 70), 6, -2, 9, 0.25)
-    whole = matmul(x, w, "hifi2na")
-    monkeypatch.setattr(fidelity, "_PARTIAL_BUDGET", 8 * 64)  # forces many N chunks
+    wb = small_ints((3, 1, 256, 70), 7, -2, 9, 0.25)  # batched weights: [3, 2] batch
+    whole, whole_b = matmul(x, w, "hifi2na"), matmul(x, wb, Fidelity(3, False, False, True))
+    monkeypatch.setattr(fidelity, "_PARTIAL_BUDGET", 8 * 64)  # forces many batch / N chunks
     assert torch.equal(matmul(x, w, "hifi2na"), whole)
+    assert torch.equal(matmul(x, wb, Fidelity(3, False, False, True)), whole_b)
+    assert whole_b.shape == (3, 2, 40, 70)
 
 
 def test_packer_l1_accumulation_over_k_blocks():
