@@ -164,11 +164,13 @@ def _calibration_note() -> str:
 
 
 @contextlib.contextmanager
-def study_lock(spec: StudySpec) -> Iterator[None]:
-    """An exclusive lock for this study on this machine (enqueue, recovery, sampler budget)."""
+def study_lock(spec: StudySpec, what: str = "sweep") -> Iterator[None]:
+    """An exclusive lock for this study on this machine: `sweep` (enqueue, recovery, sampler
+    budget) or `evaluator` (one worker at a time builds its evaluator, so the fp32 reference is
+    computed once and cached, not by every worker at the same time)."""
     d = spec.runs_dir
     d.mkdir(parents=True, exist_ok=True)
-    with open(d / f"{spec.name}.sweep.lock", "a+") as f:
+    with open(d / f"{spec.name}.{what}.lock", "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -523,7 +525,8 @@ class Worker:
         if self.evaluator is None:
             from engine.accuracy import Evaluator
 
-            self.evaluator = Evaluator(self.spec.model, prefill=self.spec.eval["prefill"], decode=self.spec.eval["decode"])
+            with study_lock(self.spec, "evaluator"):
+                self.evaluator = Evaluator(self.spec.model, prefill=self.spec.eval["prefill"], decode=self.spec.eval["decode"])
         return self.evaluator
 
     def _find_equal(self, digest: str, number: int) -> FrozenTrial | None:
@@ -693,9 +696,14 @@ def _test_hook(cfg: str) -> None:
         raise NonFiniteLogits("non-finite logits at decode position 3 (test hook SWEEP_TEST_FAIL)")
 
 
-def worker_main(storage_url: str, study_name: str, index: int) -> int:
-    """Entry point of a worker process (`python -m sweep.study worker ...`)."""
+def worker_main(storage_url: str, study_name: str, index: int, threads: int | None = None) -> int:
+    """Entry point of a worker process (`python -m sweep.study worker ...`); `threads`: torch
+    intra-op threads (the parent gives each of N workers cpu_count / N)."""
     state = {"worker": None}
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     def on_signal(signum, frame):  # noqa: ARG001
         w = state["worker"]
@@ -746,7 +754,19 @@ class RunSummary:
         return dict(self.__dict__)
 
 
-def _spawn(spec: StudySpec, index: int, log_dir: Path) -> subprocess.Popen:
+def worker_threads(workers: int) -> int:
+    """Torch threads per worker: the machine's cores shared out (SWEEP_WORKER_THREADS overrides)."""
+    env = os.environ.get("SWEEP_WORKER_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
+def _spawn(spec: StudySpec, index: int, log_dir: Path, threads: int) -> subprocess.Popen:
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -755,7 +775,7 @@ def _spawn(spec: StudySpec, index: int, log_dir: Path) -> subprocess.Popen:
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "sweep.study", "worker", "--storage", spec.storage, "--study", spec.name,
-             "--index", str(index)],
+             "--index", str(index), "--threads", str(threads)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     finally:
@@ -828,7 +848,8 @@ def run(spec: StudySpec, workers: int = 1, progress: bool = True, retry_failed: 
         log_dir = spec.runs_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         n_workers = min(workers, remaining) if spec.is_grid else workers
-        procs: dict[int, subprocess.Popen] = {i: _spawn(spec, i, log_dir) for i in range(n_workers)}
+        threads = worker_threads(n_workers)
+        procs: dict[int, subprocess.Popen] = {i: _spawn(spec, i, log_dir, threads) for i in range(n_workers)}
         next_index = n_workers
         respawns = 0
         fatal = False
@@ -862,7 +883,7 @@ def run(spec: StudySpec, workers: int = 1, progress: bool = True, retry_failed: 
                     more = tl.counts["WAITING"] > 0 or (not spec.is_grid and tl.slots < prep.total)
                     if more and respawns < 2 * workers and not fatal:
                         while len(procs) < n_workers:
-                            procs[next_index] = _spawn(spec, next_index, log_dir)
+                            procs[next_index] = _spawn(spec, next_index, log_dir, threads)
                             next_index += 1
                             respawns += 1
                 if bar is not None:
@@ -880,7 +901,7 @@ def run(spec: StudySpec, workers: int = 1, progress: bool = True, retry_failed: 
                     if rec:
                         tl, _ = tally()
                         for _ in range(min(n_workers, tl.counts["WAITING"]) or 1):
-                            procs[next_index] = _spawn(spec, next_index, log_dir)
+                            procs[next_index] = _spawn(spec, next_index, log_dir, threads)
                             next_index += 1
                             respawns += 1
         except KeyboardInterrupt:
@@ -951,8 +972,9 @@ def _main(argv: list[str] | None = None) -> int:
     w.add_argument("--storage", required=True)
     w.add_argument("--study", required=True)
     w.add_argument("--index", type=int, default=0)
+    w.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args(argv)
-    return worker_main(args.storage, args.study, args.index)
+    return worker_main(args.storage, args.study, args.index, args.threads or None)
 
 
 if __name__ == "__main__":
