@@ -237,6 +237,7 @@ class StudyInfo:
     objectives: list[str]
     spec: dict
     perf_calibration: str
+    skipped: list = field(default_factory=list)  # grid configs not run: [{"config", "same_as"}] (sweep.study)
 
 
 def study_info(study, points: Sequence[Point] | None = None) -> StudyInfo:
@@ -256,7 +257,7 @@ def study_info(study, points: Sequence[Point] | None = None) -> StudyInfo:
         objectives = objectives[: len(study.directions)]
     spec = attrs.get("spec") or {}
     return StudyInfo(study.study_name, model, devices, objectives, spec if isinstance(spec, dict) else {},
-                     str(attrs.get("perf_calibration") or ""))
+                     str(attrs.get("perf_calibration") or ""), list(attrs.get("skipped_configs") or []))
 
 
 def complete_points(study) -> list[Point]:

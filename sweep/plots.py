@@ -267,6 +267,10 @@ def front_table(analysis: Analysis, device: str) -> list[str]:
     return lines
 
 
+def plots_short(config: str) -> str:
+    return short_config(config) if config else "?"
+
+
 def write_index(analysis: Analysis, sdir: Path, sections) -> Path:
     info = analysis.info
     lines = [f"# Study {info.name}: fronts", ""]
@@ -281,6 +285,15 @@ def write_index(analysis: Analysis, sdir: Path, sections) -> Path:
                  f"{', '.join(map(str, analysis.front)) or 'none'}; knee {analysis.knee}; hypervolume "
                  f"{analysis.hypervolume:.6g} with reference point ({analysis.reference_text()}).")
     lines.append("")
+    infeasible = [p.number for p in analysis.points if not p.feasible]
+    if infeasible:
+        lines += [f"Infeasible under the study's constraints (drawn as x, never on a front): trials "
+                  f"{', '.join(map(str, infeasible))}.", ""]
+    if info.skipped:
+        lines += [f"{len(info.skipped)} grid config(s) were not run: equal in numerics to a config that is no slower "
+                  "(same accuracy), so dominated a priori:", ""]
+        lines += [f"- `{plots_short(s.get('config', ''))}` = `{plots_short(s.get('same_as', ''))}`" for s in info.skipped]
+        lines.append("")
     for model, figs in sections:
         lines += [f"## {display_name(model)}", ""]
         for dev in info.devices:
