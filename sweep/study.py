@@ -839,7 +839,10 @@ def run(spec: StudySpec, workers: int = 1, progress: bool = True, retry_failed: 
         return Tally.of(ts), ts
 
     tl, trials = tally()
-    remaining = max(0, prep.total - tl.done) if not spec.is_grid else tl.counts["WAITING"] + tl.counts["RUNNING"]
+    if spec.is_grid:
+        remaining = tl.counts["WAITING"] + tl.counts["RUNNING"]
+    else:
+        remaining = max(prep.total - tl.done, tl.counts["WAITING"])
     errors: list[str] = []
     interrupted = False
     recovered = list(prep.recovered)

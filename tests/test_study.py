@@ -207,6 +207,18 @@ def test_ctrl_c_fails_and_requeues_the_running_trial(tmp_path):
     assert_each_config_complete_once(spec)
 
 
+def test_concurrent_runs_never_queue_a_config_twice(tmp_path):
+    path = tiny_lt_pareto(tmp_path)
+    code = f"from sweep.space import load_spec; from sweep.study import prepare; print(prepare(load_spec({str(path)!r})).enqueued)"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    queued = sorted(int(p.communicate(timeout=120)[0].strip()) for p in procs)
+    assert queued == [0, 0, 12]
+    spec = load_spec(path)
+    assert Counter(t.state for t in trials_of(spec)) == {TrialState.WAITING: 12}
+    assert len({t.user_attrs["config"] for t in trials_of(spec)}) == 12
+
+
 # --- failures, samplers, reuse ------------------------------------------------------------------------
 def test_a_crashing_trial_is_recorded_fail_and_the_study_goes_on(tmp_path, monkeypatch, capsys):
     spec = load_spec(tiny_lt_pareto(tmp_path))
