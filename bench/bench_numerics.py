@@ -13,6 +13,7 @@ shapes; `--check` exits 1 when a target is missed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    print(f"load average {load:.1f} on {cores} cores, torch threads {torch.get_num_threads()}")
+    if load > cores and torch.get_num_threads() > 1:
+        print("  (busy machine: multi-threaded ops stall on each other; --threads 1 gives steadier ratios)")
     torch.manual_seed(0)
     repeat = args.repeat or (2 if args.quick else 3)
     if args.quick:
