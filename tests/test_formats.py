@@ -210,6 +210,12 @@ def test_device_saturation_and_signs():
     assert out[1].view(torch.int32) == 0 and out[2].view(torch.int32) == 0
 
 
+def test_device_far_elements_and_dropped_bits():
+    x = f32(2.0**-7 * (1 + 2.0**-23))  # a tie once its last bit is shifted out: away -> 1/64
+    vals = [1.0, 2.0**-24, -(2.0**-30), 2.0**-40, 2.0**-100, x, -(2.0**-7), 2.0**-6] + [0.0] * 8
+    assert q(vals, "bfp8", "device")[1:8] == [0.0, 0.0, 0.0, 0.0, 1 / 64, -1 / 64, 1 / 64]
+
+
 def test_device_bfp4_rounds_to_bfp8_then_truncates():
     # 95/64: bfp8 keeps 95, truncating to 3 bits gives 5 (1.25); rounding directly would give 6.
     # 31.5/64: bfp8 rounds (ties away) to 32, truncating gives 2 (0.5); truncating directly 1.
