@@ -153,6 +153,7 @@ SPACE_KEYS = SPACE_META_KEYS + FIELD_NAMES
 LAYERS_KEYS = ("first", "last", "groups")
 EVAL_DEFAULTS = {"prefill": 512, "decode": 511}
 PERF_DEFAULTS = {"batch": 1, "prefill": 128, "decode": 200, "dp": 1}
+MAX_GRID = 100_000  # configs a grid may enumerate and queue
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -833,6 +834,9 @@ def _parse_space(where: str, d: Any, model: str, n_layers: int, sampler: Sampler
         if k in groups:
             doc[k] = groups[k]
     space = Space(n_layers, base_mc, params, couple, natural)
+    if sampler.kind == "grid" and space.size > MAX_GRID:
+        raise _fail(where, f"[space] has {space.size} configs, too many for kind = 'grid' (at most {MAX_GRID}); "
+                           "use sampler.kind = nsga2, tpe or gp with n_trials, or fewer values")
     return space, doc
 
 

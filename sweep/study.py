@@ -850,7 +850,7 @@ def run(spec: StudySpec, workers: int = 1, progress: bool = True, retry_failed: 
     if remaining > 0:
         log_dir = spec.runs_dir
         log_dir.mkdir(parents=True, exist_ok=True)
-        n_workers = min(workers, remaining) if spec.is_grid else workers
+        n_workers = min(workers, remaining)
         threads = worker_threads(n_workers)
         procs: dict[int, subprocess.Popen] = {i: _spawn(spec, i, log_dir, threads) for i in range(n_workers)}
         next_index = n_workers

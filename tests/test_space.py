@@ -229,6 +229,10 @@ BAD = {
                              ["space.li_ff1_3", "coupled"]),
     "unknown model": (TINY.replace("tiny-llama", "tiny-llamma") + '[space]\nff1_3 = ["bfp4", "bfp8"]\n', ["study.model", "'tiny-llamma'", "tiny-llama"]),
     "bad eval": (TINY.replace("prefill = 16", "prefill = -3") + '[space]\nff1_3 = ["bfp4", "bfp8"]\n', ["eval.prefill", ">= 1"]),
+    "grid too large": (TINY + "[space]\n" + "".join(f'{k} = ["lofi", "hifi2", "hifi4"]\n' for k in
+                       ("li_ff1_3", "li_ff2", "li_qkv_decode", "li_o_decode", "sdpa_decode", "li_qkv_prefill", "li_o_prefill",
+                        "sdpa_prefill")) + 'ff1_3 = ["bfp4", "bfp8", "bf16"]\nff2 = ["bfp4", "bfp8", "bf16"]\nwo = ["bfp4", "bfp8", "bf16"]\n',
+                       ["too many for kind = 'grid'", "nsga2"]),
     "bad layers group": (TINY + '[space]\nff1_3 = ["bfp4", "bfp8"]\n[space.layers]\nfirst = 1\ngroups = ["ff2"]\n', ["space.layers.groups", "'ff2'", "ff1_3"]),
 }
 
