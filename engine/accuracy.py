@@ -185,7 +185,7 @@ def reference_model(loaded: loaders.LoadedModel):
             config = hf_config_from_spec(loaded.spec)
             with _no_init():
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            missing, unexpected = model.load_state_dict(loaded.weights, strict=False)
+            missing, unexpected = model.load_state_dict(loaded.weights, strict=False, assign=True)  # shares, no copy
             allowed_missing = {"lm_head.weight"} if loaded.spec.tied_embeddings else set()
             if set(missing) - allowed_missing or unexpected:
                 raise RuntimeError(f"reference model: missing {missing}, unexpected {unexpected}")

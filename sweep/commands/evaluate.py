@@ -25,9 +25,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from engine.accuracy import Evaluator
+    from engine.config import ModelConfig
+    from engine.loaders import model_spec
 
+    spec = model_spec(args.model, cache=args.cache_dir)  # cheap: unknown models and bad configs fail fast
+    ModelConfig.parse(args.config, spec.n_layers, spec.name)
     ev = Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir)
-    mc = ev.model_config(args.config)  # config errors before any work
+    mc = ev.model_config(args.config)
     r = ev.evaluate(mc)
     if args.json:
         d = r.to_dict()
