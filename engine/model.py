@@ -87,7 +87,7 @@ class Kernel:
 
     def mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [..., M, K] (activation, SrcB) @ w [K, N] or [..., K, N] (weight, SrcA) -> fp32."""
-        return torch.matmul(x, w) if self.fid is None else fidelity.matmul(x, w, self.fid)
+        return torch.matmul(x, w.float()) if self.fid is None else fidelity.matmul(x, w, self.fid)
 
     def exp(self, x: torch.Tensor) -> torch.Tensor:
         return fidelity.exp(x, True) if self.approx else torch.exp(x)
@@ -256,11 +256,17 @@ class Model:
     # --- weights, quantized once per (tensor, format) ----------------------------------------
     def weight(self, name: str, fmt: str) -> torch.Tensor:
         """A stored [in, out] weight ('L.wqkv', 'L.wo', 'L.w13', 'L.w2', 'lm_head') or a small
-        vector ('L.bqkv', a norm weight name) in `fmt`, host rounding, cached."""
+        vector ('L.bqkv', a norm weight name) in `fmt`, host rounding, cached. Matrices in a
+        format other than fp32 are held as torch.bfloat16 (every bf16 / bfp8 / bfp4 value is
+        exactly a bf16 value; fidelity.matmul widens them to fp32)."""
         key = (name, fmt)
         t = self._cache.get(key)
         if t is None:
-            t = self._cache[key] = self._make_weight(name, fmt)
+            t = self._make_weight(name, fmt)
+            if fmt != FULL and t.dim() == 2:  # bf16 / bfp values are exact in bf16: half the memory
+                b = t.to(torch.bfloat16)
+                t = b if torch.equal(b.float(), t) else t
+            self._cache[key] = t
         return t
 
     def _make_weight(self, name: str, fmt: str) -> torch.Tensor:
@@ -426,6 +432,8 @@ class Model:
         a prefill-T + decode-(T-1) trial never grows it)."""
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         layers = self._layers(cfg)
+        if len(tokens) == 0:
+            raise ValueError("prefill needs at least one token")
         if logits_for not in ("last", "all"):
             raise ValueError(f"logits_for must be 'last' or 'all', got {logits_for!r}")
         cache = self.new_cache(max(capacity or 2 * len(tokens), len(tokens)))
@@ -438,7 +446,10 @@ class Model:
         decode op groups: each token attends to the cache and the earlier tokens' quantized K/V,
         exactly as S `decode_step` calls would (bit for bit). Appends to `cache`; logits [S, vocab]."""
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-        return self._run(tokens, self._layers(cfg), cache, cache.length, False, None)
+        layers = self._layers(cfg)
+        if len(tokens) == 0:
+            return torch.empty(0, self.spec.vocab)
+        return self._run(tokens, layers, cache, cache.length, False, None)
 
     def decode_step(self, token: int, cache: KVCache, cfg: ModelConfig | Config) -> torch.Tensor:
         """One literal decode step at position cache.length; appends to `cache`; logits [vocab]."""

@@ -250,11 +250,13 @@ def test_weights_stored_in_tt_orientation(llama):
     w = llama.w
     wq = w["model.layers.0.self_attn.q_proj.weight"]
     fused = llama.weight("0.wqkv", "bfp8")
+    assert fused.dtype == torch.bfloat16 and llama.weight("0.wqkv", "fp32").dtype == torch.float32
+    fused = fused.float()
     assert fused.shape == (HIDDEN, HIDDEN + 2 * KV_HEADS * HEAD_DIM)
     assert torch.equal(fused[:, :HIDDEN], formats.quantize(wq.T.contiguous(), "bfp8", "host"))
-    w13 = llama.weight("1.w13", "bfp4")
+    w13 = llama.weight("1.w13", "bfp4").float()
     assert torch.equal(w13[:, INTER:], formats.quantize(w["model.layers.1.mlp.up_proj.weight"].T.contiguous(), "bfp4"))
-    assert torch.equal(llama.weight("lm_head", "bfp8"), formats.quantize(w["model.embed_tokens.weight"].T.contiguous(), "bfp8"))
+    assert torch.equal(llama.weight("lm_head", "bfp8").float(), formats.quantize(w["model.embed_tokens.weight"].T.contiguous(), "bfp8"))
 
 
 def test_quantized_weights_cached(monkeypatch):
