@@ -321,7 +321,7 @@ def test_sweep_check_on_the_committed_report(capsys):
     assert rc == 1
     passing = [ln for ln in lines if ln.startswith("PASS")]
     failing = [ln for ln in lines if ln.startswith("FAIL")]
-    assert len(passing) == 2 and len(failing) == 1
+    assert len(passing) == 2 and len(failing) == 1, out
     assert "ff1_3: bfp4" in failing[0]  # the section whose table claims more than the engine measures
     assert "2 passed, 1 failed" in out
 
