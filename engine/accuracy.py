@@ -48,7 +48,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +130,24 @@ class Reference:
     @property
     def scored(self) -> slice:
         return slice(self.prefill, self.prefill + self.decode)
+
+    def prepared(self) -> dict[str, torch.Tensor]:
+        """Per-trial-invariant scoring tensors, computed once: the renormalised reference
+        probabilities p [D, vocab] (fp32), sum_v p log p per row, top-5
+        ids, the true next tokens and the reference NLL at the scored positions."""
+        if getattr(self, "_prepared", None) is None:
+            logp = torch.from_numpy(self.logp).float()
+            logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
+            p = logp.exp()
+            s = self.scored
+            self._prepared = {
+                "p": p,
+                "neg_entropy": torch.linalg.vecdot(p, logp).double(),  # same reduction as score()'s cross term
+                "top5": torch.from_numpy(self.top5[s].astype(np.int64)),
+                "targets": torch.from_numpy(self.tokens[s.start + 1:s.stop + 1].astype(np.int64)),
+                "ref_nll": -torch.from_numpy(self.target_logp[s]).double(),
+            }
+        return self._prepared
 
 
 def _slug(name: str) -> str:
@@ -302,26 +320,30 @@ class EvalResult:
 
 
 def score(logits: torch.Tensor, ref: Reference) -> dict:
-    """Metrics of decode logits [D, vocab] (positions ref.prefill..) against the reference."""
+    """Metrics of decode logits [D, vocab] (positions ref.prefill..) against the reference.
+
+    A handful of passes over the logits (row sums as the NaN/Inf screen, log-softmax, argmax, one
+    row-wise dot product); everything about the reference is precomputed (`Reference.prepared`):
+    KL(p || q) = sum p log p - sum p log q."""
     d = ref.decode
     if tuple(logits.shape) != (d, ref.logp.shape[1]):
         raise ValueError(f"decode logits have shape {tuple(logits.shape)}, expected ({d}, {ref.logp.shape[1]})")
-    check_finite(logits, "decode", ref.prefill)
-    logits = logits.float()
-    trial_logp = torch.log_softmax(logits, dim=-1)
+    logits = logits.float().contiguous()
+    if not bool(torch.isfinite(logits.sum(-1)).all()):  # NaN/Inf anywhere makes its row sum non-finite
+        check_finite(logits, "decode", ref.prefill)
+    pre = ref.prepared()
+    logq = torch.log_softmax(logits, dim=-1)
     argmax = logits.argmax(dim=-1)
-    top5 = torch.from_numpy(ref.top5[ref.scored].astype(np.int64))
-    hit1 = int((argmax == top5[:, 0]).sum())
-    hit5 = int((argmax[:, None] == top5).any(dim=-1).sum())
-    kld = kl_divergence(torch.from_numpy(ref.logp), trial_logp)
-    targets = torch.from_numpy(ref.tokens[ref.prefill + 1:ref.prefill + d + 1].astype(np.int64))
-    nll = -trial_logp.gather(1, targets[:, None])[:, 0].double()
-    ref_nll = -torch.from_numpy(ref.target_logp[ref.scored]).double()
+    hit1 = int((argmax == pre["top5"][:, 0]).sum())
+    hit5 = int((argmax[:, None] == pre["top5"]).any(dim=-1).sum())
+    cross = torch.linalg.vecdot(pre["p"], logq).double()  # sum_v p log q (fp32 einsum/bmm is too coarse here)
+    kld = (pre["neg_entropy"] - cross).clamp_min(0.0)
+    nll = -logq.gather(1, pre["targets"][:, None])[:, 0].double()
     ci1, ci5 = wilson_interval(hit1, d), wilson_interval(hit5, d)
     return dict(
         top1=100.0 * hit1 / d, top5=100.0 * hit5 / d,
         top1_ci=(100.0 * ci1[0], 100.0 * ci1[1]), top5_ci=(100.0 * ci5[0], 100.0 * ci5[1]),
-        kld=float(kld.double().mean()), ppl=float(torch.exp(nll.mean())), ref_ppl=float(torch.exp(ref_nll.mean())),
+        kld=float(kld.mean()), ppl=float(torch.exp(nll.mean())), ref_ppl=float(torch.exp(pre["ref_nll"].mean())),
         tokens=d,
     )
 
@@ -346,6 +368,7 @@ class Evaluator:
         if prefill + decode > self.spec.max_seq:
             raise ValueError(f"prefill + decode = {prefill + decode} exceeds {self.spec.name}'s context of {self.spec.max_seq}")
         self.reference = load_reference(self.loaded, self.prefill, self.decode, self.cache_dir)
+        self.reference.prepared()
         self.tokens = torch.from_numpy(self.reference.tokens[: prefill + decode].astype(np.int64))
         self._lm_head = lm_head
         self._model = None

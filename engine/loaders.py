@@ -44,7 +44,7 @@ import re
 import shutil
 import struct
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -490,18 +490,14 @@ def gguf_tokenizer(path: str | os.PathLike, fingerprint: str | None = None, cach
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:
         raise ModelFormatError(f"{path}: cannot build the tokenizer from the GGUF ({type(exc).__name__}: {exc})") from None
-    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=target.parent if target.parent.exists() else _mkdir(target.parent)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=target.parent))
     try:
         tok.save_pretrained(str(tmp))
         os.replace(tmp, target)
     except OSError:  # another process won the race, or a read-only cache: the built tokenizer still works
         shutil.rmtree(tmp, ignore_errors=True)
     return tok
-
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 # --- Hugging Face directories --------------------------------------------------------------------

@@ -66,6 +66,35 @@ def test_kld_zero_for_identical_and_exact_for_known():
     assert (kl_divergence(logp, torch.log_softmax(logits + torch.randn(7, 50), -1)) > 0).all()
 
 
+def test_score_kld_matches_float64_at_full_vocab():
+    """score()'s fast KL (precomputed reference, one fp32 row dot) equals a float64 direct sum at
+    SmolLM2's vocabulary size; Top-1/Top-5/perplexity from the same logits."""
+    from engine.accuracy import Reference, score
+
+    v, d = 49152, 64
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(d, v, generator=g) * 3
+    tokens = torch.randint(0, v, (1024,), generator=g)
+    logp_all = torch.log_softmax(torch.randn(1023, v, generator=g), -1)
+    logp_all[100:100 + d] = torch.log_softmax(base, -1)
+    ref = Reference(tokens.numpy().astype(np.int32), logp_all.topk(5, -1).indices.numpy().astype(np.int32),
+                    logp_all.gather(1, tokens[1:, None])[:, 0].numpy(), logp_all[100:100 + d].half().numpy(), 100, d)
+    trial = base + 0.3 * torch.randn(d, v, generator=g)
+    r = score(trial, ref)
+    p = torch.from_numpy(ref.logp).double()
+    p = p - torch.logsumexp(p, -1, keepdim=True)
+    q = torch.log_softmax(trial.double(), -1)
+    exact = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert r["kld"] == pytest.approx(exact, rel=1e-3)
+    assert score(torch.from_numpy(ref.logp).float(), ref)["kld"] < 1e-6
+    top5 = torch.log_softmax(base, -1).topk(5, -1).indices
+    assert r["top1"] == pytest.approx(100 * (trial.argmax(-1) == top5[:, 0]).double().mean().item())
+    assert r["top5"] == pytest.approx(100 * (trial.argmax(-1)[:, None] == top5).any(-1).double().mean().item())
+    nll = -q.gather(1, tokens[101:101 + d, None])[:, 0]
+    assert r["ppl"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    assert r["ref_ppl"] == pytest.approx(math.exp(-logp_all[100:100 + d].gather(1, tokens[101:101 + d, None]).double().mean().item()), rel=1e-5)
+
+
 def test_check_finite_names_positions():
     x = torch.zeros(10, 8)
     accuracy.check_finite(x, "decode", 512)
