@@ -8,8 +8,8 @@ Batch 1; tokens are 1-D LongTensors.
 
 Numerics of one decoder layer i, from its Config c = cfg.layers[i] (tt-numerics.md sections 1-3)
 ------------------------------------------------------------------------------------------------
-Weights (host rounding, quantized once per (tensor, format) and cached in the model): stored as
-tt-metal stores them, [in_features, out_features], so bfp blocks of 16 run along OUTPUT features
+Weights (host rounding, quantized once per (tensor, format) and cached in the model, held as
+torch.bfloat16, which represents every bf16/bfp8/bfp4 value exactly): stored as tt-metal stores them, [in_features, out_features], so bfp blocks of 16 run along OUTPUT features
 (quantize(W.T) for a Hugging Face [out, in] W).
   wqkv    q, k and v fused into one [hidden, (n_heads + 2 n_kv_heads) * head_dim] matrix like
           tt-metal's wqkv and quantized as one tensor; with head_dim a multiple of 16 (every
@@ -36,9 +36,11 @@ Ungoverned ops (RMSNorm, RoPE, residual adds, the softmax, SDPA output): compute
 bf16 - or fp32 (no rounding) in full-precision mode. SiLU is fused into the product like tt-metal's
 `ttnn.mul(w1, w3, input_tensor_a_activations=[SILU])`, so its only rounding is the product's. Norm
 weights and q/k/v biases are held in bf16 (fp32 in full-precision mode); a bias is added in fp32
-to the matmul output before that output is rounded. Softmax: whole-row (tt-metal runs a chunked,
-online softmax); max and sum in fp32, exact division (the approx flag only reaches exp), P rounded
-to bf16 before P @ V.
+to the matmul output before that output is rounded. RoPE's cos/sin tables are fp32 (tt-metal
+uploads them as bf16). Softmax: whole-row (tt-metal runs a chunked, online softmax) over the scaled,
+masked scores in fp32; a setting with approx mode uses the SFPU's approximate exp and reciprocal
+(fidelity.exp / fidelity.recip), any other one exact math (torch.softmax); P rounded to bf16
+before P @ V.
 
 Model-level ops (embedding lookup, final norm, LM head) run in full precision iff EVERY layer is in
 full-precision mode (so `engine.config.REFERENCE` is plain fp32 end to end and matches the
@@ -56,8 +58,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 

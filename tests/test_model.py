@@ -6,7 +6,7 @@ import torch
 import engine.model as em
 from engine import formats
 from engine.config import DEFAULT, REFERENCE, Config, ConfigError, ModelConfig, performance
-from engine.model import KVCache, Model, kernel_for, rope_inv_freq
+from engine.model import Model, kernel_for, rope_inv_freq
 from engine.spec import ModelSpec
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS = 64, 160, 4, 2, 16, 256, 2
