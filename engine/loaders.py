@@ -63,7 +63,7 @@ REGISTRY: dict[str, str] = {
 }
 _ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "smollm2135m": "smollm2-135m"}
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-phi3")
-TINY_RECIPE_VERSION = 1  # bump when the tiny-model recipe changes (new cache directories)
+TINY_RECIPE_VERSION = 1  # bump when _tiny_config / build_tiny_model change (the cache key also hashes _TINY_COMMON)
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"  # marker: the directory's tokenizer is ByteTokenizer
 
 SUPPORTED_HF = ("llama", "mistral", "qwen2", "phi3")
@@ -749,7 +749,8 @@ def tiny_model_dir(name: str, cache: str | os.PathLike | None = None) -> Path:
     name = _norm_name(name)
     if name not in TINY_MODELS:
         raise UnknownModel(f"unknown tiny model {name!r}; tiny models: {', '.join(TINY_MODELS)}")
-    target = cache_dir(cache) / "models" / f"{name}-v{TINY_RECIPE_VERSION}"
+    recipe = json.dumps([TINY_RECIPE_VERSION, _TINY_COMMON, _TINY_SEEDS[name]], sort_keys=True)
+    target = cache_dir(cache) / "models" / f"{name}-v{TINY_RECIPE_VERSION}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
     if (target / BYTE_TOKENIZER_FILE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
