@@ -125,6 +125,7 @@ CONFIGS = {
     "kv-bfp4": DEFAULT.replace(kv_cache="bfp4"),
     "per-layer": ModelConfig((performance("x"), DEFAULT.replace(activation="bf16", sdpa_decode="hifi4", ff2="bfp4"))),
     "hifi3": DEFAULT.replace(li_ff1_3="hifi3", sdpa_decode="hifi3"),
+    "approx-sdpa": DEFAULT.replace(sdpa_decode="hifi2", sdpa_prefill="hifi4fp32"),  # SFPU exp / recip
     # full-precision activations, fp32 weights, exact matmuls and fp32 logits: nothing hides
     # BLAS's summation order in the last bits (fails if decode rows are not padded to a tile,
     # since BLAS takes another kernel for a single row)
