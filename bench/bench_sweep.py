@@ -8,11 +8,14 @@ Each run uses fresh journal storage in a temporary folder, so every config is ev
 fp32 reference and the model are loaded once before timing (cached on disk), so both runs start
 from the same warm state. Printed: wall time per worker count, seconds per trial, and the ratio
 of the 2-worker time to the 1-worker time (same run, same machine: a busy machine moves both).
+Workers get cores / workers torch threads each; on a busy machine multi-threaded torch suffers
+much more than single-threaded workers, so compare also with SWEEP_WORKER_THREADS=1.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import re
 import sys
 import tempfile
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         probe.write_text(text)
         spec = load_spec(probe)
         print(f"bench_sweep: {spec.name} on {spec.model}, eval prefill {spec.eval['prefill']} + decode "
-              f"{spec.eval['decode']}, {spec.space.size} configs, devices {', '.join(spec.devices)}", flush=True)
+              f"{spec.eval['decode']}, {spec.space.size} configs, devices {', '.join(spec.devices)}; "
+              f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores", flush=True)
         t0 = time.perf_counter()
         from engine.accuracy import Evaluator
 
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             times[n] = wall
             print(f"  {n} worker(s) ({worker_threads(n)} torch threads each): {wall:7.1f} s wall, "
-                  f"{wall / done:.2f} s per trial", flush=True)
+                  f"{wall / done:.2f} s per trial (load average {os.getloadavg()[0]:.1f})", flush=True)
     if 1 in times:
         for n, t in times.items():
             if n != 1:
