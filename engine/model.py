@@ -38,8 +38,10 @@ bf16 - or fp32 (no rounding) in full-precision mode. SiLU is fused into the prod
 weights and q/k/v biases are held in bf16 (fp32 in full-precision mode); a bias is added in fp32
 to the matmul output before that output is rounded. RoPE's cos/sin tables are fp32 (tt-metal
 uploads them as bf16). Softmax: whole-row (tt-metal runs a chunked, online softmax) over the scaled,
-masked scores in fp32; a setting with approx mode uses the SFPU's approximate exp and reciprocal
-(fidelity.exp / fidelity.recip), any other one exact math (torch.softmax); P rounded to bf16
+masked scores in fp32 with exact exp and division (torch.softmax), because tt_transformers runs
+SDPA's exp in exact mode whatever the setting's approx flag (tt-numerics.md section 3); with
+`Model(..., sdpa_exp_approx=True)` a setting with approx mode uses the SFPU's approximate exp and
+reciprocal instead (fidelity.exp / fidelity.recip), to study that choice. P rounded to bf16
 before P @ V.
 
 Model-level ops (embedding lookup, final norm, LM head) run in full precision iff EVERY layer is in
@@ -223,12 +225,14 @@ class Model:
         weights: dict[str, torch.Tensor],
         lm_head: tuple[str, str] = ("bfp8", "hifi2"),
         logits_format: str = "bfp8",
+        sdpa_exp_approx: bool = False,
     ):
         if spec.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {spec.head_dim}")
         if spec.n_heads % spec.n_kv_heads:
             raise ValueError(f"n_heads {spec.n_heads} is not a multiple of n_kv_heads {spec.n_kv_heads}")
         self.spec = spec
+        self.sdpa_exp_approx = sdpa_exp_approx  # False: exact exp in SDPA, as tt_transformers runs it
         self.lm_head_format, self.lm_head_kernel = lm_head[0], kernel_for(lm_head[1])
         formats.get_format(self.lm_head_format)
         self.logits_format = formats.get_format(logits_format).name
@@ -373,7 +377,7 @@ class Model:
         qh = q.reshape(M, nkv, G, D).permute(1, 2, 0, 3).reshape(nkv, G * M, D)
         scores = k.mm(qh, kt).view(nkv, G, M, L)
         scores.mul_(1.0 / math.sqrt(D)).add_(mask)
-        if k.approx:  # the SFPU's approximate exp and reciprocal
+        if k.approx and self.sdpa_exp_approx:  # the SFPU's approximate exp and reciprocal
             scores.sub_(scores.amax(-1, keepdim=True))
             e = k.exp(scores)  # exp(-inf) = 0
             prob = k.div(e, e.sum(-1, keepdim=True))

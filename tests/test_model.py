@@ -311,3 +311,22 @@ def test_per_layer_config_changes_only_later_layers(llama):
     _, c2 = llama.prefill(toks, ModelConfig((DEFAULT.replace(ff2="bfp4"), DEFAULT)))
     assert all(torch.equal(a, b) for a, b in zip(c0.kt + c0.v, c1.kt + c1.v))
     assert torch.equal(c0.kt[0], c2.kt[0]) and not torch.equal(c0.kt[1], c2.kt[1])
+
+
+def test_sdpa_exp_is_exact_unless_asked(llama):
+    """tt_transformers runs SDPA's exp in exact mode: the approx flag of an sdpa setting changes
+    nothing by default; `sdpa_exp_approx=True` switches to the SFPU exp/recip (and keeps the
+    batched-decode equivalence)."""
+    toks = _tokens(48, seed=5)
+    approx_on = DEFAULT.replace(sdpa_prefill="hifi4fp32", sdpa_decode="hifi2")  # approx mode on
+    a = llama.prefill(toks, approx_on, logits_for="all")[0]
+    b = llama.prefill(toks, approx_on.replace(sdpa_prefill="hifi4"), logits_for="all")[0]
+    assert torch.equal(a, b)
+    sfpu = Model(llama.spec, llama.w, sdpa_exp_approx=True)
+    c = sfpu.prefill(toks, approx_on, logits_for="all")[0]
+    assert not torch.equal(a, c)
+    _, cache = sfpu.prefill(toks[:20], approx_on)
+    c1, c2 = cache, cache.clone()
+    batched = sfpu.decode_batched(toks[20:], c1, approx_on)
+    steps = torch.stack([sfpu.decode_step(int(t), c2, approx_on) for t in toks[20:]])
+    assert torch.equal(batched, steps)
