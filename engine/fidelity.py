@@ -1,7 +1,10 @@
 """Math fidelity: the Wormhole matrix engine's phased multiply and dest accumulation, and the
 vector unit's approximate exp / reciprocal (tt-numerics.md sections 1 and 3).
 
-A setting is data (`Fidelity`); `matmul`, `exp` and `recip` take one, or a setting name.
+A setting is data (`Fidelity`); `matmul`, `exp` and `recip` take one, or a setting name:
+the six tt-metal names (`SETTINGS`), `hifi3` (`HIFI3`: 3 phases, fp32 dest, packer L1 acc) and
+`exact` (`EXACT = Fidelity(0, False, True, False)`: the fp32 reference path, a plain fp32
+matmul and torch.exp).
 
 Operands. `matmul(x, w, setting)` takes the activation x [..., M, K] (SrcB) and the weight w
 [K, N] or [..., K, N] (SrcA). Both are read as bf16-style data (sign, 8-bit exponent, 7 mantissa
