@@ -23,8 +23,10 @@ numerics). The facts used (tt-numerics.md section 3):
   7th bit (then HiFi3 == HiFi2). tests/test_equivalence.py checks every merge against the engine
   with torch.equal.
 * fp32 dest accumulation and packer L1 accumulation change results: they stay in the key.
-  Approx mode changes only the vector unit's exp/reciprocal, i.e. the SDPA ops; for the
-  linears it is dropped from the key (so hifi4 == hifi4fp32 on a linear).
+  Approx mode changes only the vector unit's exp/reciprocal, never a matmul, and tt_transformers
+  runs SDPA's exp in exact mode (so does engine.model by default): approx is dropped from the key
+  (hifi4 == hifi4fp32 everywhere) unless the model opts into the SFPU exp
+  (`sdpa_exp_approx=True`), in which case it stays in the key of the SDPA ops.
 * SDPA: K and V (SrcA) are in the kv_cache format, Q and P on SrcB (P treated as bf16).
 * fp32 operands (emulator only) use a different slice split, and the emulator's `exact`
   setting is plain fp32 math: such ops keep their raw setting in the key (never merged).
@@ -110,7 +112,7 @@ TERMS = {
 }
 
 
-def op_key(cfg: Config, op: OpGroup) -> tuple:
+def op_key(cfg: Config, op: OpGroup, sdpa_exp_approx: bool = False) -> tuple:
     """What determines `op`'s results in `cfg` beyond the precisions (which are keyed separately).
 
     The phases become the emulator's operand products (`TERMS`) with the slices that are provably
@@ -140,23 +142,23 @@ def op_key(cfg: Config, op: OpGroup) -> tuple:
                 xs = "xh"
         terms.append((xs, ws))
     key: tuple = (tuple(terms), ks.fp32_dest, ks.packer_l1)
-    if op in SDPA_OPS:
+    if op in SDPA_OPS and sdpa_exp_approx:
         key += (ks.approx,)
     return key
 
 
-def layer_key(cfg: Config) -> tuple:
+def layer_key(cfg: Config, sdpa_exp_approx: bool = False) -> tuple:
     """Numerics key of one decoder layer's config."""
     precisions = tuple((p.value if (p := cfg.precision(g)) is not None else "mixed") for g in TensorGroup)
-    return precisions + tuple(op_key(cfg, op) for op in OpGroup)
+    return precisions + tuple(op_key(cfg, op, sdpa_exp_approx) for op in OpGroup)
 
 
-def numerics_key(config: Config | ModelConfig, model_spec=None) -> Hashable:
+def numerics_key(config: Config | ModelConfig, model_spec=None, sdpa_exp_approx: bool = False) -> Hashable:
     """Equal for configs whose emulated numerics are provably identical (per-layer tuple)."""
     del model_spec  # the rules do not depend on the model's shapes
     if isinstance(config, Config):
-        return (layer_key(config),)
-    return tuple(layer_key(c) for c in config.layers)
+        return (layer_key(config, sdpa_exp_approx),)
+    return tuple(layer_key(c, sdpa_exp_approx) for c in config.layers)
 
 
 def numerics_digest(config: Config | ModelConfig, model_spec=None) -> str:
