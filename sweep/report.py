@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from engine.config import Config, ModelConfig, accuracy, performance
+from engine.config import Config, ModelConfig, accuracy, performance, resolve
 from sweep.pareto import Analysis, Point, records_by_config
 
 COLUMNS = ["Model", "Device", "Top-1 (%)", "Top-5 (%)", "Speed (t/s/u)", "TTFT (ms)"]
@@ -336,11 +336,27 @@ def build_sections(analysis: Analysis, configs: str = "all") -> list[ReportSecti
             out.append(ReportSection(header, name, rows_for(p, devices), note_text(analysis, p, str(preset)),
                                      PRESET_INTRO[header], p.number))
     keep = set(analysis.front_numbers()) if configs == "front" else None
+    listed_as_preset = _preset_only_configs(analysis.info.spec, model)
     for cfg, p in by_cfg.items():
-        if keep is not None and p.number not in keep:
+        if keep is not None and p.number not in keep or cfg in listed_as_preset:
             continue
         out.append(ReportSection(cfg, name, rows_for(p, devices), note_text(analysis, p), "", p.number))
     return out
+
+
+def _preset_only_configs(spec: dict, model: str) -> set[str]:
+    """Configs a study file lists by preset name (`configs = [..., "accuracy"]`): they get only
+    their `## Performance` / `## Accuracy` section, so the config sections stay those listed as
+    config strings (for lt-pareto, exactly the seed's 12)."""
+    space = spec.get("space") or {}
+    raw = space.get("configs") or []
+    names = {str(x).strip().lower() for x in raw}
+    base = resolve(str(space.get("base", "defaults")), model)
+    listed = {str(Config.parse(str(x), base)) for x in raw if str(x).strip().lower() not in PRESET_NAMES and "; decoders" not in str(x)}
+    return {str(f(model)) for n, f in (("performance", performance), ("accuracy", accuracy)) if n in names} - listed
+
+
+PRESET_NAMES = ("performance", "accuracy", "reference")
 
 
 # --- merging into an existing report ----------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))
 from synthetic_study import (  # noqa: E402  (test fixture)
-    N_LAYERS, build_study, journal_storage, lt_pareto_configs, synthetic_record)
+    MODEL, N_LAYERS, build_study, journal_storage, lt_pareto_configs, synthetic_record)
 
 from engine.config import DEFAULT, Config, ModelConfig, performance  # noqa: E402
 from sweep import cli, pareto, report  # noqa: E402
@@ -52,9 +52,24 @@ def test_lt_pareto_spec_headers_equal_the_seed():
     configs = [mc for _, mc in spec.space.grid()]
     assert all(mc.is_uniform for mc in configs)
     study = build_study(model=spec.model, configs=[mc.base for mc in configs], devices=spec.devices,
-                        objectives=spec.objectives)
+                        objectives=spec.objectives, space=spec.to_dict()["space"])
     text = build_report(study)
     assert [b.header for b in report.sections(text) if b.header.startswith("precision_cfg")] == seed_config_headers()
+    # configs listed by preset name (the accuracy preset) get only their preset section
+    headers = [b.header for b in report.sections(text)]
+    assert headers[:2] == ["Performance", "Accuracy"]
+
+
+def test_configs_listed_by_preset_name_get_only_their_preset_section():
+    from engine.config import accuracy
+
+    acc = accuracy(MODEL)
+    by_name = build_study(configs=[DEFAULT, acc], space={"base": "defaults", "configs": ["defaults", "accuracy"]})
+    headers = [b.header for b in report.sections(build_report(by_name))]
+    assert headers == ["Accuracy", str(DEFAULT)]
+    as_string = build_study(configs=[DEFAULT, acc], space={"base": "defaults", "configs": ["defaults", acc.diff()]})
+    headers = [b.header for b in report.sections(build_report(as_string))]
+    assert headers == ["Accuracy", str(DEFAULT), str(acc)]
 
 
 def test_sections_in_order_and_presets_only_when_measured():

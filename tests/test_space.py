@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.config import DEFAULT, Config, ModelConfig
+from engine.config import DEFAULT, Config, ModelConfig, accuracy
 from sweep.cli import main as cli_main
 from sweep.space import NATURAL, StudyFileError, StudySpec, load_spec, parse_spec
 
@@ -43,9 +43,10 @@ def test_lt_pareto_is_the_seed_sweep():
     assert spec.devices == ["N150", "N300"] and spec.primary == "N150"
     assert spec.eval == {"prefill": 512, "decode": 511}
     assert spec.perf == {"batch": 1, "prefill": 128, "decode": 200, "dp": 1}
-    assert spec.is_grid and spec.space.size == 12
+    assert spec.is_grid and spec.space.size == 13  # the seed's 12 + the accuracy preset (by name)
     got = [str(mc) for _, mc in spec.space.grid()]
-    assert got == [str(ModelConfig.uniform(c, 30)) for c in lt_pareto_configs()]
+    assert got[:12] == [str(ModelConfig.uniform(c, 30)) for c in lt_pareto_configs()]
+    assert got[12] == str(accuracy("smollm2-135m"))
     assert spec.storage == f"journal:{STUDIES / '.runs' / 'lt-pareto.log'}"
 
 

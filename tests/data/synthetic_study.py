@@ -38,7 +38,7 @@ PARAM_NAMES = ("ff1_3", "ff2", "wo", "activation")
 DISTRIBUTIONS = {
     "ff1_3": CategoricalDistribution(["bfp4", "bfp8", "bf16"]),
     "ff2": CategoricalDistribution(["bfp4", "bfp8", "bf16"]),
-    "wo": CategoricalDistribution(["bfp4", "bfp8"]),
+    "wo": CategoricalDistribution(["bfp4", "bfp8", "bf16"]),
     "activation": CategoricalDistribution(["mixed", "bf16", "bfp8"]),
 }
 
@@ -84,7 +84,8 @@ def params_of(cfg: Config) -> dict:
 
 
 def build_study(storage=None, name: str = "lt-pareto", model: str = MODEL, configs=None,
-                objectives=OBJECTIVES, devices=DEVICES, extra_records=(), constraints=None) -> optuna.Study:
+                objectives=OBJECTIVES, devices=DEVICES, extra_records=(), constraints=None,
+                space: dict | None = None) -> optuna.Study:
     """A COMPLETE study like the runner's: one trial per config, user attrs = TrialRecord.
     `constraints`: optional function record -> {name: value} (> 0 = violated, Optuna's rule)."""
     from sweep.records import direction
@@ -95,7 +96,8 @@ def build_study(storage=None, name: str = "lt-pareto", model: str = MODEL, confi
     study.set_user_attr("objectives", list(objectives))
     study.set_user_attr("spec", {"name": name, "model": model, "devices": list(devices),
                                  "eval": {"prefill": 512, "decode": 511},
-                                 "perf": {"batch": 1, "prefill": 128, "decode": 200}})
+                                 "perf": {"batch": 1, "prefill": 128, "decode": 200},
+                                 **({"space": space} if space is not None else {})})
     study.set_user_attr("perf_calibration", "synthetic test fixture (no calibration)")
     configs = lt_pareto_configs() if configs is None else configs
     records = [synthetic_record(c, i, model, devices) for i, c in enumerate(configs)] + list(extra_records)
