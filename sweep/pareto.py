@@ -183,8 +183,9 @@ def within_noise_mask(
     other_directions: Sequence[str],
     front: np.ndarray,
 ) -> np.ndarray:
-    """Points off `front` whose interval (ci[i] = (lo, hi)) overlaps that of a front point which
-    they match or beat on every column of `others` (e.g. speed on one device)."""
+    """Points off `front` whose interval (ci[i] = (lo, hi)) overlaps that of a front point at equal
+    or better value on every column of `others` (e.g. speed on one device): a front point that
+    beats them only by a Top-1 margin inside the noise, so their true Top-1 may put them on the front."""
     ci = np.asarray(ci, dtype=float).reshape(-1, 2)
     front = np.asarray(front, dtype=bool)
     n = ci.shape[0]
@@ -194,7 +195,7 @@ def within_noise_mask(
     for i in np.flatnonzero(~front):
         if not f_idx.size:
             break
-        ok = (o[i][None, :] >= o[f_idx]).all(axis=1)
+        ok = (o[f_idx] >= o[i][None, :]).all(axis=1)
         ok &= (ci[i, 0] <= ci[f_idx, 1]) & (ci[f_idx, 0] <= ci[i, 1])
         out[i] = bool(ok.any())
     return out

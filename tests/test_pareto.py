@@ -106,18 +106,20 @@ def test_knee_of_a_convex_front():
 
 def test_within_noise():
     # front: A (92 +-2, speed 90), B (89 +-2, speed 96), C (86 +-2, speed 100)
-    # D: 88.5 at speed 93 -> dominated by B, but as fast as A and overlapping A -> within noise
+    # D: 88.5 at speed 93 -> dominated by B, whose interval it overlaps (B is faster) -> within noise
     # F: 91 at speed 90 -> dominated by A, equal speed and overlapping -> within noise
-    # G: 85 at speed 85 -> overlaps C only, and is slower than C -> not
-    # E: 80 +-1 at speed 99 -> faster than A and B but intervals disjoint -> not
-    top1 = np.array([92, 89, 86, 88.5, 91, 85, 80.0])
-    speed = np.array([[90.0], [96.0], [100.0], [93.0], [90.0], [85.0], [99.0]])
+    # G: 85 at speed 85 -> overlaps C (faster): its true Top-1 may beat C's -> within noise
+    # E: 80 +-1 at speed 99 -> only C is as fast, and their intervals are disjoint -> not
+    # H: 83.7 +-0.2 at speed 97 -> only C is faster, and C (84-88) is disjoint -> not
+    top1 = np.array([92, 89, 86, 88.5, 91, 85, 80.0, 84.0])
+    speed = np.array([[90.0], [96.0], [100.0], [93.0], [90.0], [85.0], [99.0], [97.0]])
     ci = np.stack([top1 - 2, top1 + 2], axis=1)
     ci[6] = [79, 81]
+    ci[7] = [83.5, 83.9]  # H: overlaps nothing faster (C is 84-88)
     front = pareto.pareto_mask(np.column_stack([top1, speed]), MAX2)
-    assert front.tolist() == [True, True, True, False, False, False, False]
+    assert front.tolist() == [True, True, True, False, False, False, False, False]
     noise = pareto.within_noise_mask(ci, speed, ["maximize"], front)
-    assert noise.tolist() == [False, False, False, True, True, False, False]
+    assert noise.tolist() == [False, False, False, True, True, True, False, False]
 
 
 def test_wilson_interval():

@@ -10,6 +10,10 @@ def register(sub) -> None:
     p.add_argument("--retry-failed", action="store_true",
                    help="queue again the configs whose trials FAILed (NaN logits, errors); by default they stay failed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report", metavar="PATH",
+                   help="when the study is complete, also write/update this seed-format report (e.g. reports/PERF.md) "
+                        "with its points CSV and front export, as `sweep report` does")
+    p.add_argument("--plots", metavar="DIR", help="when the study is complete, also write the front plots here (e.g. reports/plots)")
     p.add_argument("--plan", action="store_true",
                    help="only validate the study file and print the plan (space size, skipped configs); writes nothing")
     p.set_defaults(func=run)
@@ -26,7 +30,22 @@ def run(args) -> int:
     summary = run_study(spec, workers=args.workers, progress=not args.no_progress, retry_failed=args.retry_failed)
     if summary.worker_errors and summary.counts.get("WAITING", 0):
         return 1
+    if args.report or args.plots:
+        _write_outputs(args)
     return 0
+
+
+def _write_outputs(args) -> None:
+    """The report and plots of the finished study: the same code as `sweep report` / `sweep pareto`."""
+    import argparse
+
+    from sweep.commands import pareto, report
+
+    common = dict(study=args.study, storage=args.storage, study_name=None, objectives=None)
+    if args.report:
+        report.run(argparse.Namespace(**common, output=args.report, csv=None, front_dir=None, configs="all"))
+    if args.plots:
+        pareto.run(argparse.Namespace(**common, out=args.plots))
 
 
 def _plan(spec) -> int:
