@@ -255,10 +255,10 @@ def _get(m, *keys, default=None):
     return cur
 
 
-def eval_settings(spec) -> dict:
-    """prefill/decode of the accuracy evaluation from a study spec (dict or object); seed defaults."""
-    out = dict(DEFAULT_EVAL)
-    for key in ("eval", "evaluation", "accuracy"):
+def _settings(spec, defaults: Mapping[str, int], keys: Sequence[str]) -> dict:
+    """The integer settings `defaults` names, read from the first of `keys` the spec has."""
+    out = dict(defaults)
+    for key in keys:
         sub = _get(spec, key)
         if sub is not None:
             for k in out:
@@ -267,19 +267,16 @@ def eval_settings(spec) -> dict:
                     out[k] = int(v)
             break
     return out
+
+
+def eval_settings(spec) -> dict:
+    """prefill/decode of the accuracy evaluation from a study spec (dict or object); seed defaults."""
+    return _settings(spec, DEFAULT_EVAL, ("eval", "evaluation", "accuracy"))
 
 
 def perf_settings(spec) -> dict:
-    out = dict(DEFAULT_PERF)
-    for key in ("perf", "performance", "speed"):
-        sub = _get(spec, key)
-        if sub is not None:
-            for k in out:
-                v = _get(sub, k)
-                if v is not None:
-                    out[k] = int(v)
-            break
-    return out
+    """batch/prefill/decode of the speed predictions from a study spec; the seed's performance runs."""
+    return _settings(spec, DEFAULT_PERF, ("perf", "performance", "speed"))
 
 
 def calibration_text(analysis: Analysis) -> str:
