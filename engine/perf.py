@@ -340,21 +340,27 @@ class _Cost:
     def _act(self, cfg: Config, default: float) -> float:
         return bytes_per_element(cfg.activation) if cfg.activation is not None else default
 
+    def _linears(self, acc: _Acc, cfg: Config, phase: str, rows: int) -> None:
+        """The four linears of one layer: weight bytes in their formats, the op groups' fidelity,
+        activation bytes in and out (`mixed`: bf16, except the bfp8 SiLU product feeding w2 and,
+        in prefill, wo's bfp8 input and output)."""
+        bf16, bfp8 = 2.0, 1.0625
+        prefill = phase == "prefill"
+        wo_io = (self._act(cfg, bfp8), self._act(cfg, bfp8)) if prefill else (bf16, self._act(cfg, bf16))
+        for op, mm, fmt, fid, io, count in (
+            ("qkv", "qkv", cfg.wqkv, cfg.li_qkv_prefill if prefill else cfg.li_qkv_decode, (bf16, self._act(cfg, bf16)), 1),
+            ("wo", "wo", cfg.wo, cfg.li_o_prefill if prefill else cfg.li_o_decode, wo_io, 1),
+            ("ff1_3", "ff1", cfg.ff1_3, cfg.li_ff1_3, (bf16, self._act(cfg, bf16)), 2),
+            ("ff2", "ff2", cfg.ff2, cfg.li_ff2, (self._act(cfg, bfp8), self._act(cfg, bf16)), 1),
+        ):
+            k, n = self.mm[mm]
+            self._matmul(acc, op, phase, k, n, bytes_per_element(fmt), fid, *io, rows, count=count)
+
     def _layer_decode(self, acc: _Acc, cfg: Config) -> None:
         s, p, rows = self.s, self.p, self.m_dec
-        bf16, bfp8 = 2.0, 1.0625
-        kq, nq = self.mm["qkv"]
-        ko, no = self.mm["wo"]
-        k1, n1 = self.mm["ff1"]
-        k2, n2 = self.mm["ff2"]
-        self._matmul(acc, "qkv", "decode", kq, nq, bytes_per_element(cfg.wqkv), cfg.li_qkv_decode,
-                     bf16, self._act(cfg, bf16), rows)
-        self._matmul(acc, "wo", "decode", ko, no, bytes_per_element(cfg.wo), cfg.li_o_decode,
-                     bf16, self._act(cfg, bf16), rows)
-        self._matmul(acc, "ff1_3", "decode", k1, n1, bytes_per_element(cfg.ff1_3), cfg.li_ff1_3,
-                     bf16, self._act(cfg, bf16), rows, count=2)
-        self._matmul(acc, "ff2", "decode", k2, n2, bytes_per_element(cfg.ff2), cfg.li_ff2,
-                     self._act(cfg, bfp8), self._act(cfg, bf16), rows)
+        bf16 = 2.0
+        nq, n1 = self.mm["qkv"][1], self.mm["ff1"][1]
+        self._linears(acc, cfg, "decode", rows)
         # attention over the KV cache
         kvb = bytes_per_element(cfg.kv_cache)
         u, hd = self.users_loc, s.head_dim
@@ -396,18 +402,8 @@ class _Cost:
         T = self.prefill
         rows = 32 * _ceil(T, 32)
         bf16, bfp8 = 2.0, 1.0625
-        kq, nq = self.mm["qkv"]
-        ko, no = self.mm["wo"]
-        k1, n1 = self.mm["ff1"]
-        k2, n2 = self.mm["ff2"]
-        self._matmul(acc, "qkv", "prefill", kq, nq, bytes_per_element(cfg.wqkv), cfg.li_qkv_prefill,
-                     bf16, self._act(cfg, bf16), rows)
-        self._matmul(acc, "wo", "prefill", ko, no, bytes_per_element(cfg.wo), cfg.li_o_prefill,
-                     self._act(cfg, bfp8), self._act(cfg, bfp8), rows)
-        self._matmul(acc, "ff1_3", "prefill", k1, n1, bytes_per_element(cfg.ff1_3), cfg.li_ff1_3,
-                     bf16, self._act(cfg, bf16), rows, count=2)
-        self._matmul(acc, "ff2", "prefill", k2, n2, bytes_per_element(cfg.ff2), cfg.li_ff2,
-                     self._act(cfg, bfp8), self._act(cfg, bf16), rows)
+        nq, n1 = self.mm["qkv"][1], self.mm["ff1"][1]
+        self._linears(acc, cfg, "prefill", rows)
         # causal attention: ~T^2/2 score tiles per local head
         hd, cores = s.head_dim, self.rep.chip.cores
         mt = _ceil(T, 32)
