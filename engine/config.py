@@ -69,7 +69,6 @@ TT_FIDELITIES = (
     FidelitySetting.HIFI4_FP32,
 )
 
-WEIGHT_GROUPS = (TensorGroup.FF1_FF3, TensorGroup.FF2, TensorGroup.WQKV, TensorGroup.WO)
 MIXED = "mixed"
 
 

@@ -102,10 +102,6 @@ def _load() -> dict[str, Device]:
     return out
 
 
-def device_names() -> list[str]:
-    return list(_load())
-
-
 def normalise_device(name: str) -> str:
     """Canonical device name; `150` (a typo in the seed's batch-32 table) reads as N150."""
     text = str(name).strip()

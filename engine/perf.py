@@ -130,20 +130,6 @@ def params_metadata(path: str | Path | None = None) -> dict:
     return _load_params_file(str(p.resolve()))[1]
 
 
-def calibration_info(path: str | Path | None = None) -> dict:
-    """Compact provenance of the speed figures (for a study's `perf_calibration` attribute)."""
-    data = params_metadata(path)
-    meta = data.get("calibration") or {}
-    return {
-        "model": "engine/perf.py analytic Wormhole model",
-        "params_file": str(Path(path) if path else PARAMS_FILE.name),
-        "source": meta.get("source"), "date": meta.get("date"), "rows_used": meta.get("rows_used"),
-        "mape_speed_pct": (meta.get("mape") or {}).get("speed"), "mape_ttft_pct": (meta.get("mape") or {}).get("ttft"),
-        "params": data.get("params", Params().to_dict()),
-        "held_back": "T3K, TG (never fitted)",
-    }
-
-
 def calibration_note(path: str | Path | None = None) -> str:
     """One line for under a report table: where the speed / TTFT figures come from."""
     meta = params_metadata(path).get("calibration") or {}

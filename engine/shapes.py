@@ -59,10 +59,6 @@ class ModelShape:
         emb = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         return self.n_layers * per_layer + emb + self.hidden
 
-    def kv_bytes_per_token(self, bytes_per_element: float) -> float:
-        """KV-cache bytes one token adds over all layers."""
-        return self.n_layers * 2 * self.n_kv_heads * self.head_dim * bytes_per_element
-
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Sequence
+from typing import Callable, Hashable, Sequence
 
 from engine.config import Config, FidelitySetting, ModelConfig, OpGroup, Precision, TensorGroup
 
@@ -177,10 +177,6 @@ def phase_vector(config: Config | ModelConfig) -> tuple[int, ...]:
     return tuple(out)
 
 
-def equivalent(a: Config | ModelConfig, b: Config | ModelConfig) -> bool:
-    return numerics_key(a) == numerics_key(b)
-
-
 @dataclass
 class Reduction:
     """The outcome of `representatives`: which configs to run, which were skipped and why."""
@@ -246,9 +242,3 @@ def representatives(
     return Reduction(keep, skipped)
 
 
-def group_by_key(configs: Iterable[ModelConfig | Config]) -> list[list[int]]:
-    """Indices of configs with equal numerics keys (singletons included), in first-seen order."""
-    groups: dict[Hashable, list[int]] = {}
-    for i, c in enumerate(configs):
-        groups.setdefault(numerics_key(c), []).append(i)
-    return list(groups.values())

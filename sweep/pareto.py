@@ -439,10 +439,6 @@ def records_by_config(points: Iterable[Point]) -> dict[str, Point]:
     return out
 
 
-def to_numbers(points: Iterable[Point]) -> list[int]:
-    return [p.number for p in points]
-
-
 def optuna_front_numbers(study) -> list[int]:
     """Trial numbers of Optuna's `best_trials` (for cross-checks)."""
     return sorted(t.number for t in study.best_trials)

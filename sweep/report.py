@@ -15,7 +15,7 @@ Ownership: a (section header, model) pair. Regenerating a report replaces this m
 notes line in sections with the same header (case-insensitive) and keeps everything else: other
 models' rows, other sections, prose. One PERF.md can so hold several models and studies.
 
-The markdown parser (`parse_markdown`, `Section.table`) is also what `sweep check` uses.
+The markdown parser (`parse_markdown`, `Block.table`) is also what `sweep check` uses.
 """
 from __future__ import annotations
 
@@ -160,8 +160,6 @@ class Block:
                 out[m.group("model").strip()] = m.group("text")
         return out
 
-
-Section = Block
 
 
 def _is_row(line: str) -> bool:

@@ -217,10 +217,6 @@ class Space:
             return len(self.configs)
         return math.prod(len(p.choices) for p in self.params)
 
-    @property
-    def is_explicit(self) -> bool:
-        return self.configs is not None
-
     def config(self, params: Mapping[str, Any]) -> ModelConfig:
         """The ModelConfig for a param assignment (missing params keep the base value)."""
         unknown = set(params) - set(self._by_name)
@@ -277,11 +273,6 @@ class Space:
                 yield params, mc
 
     # --- Optuna -------------------------------------------------------------------------
-    def distributions(self) -> dict:
-        from optuna.distributions import CategoricalDistribution
-
-        return {p.name: CategoricalDistribution(list(p.choices)) for p in self.params}
-
     def suggest(self, trial) -> dict[str, str]:
         """Ask `trial` for every param (fixed params of an enqueued trial come back as given)."""
         return {p.name: trial.suggest_categorical(p.name, list(p.choices)) for p in self.params}

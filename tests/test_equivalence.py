@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine.config import DEFAULT, Config, FidelitySetting, ModelConfig, OpGroup, Precision, TensorGroup
+from engine.config import DEFAULT, Config, FidelitySetting, ModelConfig, OpGroup, TensorGroup
 from sweep.equivalence import (
     SETTINGS,
     SRC_A,

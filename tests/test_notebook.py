@@ -1,7 +1,6 @@
 """notebooks/pareto.ipynb runs top to bottom against a small synthetic study (nbclient)."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path

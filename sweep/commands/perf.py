@@ -89,7 +89,7 @@ def run_calibrate(args) -> int:
     out = None if args.dry_run else (args.out or PARAMS_FILE)
     result = cal.calibrate(args.tables, out=out, fit_pareto_ttft=args.fit_pareto_ttft, loss=args.loss)
     _load_params_file.cache_clear()
-    data, rep = result["data"], result["report"]
+    data = result["data"]
     meta = data["calibration"]
     if args.json:
         print(json.dumps({"params": data["params"], "calibration": meta}, indent=1))
