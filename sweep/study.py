@@ -73,6 +73,7 @@ HEARTBEAT_S = float(os.environ.get("SWEEP_HEARTBEAT_S", "15"))
 STALE_S = float(os.environ.get("SWEEP_STALE_S", str(max(120.0, 8 * HEARTBEAT_S))))
 NO_WORKER_GRACE_S = 60.0  # a RUNNING trial with no worker attribute this old is stale
 MAX_DEATHS = 3  # a config whose worker died this many times is failed for good
+JOURNAL_LOCK_GRACE_S = 10  # seconds before a journal lock left by a killed process is broken
 FATAL_EXIT = 3  # worker exit status: cannot work at all (model cannot load, ...)
 STATES = ("COMPLETE", "FAIL", "RUNNING", "WAITING")
 
@@ -97,13 +98,17 @@ def open_storage(url: str, create: bool = True):
     """An Optuna storage for a study-file storage string (`journal:PATH` or any storage URL)."""
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
         path = Path(url[len("journal:"):])
         if not create and not path.is_file():
             raise StudyNotFound(f"no journal file {path}: the study has not been run yet")
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        # A worker SIGKILLed while appending leaves the lock file behind; Optuna breaks such a lock
+        # after `grace_period` s of waiting. Appends hold it for milliseconds, so 10 s (not the
+        # default 30) is still far above any real hold and shortens the stall on resume.
+        lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE_S)
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
     if url.startswith("sqlite:///") and not create and not Path(url[len("sqlite:///"):]).is_file():
         raise StudyNotFound(f"no database {url}: the study has not been run yet")
     return optuna.storages.RDBStorage(url)
@@ -301,8 +306,20 @@ def _trial_id(study: optuna.Study, number: int) -> int:
     return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
 
 
-def _params_of(t: FrozenTrial) -> dict:
-    return dict(t.params) or dict(t.system_attrs.get("fixed_params") or {})
+def requeue_params(t: FrozenTrial) -> dict | None:
+    """The whole param assignment that queues `t`'s config again, or None when it is unknown.
+
+    A worker killed halfway through `space.suggest` leaves only some params on the trial. An
+    enqueued trial still has all of them in its fixed params; a sampled trial has them all only
+    once its config was recorded (after suggest). Re-queuing a partial assignment would let the
+    sampler fill the gaps at random: a different config under the old trial's name.
+    """
+    fixed = t.system_attrs.get("fixed_params") or {}
+    if fixed:
+        return {**t.params, **fixed}
+    if t.params and "config" in t.user_attrs:
+        return dict(t.params)
+    return None
 
 
 def fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, death: bool) -> bool:
@@ -313,14 +330,16 @@ def fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, death: bo
     tid = _trial_id(study, t.number)
     token = uuid.uuid4().hex
     deaths = int(t.user_attrs.get("deaths", 0)) + (1 if death else 0)
-    params = _params_of(t)
-    requeue = bool(params) and deaths < MAX_DEATHS
-    if death and deaths >= MAX_DEATHS:
+    params = requeue_params(t)
+    requeue = params is not None and deaths < MAX_DEATHS
+    if params is None:  # a sampled trial stopped before its params were all chosen
+        reason = f"{reason}; its params were not all chosen yet, so the sampler proposes a new trial instead"
+    elif death and deaths >= MAX_DEATHS:
         reason = f"{reason}; its worker died {deaths} times on this config, not re-queued"
     try:
         storage.set_trial_user_attr(tid, "recovered_by", token)
         storage.set_trial_user_attr(tid, "fail_reason", reason)
-        if requeue:
+        if requeue or params is None:  # replaced (by the queued copy, or a new sample): not counted
             storage.set_trial_user_attr(tid, "superseded", True)
         storage.set_trial_state_values(tid, TrialState.FAIL)
     except UpdateFinishedTrialError:
@@ -437,11 +456,12 @@ def prepare(spec: StudySpec, retry_failed: bool = False) -> Prepared:
                 trials = study.get_trials(deepcopy=False)
                 sups = superseded_numbers(trials)
                 for t in trials:
-                    if t.state == TrialState.FAIL and t.number not in sups and _params_of(t):
+                    params = requeue_params(t) if t.state == TrialState.FAIL and t.number not in sups else None
+                    if params is not None:
                         attrs = {"requeued_from": t.number}
                         if "config" in t.user_attrs:
                             attrs["config"] = t.user_attrs["config"]
-                        study.enqueue_trial(_params_of(t), user_attrs=attrs)
+                        study.enqueue_trial(params, user_attrs=attrs)
                         requeued_failed += 1
             total = int(spec.sampler.n_trials or 0)
     return Prepared(study, total, spec.space.size, skipped_n, enq, recovered, requeued_failed)
@@ -545,6 +565,10 @@ class Worker:
             params = self.spec.space.suggest(trial)
             mc = self.spec.space.config(params)
             cfg = str(mc)
+            queued = trial.user_attrs.get("config")  # set when the config was queued
+            if queued is not None and queued != cfg:
+                raise ValueError(f"trial was queued for {queued!r} but its params give {cfg!r}; "
+                                 "re-run `sweep run --retry-failed` to queue the config again")
             digest = numerics_digest(mc)
             trial.set_user_attr("config", cfg)
             trial.set_user_attr("numerics_key", digest)

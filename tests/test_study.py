@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from optuna.trial import TrialState
 from sweep.cli import main as cli_main
 from sweep.records import TrialRecord
 from sweep.space import load_spec
+from sweep import study as study_mod
 from sweep.study import Worker, load_study, prepare, records, run, status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,6 +250,74 @@ def test_a_crashing_trial_is_recorded_fail_and_the_study_goes_on(tmp_path, monke
     Worker(prep.study, spec).run()
     assert_each_config_complete_once(spec)
 
+
+
+def _dead_worker() -> dict:
+    """A worker identity whose process has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE, text=True)
+    pid = int(child.communicate()[0])
+    return {"host": socket.gethostname(), "pid": pid, "start": "1", "boot": study_mod._boot_id()}
+
+
+def _claim_and_die_mid_suggest(study, spec) -> optuna.Trial:
+    """What a worker SIGKILLed inside `space.suggest` leaves: a RUNNING trial of a dead worker
+    with only its first param set."""
+    trial = Worker(study, spec).claim() if spec.is_grid else study.ask()
+    trial.set_user_attr("worker", _dead_worker())
+    first = spec.space.params[0]
+    trial.suggest_categorical(first.name, list(first.choices))
+    return trial
+
+
+def test_a_grid_trial_killed_mid_suggest_is_requeued_with_all_its_params(tmp_path):
+    """CI once caught a resume running a config that was not in the grid: the dead trial had only
+    some params set, and re-queuing those let the sampler fill the rest at random."""
+    path = tiny_lt_pareto(tmp_path)
+    spec = load_spec(path)
+    prep = prepare(spec)
+    dead = _claim_and_die_mid_suggest(prep.study, spec)
+    ft = prep.study._storage.get_trial(dead._trial_id)  # noqa: SLF001
+    assert 0 < len(ft.params) < len(spec.space.params)
+    queued = ft.user_attrs["config"]
+
+    assert study_mod.recover_stale(prep.study) == [ft.number]
+    copy = [t for t in trials_of(spec) if t.user_attrs.get("requeued_from") == ft.number]
+    assert len(copy) == 1 and copy[0].state == TrialState.WAITING
+    assert copy[0].system_attrs["fixed_params"] == ft.system_attrs["fixed_params"]
+    assert str(spec.space.config(copy[0].system_attrs["fixed_params"])) == queued == copy[0].user_attrs["config"]
+
+    Worker(prep.study, spec).run()
+    assert_each_config_complete_once(spec)
+
+
+def test_a_sampled_trial_killed_mid_suggest_is_replaced_by_a_new_sample(tmp_path):
+    p = tmp_path / "t.toml"
+    p.write_text(SMALL + '[sampler]\nkind = "tpe"\nn_trials = 3\n[space]\nff1_3 = ["bfp8", "bf16"]\nff2 = ["bfp8", "bf16"]\n')
+    spec = load_spec(p)
+    prep = prepare(spec)
+    dead = _claim_and_die_mid_suggest(prep.study, spec)
+    assert study_mod.recover_stale(prep.study) == [dead.number]
+    ft = prep.study._storage.get_trial(dead._trial_id)  # noqa: SLF001
+    assert ft.state == TrialState.FAIL and ft.user_attrs["superseded"]
+    assert "sampler proposes a new trial" in ft.user_attrs["fail_reason"]
+    assert not [t for t in trials_of(spec) if t.state == TrialState.WAITING]  # nothing partial queued
+    Worker(prep.study, spec).run()
+    trials = trials_of(spec)
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3  # the dead trial used no budget
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            assert str(spec.space.config(t.params)) == t.user_attrs["config"]
+
+
+def test_a_trial_whose_params_disagree_with_its_queued_config_fails_loudly(tmp_path):
+    spec = load_spec(small_grid(tmp_path))
+    study = load_study(spec, create=True)
+    other = next(mc for params, mc in spec.space.grid() if params["ff1_3"] == "bf16")
+    study.enqueue_trial({"ff1_3": "bfp8"}, user_attrs={"config": str(other)})  # params that cannot give it
+    assert Worker(study, spec).run() == {"FAIL": 1}
+    (t,) = trials_of(spec)
+    assert t.user_attrs["fail_reason"].startswith("ValueError: trial was queued for")
+    assert t.user_attrs["config"] == str(other)  # the failed trial keeps the name it was queued under
 
 
 
