@@ -182,6 +182,30 @@ def study_lock(spec: StudySpec, what: str = "sweep") -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def worker_presence(spec: StudySpec) -> Iterator[None]:
+    """Held (shared) by every worker for its lifetime; the kernel drops it when the process dies,
+    even by SIGKILL, so `no_live_workers` can tell that nobody on this machine works the study."""
+    d = spec.runs_dir
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f"{spec.name}.workers.lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        yield
+
+
+def no_live_workers(spec: StudySpec) -> bool:
+    """True when no worker process of this study is alive on this machine."""
+    d = spec.runs_dir
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f"{spec.name}.workers.lock", "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return True
+
+
 # --- reading a study ------------------------------------------------------------------------------
 def records(study: optuna.Study) -> list[tuple[int, TrialRecord]]:
     """(trial number, TrialRecord) of every COMPLETE trial, in trial-number order."""
@@ -231,6 +255,7 @@ def status(spec: StudySpec) -> dict:
     tally = Tally.of(trials)
     sups = superseded_numbers(trials)
     failures, running = [], []
+    nobody = time.time() if spec.journal_path is not None and no_live_workers(spec) else None
     for t in trials:
         if t.state == TrialState.FAIL:
             failures.append({"number": t.number, "config": t.user_attrs.get("config", ""),
@@ -239,7 +264,7 @@ def status(spec: StudySpec) -> dict:
         elif t.state == TrialState.RUNNING:
             w = t.user_attrs.get("worker") or {}
             running.append({"number": t.number, "config": t.user_attrs.get("config", ""),
-                            "worker": w, "alive": not _is_stale(t)})
+                            "worker": w, "alive": not _is_stale(t, nobody_since=nobody)})
     attrs = study.user_attrs
     total = attrs.get("grid_planned") if spec.is_grid else spec.sampler.n_trials
     return {"counts": tally.counts, "failures": failures, "running": running, "total": total,
@@ -287,12 +312,15 @@ def _pid_alive(w: dict) -> bool:
     return not (w.get("start") and start and start != w["start"])
 
 
-def _is_stale(t: FrozenTrial, now: float | None = None) -> bool:
-    """A RUNNING trial whose worker is gone."""
+def _is_stale(t: FrozenTrial, now: float | None = None, nobody_since: float | None = None) -> bool:
+    """A RUNNING trial whose worker is gone. `nobody_since`: a time at which no worker of the
+    study was alive on this machine (journal storage: every worker is on this machine)."""
     now = time.time() if now is None else now
     w = t.user_attrs.get("worker")
-    if not w:
+    if not w:  # claimed, but its worker has not written who it is (yet, or ever: killed in between)
         started = t.datetime_start.timestamp() if t.datetime_start else now
+        if nobody_since is not None and started <= nobody_since:
+            return True
         return now - started > NO_WORKER_GRACE_S
     if w.get("host") == socket.gethostname() and w.get("boot", "") == _boot_id():
         if not _pid_alive(w):
@@ -354,12 +382,15 @@ def fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, death: bo
     return requeue
 
 
-def recover_stale(study: optuna.Study) -> list[int]:
-    """Fail and re-queue RUNNING trials whose worker is gone; returns their numbers."""
+def recover_stale(study: optuna.Study, spec: StudySpec | None = None) -> list[int]:
+    """Fail and re-queue RUNNING trials whose worker is gone; returns their numbers. With the
+    `spec` of a journal-file study, a trial claimed by a worker killed before it wrote its
+    identity is recovered at once when no worker is alive (instead of after NO_WORKER_GRACE_S)."""
     out = []
     now = time.time()
+    nobody = now if spec is not None and spec.journal_path is not None and no_live_workers(spec) else None
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _is_stale(t, now):
+        if _is_stale(t, now, nobody):
             w = t.user_attrs.get("worker") or {}
             who = f"pid {w.get('pid')} on {w.get('host')}" if w else "unknown worker"
             fail_and_requeue(study, t, f"worker died ({who}) while running the trial", death=True)
@@ -415,7 +446,7 @@ def prepare(spec: StudySpec, retry_failed: bool = False) -> Prepared:
     """
     with study_lock(spec):
         study = load_study(spec, create=True)
-        recovered = recover_stale(study)
+        recovered = recover_stale(study, spec)
         enq = 0
         skipped_n = 0
         requeued_failed = 0
@@ -658,14 +689,15 @@ class Worker:
         self._hb = threading.Thread(target=self._heartbeat, daemon=True)
         self._hb.start()
         try:
-            n = 0
-            while not self.stop and (max_trials is None or n < max_trials):
-                trial = self.claim()
-                if trial is None:
-                    break
-                state = self.process(trial)
-                done[state] = done.get(state, 0) + 1
-                n += 1
+            with worker_presence(self.spec):
+                n = 0
+                while not self.stop and (max_trials is None or n < max_trials):
+                    trial = self.claim()
+                    if trial is None:
+                        break
+                    state = self.process(trial)
+                    done[state] = done.get(state, 0) + 1
+                    n += 1
         finally:
             self._hb_stop.set()
         return done
@@ -903,7 +935,7 @@ def run(spec: StudySpec, workers: int = 1, progress: bool = True, retry_failed: 
                         errors.append(f"worker {i} died (exit status {rc}): {_log_tail(spec, i, 3)}")
                 if died:
                     with study_lock(spec):
-                        rec = recover_stale(study)
+                        rec = recover_stale(study, spec)
                     recovered += rec
                     tl, _ = tally()
                     more = tl.counts["WAITING"] > 0 or (not spec.is_grid and tl.slots < prep.total)
@@ -922,7 +954,7 @@ def run(spec: StudySpec, workers: int = 1, progress: bool = True, retry_failed: 
                     # every worker is gone: trials still RUNNING belong to dead workers (e.g. of a
                     # run killed before this one started): recover them and go on
                     with study_lock(spec):
-                        rec = recover_stale(study)
+                        rec = recover_stale(study, spec)
                     recovered += rec
                     if rec:
                         tl, _ = tally()

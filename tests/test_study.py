@@ -290,6 +290,24 @@ def test_a_grid_trial_killed_mid_suggest_is_requeued_with_all_its_params(tmp_pat
     assert_each_config_complete_once(spec)
 
 
+def test_a_trial_claimed_by_a_worker_killed_before_it_said_who_it_is(tmp_path):
+    """Killed between the claim and writing its identity, a worker leaves a RUNNING trial that
+    names no worker: recovered at once when no worker of the study is alive, never while one is."""
+    spec = load_spec(small_grid(tmp_path))
+    prep = prepare(spec)
+    orphan = Worker(prep.study, spec).claim()  # RUNNING, no "worker" attribute
+    with study_mod.worker_presence(spec):  # a live worker (this process) might still write it
+        assert not study_mod.no_live_workers(spec)
+        assert study_mod.recover_stale(prep.study, spec) == []
+        assert [r["alive"] for r in status(spec)["running"]] == [True]
+    assert study_mod.no_live_workers(spec)
+    assert [r["alive"] for r in status(spec)["running"]] == [False]
+    assert study_mod.recover_stale(prep.study) == []  # without the spec: only after the grace period
+    assert study_mod.recover_stale(prep.study, spec) == [orphan.number]
+    Worker(prep.study, spec).run()
+    assert_each_config_complete_once(spec)
+
+
 def test_a_sampled_trial_killed_mid_suggest_is_replaced_by_a_new_sample(tmp_path):
     p = tmp_path / "t.toml"
     p.write_text(SMALL + '[sampler]\nkind = "tpe"\nn_trials = 3\n[space]\nff1_3 = ["bfp8", "bf16"]\nff2 = ["bfp8", "bf16"]\n')
