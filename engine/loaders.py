@@ -271,11 +271,14 @@ class _Reader:
     def scalar(self, fmt: str):
         return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
 
-    def string(self) -> str:
+    def _length(self) -> int:
         n = self.scalar("<Q")
         if n > 1 << 30:
             raise ModelFormatError(f"{self.path}: corrupt GGUF file (string of {n} bytes)")
-        return self.read(n).decode("utf-8", errors="replace")
+        return n
+
+    def string(self) -> str:
+        return self.read(self._length()).decode("utf-8", errors="replace")
 
     def value(self, vtype: int, keep_arrays: bool):
         if vtype in _GGUF_SCALARS:
@@ -288,6 +291,10 @@ class _Reader:
                 raise ModelFormatError(f"{self.path}: corrupt GGUF file (array of {count} elements)")
             if etype in _GGUF_SCALARS and not keep_arrays:
                 self.f.seek(count * struct.calcsize(_GGUF_SCALARS[etype]), os.SEEK_CUR)
+                return GGUFArray(etype, count)
+            if etype == _GGUF_STRING and not keep_arrays:  # e.g. the vocabulary: skip, do not decode
+                for _ in range(count):
+                    self.f.seek(self._length(), os.SEEK_CUR)
                 return GGUFArray(etype, count)
             vals = [self.value(etype, keep_arrays) for _ in range(count)]
             return vals if keep_arrays else GGUFArray(etype, count)

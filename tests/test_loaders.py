@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -113,16 +112,11 @@ def test_tiny_round_trip(name, tiny_model_dir):
         assert any("qkv_proj" in k for k in raw) and any("gate_up_proj" in k for k in raw)
 
 
-def test_tiny_models_deterministic_fast_and_cached(tmp_path, tiny_llama_dir):
-    import transformers  # noqa: F401  (import time is not build time)
-
-    t0 = time.perf_counter()
+def test_tiny_models_deterministic_and_cached(tmp_path, tiny_llama_dir):
     a = loaders.build_tiny_model("tiny-qwen2", tmp_path / "a")
-    elapsed = time.perf_counter() - t0
     b = loaders.build_tiny_model("tiny-qwen2", tmp_path / "b")
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert elapsed < 3.0  # ~0.05 s on an idle machine
     mtime = (tiny_llama_dir / "model.safetensors").stat().st_mtime_ns
     assert loaders.tiny_model_dir("tiny-llama") == tiny_llama_dir  # cached, not rebuilt
     assert (tiny_llama_dir / "model.safetensors").stat().st_mtime_ns == mtime
@@ -267,9 +261,10 @@ def test_bad_gguf_files(tmp_path, smollm2_gguf):
 
 
 def test_smollm2_spec_from_metadata(smollm2_gguf):
-    t0 = time.perf_counter()
-    s = model_spec("smollm2-135m")
-    assert time.perf_counter() - t0 < 2.0  # header only: no tensor data, no vocabulary strings
+    s = model_spec("smollm2-135m")  # header only (its cost: bench/bench_perf.py)
+    header = loaders.read_gguf_header(smollm2_gguf)
+    assert header.meta["tokenizer.ggml.tokens"] == loaders.GGUFArray(8, 49152)  # skipped, not decoded
+    assert header.data_start == 1785664 and len(header.tensors) == 272
     assert (s.name, s.arch, s.n_layers, s.hidden, s.n_heads, s.n_kv_heads, s.head_dim) == ("smollm2-135m", "llama", 30, 576, 9, 3, 64)
     assert (s.intermediate, s.vocab, s.tied_embeddings, s.qkv_bias, s.max_seq) == (1536, 49152, True, False, 8192)
     assert s.rope_theta == 100000.0 and s.rope_scaling is None and abs(s.rms_eps - 1e-5) < 1e-9

@@ -1,4 +1,4 @@
-"""`sweep bench [numerics|engine|sweep|all]`: run the benchmark scripts under bench/.
+"""`sweep bench [numerics|engine|perf|sweep|all]`: run the benchmark scripts under bench/.
 
 Benchmarks, not tests, check speed and memory targets: each prints its figures as ratios to a
 baseline measured in the same run, so a busy shared machine moves both sides alike.
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
-SUITES = ("numerics", "engine", "sweep")
+SUITES = ("numerics", "engine", "perf", "sweep")
 
 
 def register(sub) -> None:
