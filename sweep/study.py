@@ -34,7 +34,12 @@ reason and the study goes on. Ctrl-C: each worker fails its running trial with r
 as soon as it ends). A worker that dies (SIGKILL, OOM killer) leaves a RUNNING trial: the parent
 notices the dead worker, and every `sweep run` starts by recovering stale RUNNING trials (worker
 process gone on this host, or no heartbeat for STALE_S): they are failed (superseded) and their
-params queued again, so running the same command again resumes the study.
+params queued again, so running the same command again resumes the study. The params queued
+again are the trial's whole fixed params (a worker killed inside `space.suggest` leaves only some
+on the trial); a sampled trial killed before its params were all chosen is not re-queued, the
+sampler proposes a new one. Every worker holds a shared flock on `<name>.workers.lock` while it
+lives; when none does (journal storage), a RUNNING trial that names no worker (killed between
+claiming it and writing its identity) is recovered at once, not after NO_WORKER_GRACE_S.
 
 Study user attributes: model, devices, objectives, spec (the parsed study file), perf_calibration,
 and for grids grid_size (configs in the space), grid_planned (configs queued to run),
