@@ -26,7 +26,7 @@ Any NaN or Inf in the trial's logits raises `NonFiniteLogits` (never a number).
 
 Reference cache (what is stored and why)
 ----------------------------------------
-One safetensors file per (model weights fingerprint, text hash, reference length, P, D) under
+One safetensors file per (model fingerprint: weights and config, text hash, reference length, P, D) under
 `<cache>/reference/` (`$TTSWEEP_CACHE` or ~/.cache/ttsweep; never pickle):
   tokens       int32 [L]            the evaluation tokens (L = max(1024, P + D + 1))
   top5         int32 [L-1, 5]       reference top-5 next-token ids at every position, best first
@@ -155,7 +155,7 @@ def _slug(name: str) -> str:
 
 
 def reference_path(loaded: loaders.LoadedModel, prefill: int, decode: int, cache: Path) -> Path:
-    length = max(REF_TOKENS, prefill + decode + 1)
+    length = reference_length(prefill, decode)
     return cache / "reference" / (
         f"{_slug(loaded.spec.name)}-{loaded.fingerprint}-{text_sha256()[:12]}-L{length}-P{prefill}-D{decode}.safetensors"
     )
@@ -223,9 +223,14 @@ def reference_logits(loaded: loaders.LoadedModel, tokens, model=None) -> torch.T
     return model(input_ids=ids, use_cache=False).logits[0].float()
 
 
+def reference_length(prefill: int, decode: int) -> int:
+    """Tokens of the reference's one forward: max(1024, P+D+1) (1024 or more: reusable)."""
+    return max(REF_TOKENS, prefill + decode + 1)
+
+
 def compute_reference(loaded: loaders.LoadedModel, prefill: int, decode: int) -> Reference:
-    """Run the fp32 transformers reference over the first max(1024, P+D+1) tokens."""
-    length = max(REF_TOKENS, prefill + decode + 1)
+    """Run the fp32 transformers reference over the first reference_length(P, D) tokens."""
+    length = reference_length(prefill, decode)
     tok = loaded.tokenizer
     if tok is None:
         raise FileNotFoundError(f"model {loaded.spec.name!r} ({loaded.source}) has no tokenizer files; cannot tokenize the text")
@@ -248,7 +253,7 @@ def compute_reference(loaded: loaders.LoadedModel, prefill: int, decode: int) ->
 
 def _meta(loaded: loaders.LoadedModel, prefill: int, decode: int) -> dict[str, str]:
     return {"format": REF_FORMAT, "model": loaded.spec.name, "fingerprint": loaded.fingerprint,
-            "text_sha256": text_sha256(), "length": str(max(REF_TOKENS, prefill + decode + 1)),
+            "text_sha256": text_sha256(), "length": str(reference_length(prefill, decode)),
             "prefill": str(prefill), "decode": str(decode), "vocab": str(loaded.spec.vocab)}
 
 
@@ -380,7 +385,9 @@ class Evaluator:
             from engine.model import Model
 
             kwargs = {"lm_head": tuple(self._lm_head)} if self._lm_head else {}
-            self._model = Model(self.spec, self.loaded.weights, **kwargs)
+            # longrope picks its factors from the length of the reference's one forward, as transformers does
+            ctx = reference_length(self.prefill, self.decode)
+            self._model = Model(self.spec, self.loaded.weights, rope_context=ctx, **kwargs)
         return self._model
 
     def model_config(self, config: ModelConfig | Config | str) -> ModelConfig:

@@ -22,7 +22,7 @@ Format notes:
   rows of Llama models so that ggml's interleaved ("normal") RoPE applies; `unpermute_qk`
   inverts that so HF's rotate_half applies again. Qwen2 GGUFs use NeoX RoPE and are not
   permuted. Hyperparameters come from the GGUF metadata.
-- Hugging Face directories: Llama (incl. Llama 3 `rope_scaling`), Mistral (as Llama), Qwen2
+- Hugging Face directories: Llama (rope scaling linear / llama3; Phi-3's longrope), Mistral (as Llama), Qwen2
   (q/k/v biases) and Phi-3 (fused `qkv_proj` and `gate_up_proj` are split into the canonical
   tensors). Only safetensors are read: pickled checkpoints (`*.bin`, `*.pt`) are refused.
 - Tiny random models (`tiny-*`) are built once, deterministically, with `transformers` and saved
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -59,11 +60,11 @@ REGISTRY: dict[str, str] = {
     "smollm2-135m": f"SmolLM2-135M-Instruct (Q4_1 GGUF from the {SMOLLM2_WHEEL} wheel)",
     "tiny-llama": "tiny random Llama (2 layers, hidden 64, Llama 3 rope scaling) for tests",
     "tiny-qwen2": "tiny random Qwen2 (2 layers, hidden 64, q/k/v biases, tied embeddings) for tests",
-    "tiny-phi3": "tiny random Phi-3 (2 layers, hidden 64, fused qkv / gate_up) for tests",
+    "tiny-phi3": "tiny random Phi-3 (2 layers, hidden 64, fused qkv / gate_up, longrope) for tests",
 }
 _ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "smollm2135m": "smollm2-135m"}
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-phi3")
-TINY_RECIPE_VERSION = 1  # bump when _tiny_config / build_tiny_model change (the cache key also hashes _TINY_COMMON)
+TINY_RECIPE_VERSION = 2  # bump when _tiny_config / build_tiny_model change (the cache key also hashes _TINY_COMMON)
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"  # marker: the directory's tokenizer is ByteTokenizer
 
 SUPPORTED_HF = ("llama", "mistral", "qwen2", "phi3")
@@ -530,11 +531,31 @@ def _rope(cfg: dict, path: Path) -> tuple[float, dict | None]:
         raise ModelFormatError(f"{path}: partial rotary embeddings (factor {prf}) are not supported")
     if rtype == "default":
         return theta, None
-    if rtype != "llama3":
-        raise ModelFormatError(f"{path}: rope scaling type {rtype!r} is not supported (default, llama3)")
+    need = ROPE_KEYS.get(rtype)
+    if need is None:
+        raise ModelFormatError(f"{path}: rope scaling type {rtype!r} is not supported ({', '.join(['default', *ROPE_KEYS])})")
     out = {k: v for k, v in params.items() if k not in ("rope_theta", "type", "partial_rotary_factor")}
-    out["rope_type"] = "llama3"
+    out["rope_type"] = rtype
+    if rtype == "longrope":  # Phi-3 / Phi-3.5 128k: the pretraining length sits at the top level
+        orig = out.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+        if orig:
+            out["original_max_position_embeddings"] = int(orig)
+    missing = [k for k in need if out.get(k) is None]
+    if missing:
+        raise ModelFormatError(f"{path}: rope scaling {rtype!r} lacks {', '.join(missing)} in config.json")
+    if rtype == "longrope":  # transformers' _compute_longrope_parameters
+        orig = out["original_max_position_embeddings"]
+        factor = out.get("factor") or float(cfg.get("max_position_embeddings", orig)) / orig
+        if out.get("attention_factor") is None:
+            out["attention_factor"] = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
     return theta, out
+
+
+ROPE_KEYS = {  # rope scaling types the engine computes, and the keys each needs
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("long_factor", "short_factor", "original_max_position_embeddings"),
+}
 
 
 def _hf_spec(cfg: dict, name: str, path: Path) -> ModelSpec:
@@ -692,7 +713,8 @@ def load_hf_dir(path: str | os.PathLike, name: str | None = None) -> LoadedModel
     files = _safetensors_files(path)
     weights = canonical_from_hf(spec, read_hf_state_dict(path), path)
     check_weights(spec, weights, path)
-    return LoadedModel(spec, weights, None, str(path), kind="hf", fingerprint=_file_fingerprint(files),
+    fp = _file_fingerprint([*files, path / "config.json"])  # the config changes the model too (e.g. rope)
+    return LoadedModel(spec, weights, None, str(path), kind="hf", fingerprint=fp,
                        tokenizer_factory=_hf_tokenizer_factory(path))
 
 
@@ -700,6 +722,7 @@ def load_hf_dir(path: str | os.PathLike, name: str | None = None) -> LoadedModel
 _TINY_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2, rms_norm_eps=1e-5,
                     bos_token_id=None, eos_token_id=None, pad_token_id=None)
+TINY_PHI3_ROPE_ORIG = 32
 _TINY_SEEDS = {"tiny-llama": 1234, "tiny-qwen2": 2345, "tiny-phi3": 3456}
 
 
@@ -712,8 +735,11 @@ def _tiny_config(name: str):
             "original_max_position_embeddings": 256})
     if name == "tiny-qwen2":
         return Qwen2Config(**_TINY_COMMON, tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False)
-    if name == "tiny-phi3":
-        return Phi3Config(**_TINY_COMMON, tie_word_embeddings=False, rope_theta=10000.0)
+    if name == "tiny-phi3":  # longrope like Phi-3 / Phi-3.5 128k, pretraining length 32: tests cross it
+        return Phi3Config(**_TINY_COMMON, tie_word_embeddings=False, rope_theta=10000.0,
+                          original_max_position_embeddings=TINY_PHI3_ROPE_ORIG, rope_scaling={
+                              "type": "longrope", "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+                              "short_factor": [1.0, 1.0, 1.05, 1.1, 1.2, 1.3, 1.4, 1.5]})
     raise UnknownModel(f"unknown tiny model {name!r}; tiny models: {', '.join(TINY_MODELS)}")
 
 

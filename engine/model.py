@@ -2,8 +2,10 @@
 
 Read top to bottom: numerics helpers, RoPE, the KV cache, then `Model` (weights, one decoder
 layer, attention, prefill / decode). Covers Llama 2/3 (incl. Llama 3 rope scaling), Mistral,
-SmolLM2, Qwen2 (q/k/v biases) and Phi-3 (the loader splits its fused weights): RMSNorm, RoPE in
-Hugging Face's rotate_half convention, grouped-query attention, SwiGLU MLP, tied or untied head.
+SmolLM2, Qwen2 (q/k/v biases) and Phi-3 / Phi-3.5 (the loader splits its fused weights; longrope
+with its attention factor, long factors once the sequence passes the pretraining length):
+RMSNorm, RoPE in Hugging Face's rotate_half convention, grouped-query attention, SwiGLU MLP, tied
+or untied head.
 Batch 1; tokens are 1-D LongTensors.
 
 Numerics of one decoder layer i, from its Config c = cfg.layers[i] (tt-numerics.md sections 1-3)
@@ -149,9 +151,12 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: str) -> torch.T
 # ------------------------------------------------------------------------------------------------
 # RoPE (Hugging Face rotate_half convention; inverse frequencies as transformers computes them)
 # ------------------------------------------------------------------------------------------------
-def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+def rope_inv_freq(spec: ModelSpec, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] as transformers computes them for the spec's rope
+    scaling; `long`: longrope's long factors (else its short ones)."""
     dim = spec.head_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim
+    inv_freq = 1.0 / (spec.rope_theta ** shape)
     rs = spec.rope_scaling or {}
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind in (None, "default"):
@@ -168,7 +173,12 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
         smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, inv_l)
-    raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+    if kind == "longrope":  # transformers' _compute_longrope_parameters
+        ext = torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float32)
+        if ext.shape != (dim // 2,):
+            raise ValueError(f"longrope factors have {ext.numel()} values; head_dim {dim} needs {dim // 2}")
+        return 1.0 / (ext * spec.rope_theta ** shape)
+    raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3, longrope)")
 
 
 def _rope_apply(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -226,6 +236,7 @@ class Model:
         lm_head: tuple[str, str] = ("bfp8", "hifi2"),
         logits_format: str = "bfp8",
         sdpa_exp_approx: bool = False,
+        rope_context: int | None = None,
     ):
         if spec.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {spec.head_dim}")
@@ -241,8 +252,12 @@ class Model:
         if missing:
             raise KeyError(f"weights lack {len(missing)} tensors, e.g. {missing[:3]}")
         self._cache: dict[tuple, torch.Tensor] = {}  # (tensor, format) -> stored weight
-        self.inv_freq = rope_inv_freq(spec)
-        self._cos = self._sin = torch.empty(0, spec.head_dim)
+        rs = spec.rope_scaling or {}
+        self._longrope = rs.get("rope_type") == "longrope"
+        self._rope_orig = int(rs.get("original_max_position_embeddings", 0))
+        self._rope_scale = float(rs.get("attention_factor", 1.0)) if self._longrope else 1.0
+        self.rope_context = rope_context  # longrope: the length that picks long or short factors
+        self._tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # long? -> (cos, signed sin)
 
     def _required(self) -> list[str]:
         req = ["model.embed_tokens.weight", "model.norm.weight"]
@@ -313,15 +328,36 @@ class Model:
         return cfg.layers
 
     # --- RoPE tables ---------------------------------------------------------------------------
-    def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        need = int(pos.max()) + 1
-        if need > self._cos.shape[0]:
-            n = max(need, 2 * self._cos.shape[0], 1024)
-            freqs = torch.arange(n, dtype=torch.int64)[:, None].float() * self.inv_freq
+    def _table(self, long: bool, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._tables.get(long, (torch.empty(0), torch.empty(0)))
+        if need > cos.shape[0]:
+            n = max(need, 2 * cos.shape[0], 1024)
+            freqs = torch.arange(n, dtype=torch.int64)[:, None].float() * rope_inv_freq(self.spec, long)
             emb = torch.cat((freqs, freqs), dim=-1)
             half = self.spec.head_dim // 2
-            self._cos, self._sin = emb.cos(), torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), -1)
-        return self._cos[pos][:, None], self._sin[pos][:, None]  # [M, 1, D]; sin with sign folded in
+            cos, sin = emb.cos(), torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), -1)
+            if self._rope_scale != 1.0:  # longrope's attention factor scales cos and sin
+                cos, sin = cos * self._rope_scale, sin * self._rope_scale
+            self._tables[long] = cos, sin
+        return cos, sin
+
+    def _rope(self, pos: torch.Tensor, prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin [M, 1, D] for positions `pos`. longrope takes its long factors when the
+        sequence exceeds the pretraining length: the sequence is `rope_context` when set (the whole
+        evaluation, as its reference forward sees it), else, like transformers' generate, the
+        highest position of a prefill + 1, or each decode row's position + 1 (so decode_batched
+        stays equal to decode_step)."""
+        need = int(pos.max()) + 1
+        if not self._longrope:
+            cos, sin = self._table(False, need)
+            return cos[pos][:, None], sin[pos][:, None]
+        if self.rope_context is not None or prefill:
+            long = (self.rope_context or need) > self._rope_orig
+            cos, sin = self._table(long, need)
+            return cos[pos][:, None], sin[pos][:, None]
+        (cs, ss), (cl, sl) = self._table(False, need), self._table(True, need)
+        row_long = (pos + 1 > self._rope_orig)[:, None, None]
+        return torch.where(row_long, cl[pos][:, None], cs[pos][:, None]), torch.where(row_long, sl[pos][:, None], ss[pos][:, None])
 
     # --- one decoder layer ---------------------------------------------------------------------
     def _layer(self, i: int, c: Config, h: torch.Tensor, n_real: int, cache: KVCache, start: int,
@@ -404,7 +440,7 @@ class Model:
         cache.reserve(start + n)
         L = start + n if prefill else cache.capacity  # decode reads the whole buffer, masked
         mask = torch.zeros(h.shape[0], L).masked_fill_(torch.arange(L)[None, :] > pos[:, None], float("-inf"))
-        rope = self._rope(pos)
+        rope = self._rope(pos, prefill)
         for i, c in enumerate(layers):
             h = self._layer(i, c, h, n, cache, start, prefill, rope, mask)
         cache.length = start + n

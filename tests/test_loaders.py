@@ -3,6 +3,7 @@ bad files), Hugging Face directories (Llama / Qwen2 / Phi-3, shards, no pickles)
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -90,8 +91,13 @@ def test_tiny_round_trip(name, tiny_model_dir):
         2, 64, 4, 2, 16, 128, 256)
     assert spec.arch == cfg["model_type"] and spec.tied_embeddings == cfg["tie_word_embeddings"]
     assert spec.qkv_bias == (name == "tiny-qwen2")
-    assert spec.rope_scaling == ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                  "original_max_position_embeddings": 256} if name == "tiny-llama" else None)
+    rope = {"tiny-llama": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 256},
+            "tiny-phi3": {"rope_type": "longrope", "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+                          "short_factor": [1.0, 1.0, 1.05, 1.1, 1.2, 1.3, 1.4, 1.5],
+                          "original_max_position_embeddings": 32,
+                          "attention_factor": pytest.approx(math.sqrt(1 + math.log(2048 / 32) / math.log(32)))}}
+    assert spec.rope_scaling == rope.get(name)
     assert model_spec(name) == spec
     assert {k: tuple(v.shape) for k, v in m.weights.items()} == expected_shapes(spec)
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in m.weights.values())

@@ -330,3 +330,65 @@ def test_sdpa_exp_is_exact_unless_asked(llama):
     batched = sfpu.decode_batched(toks[20:], c1, approx_on)
     steps = torch.stack([sfpu.decode_step(int(t), c2, approx_on) for t in toks[20:]])
     assert torch.equal(batched, steps)
+
+
+# --- longrope (Phi-3 / Phi-3.5 128k) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def phi3(tiny_phi3_dir):
+    """tiny-phi3 (longrope, pretraining length 32) as the engine loads it, and transformers' model."""
+    from engine import accuracy, loaders
+
+    loaded = loaders.load("tiny-phi3")
+    return loaded, accuracy.reference_model(loaded)
+
+
+def test_longrope_frequencies_match_transformers(phi3):
+    from transformers.modeling_rope_utils import _compute_longrope_parameters
+
+    loaded, hf = phi3
+    spec, orig = loaded.spec, loaded.spec.rope_scaling["original_max_position_embeddings"]
+    short, af = _compute_longrope_parameters(hf.config, seq_len=orig)
+    long, _ = _compute_longrope_parameters(hf.config, seq_len=orig + 1)
+    assert not torch.equal(short, long)
+    assert torch.equal(rope_inv_freq(spec), short) and torch.equal(rope_inv_freq(spec, long=True), long)
+    assert spec.rope_scaling["attention_factor"] == pytest.approx(af, rel=1e-12) and af > 1.2
+
+
+@pytest.mark.parametrize("n", [24, 64])  # within the pretraining length (short factors), beyond it (long)
+def test_longrope_full_forward_matches_transformers(phi3, n):
+    loaded, hf = phi3
+    toks = _tokens(n, seed=n)
+    with torch.no_grad():
+        ref = hf(toks[None], use_cache=False).logits[0]
+    model = Model(loaded.spec, loaded.weights)
+    assert _rel(model.prefill(toks, REFERENCE, logits_for="all")[0], ref) < 1e-5
+    ctx = Model(loaded.spec, loaded.weights, rope_context=n)  # the whole sequence picks the factors
+    _, cache = ctx.prefill(toks[:16], REFERENCE)
+    assert _rel(ctx.decode_batched(toks[16:], cache, REFERENCE), ref[16:]) < 1e-5
+
+
+def test_longrope_decode_switches_factors_like_transformers_generation(phi3):
+    """Without rope_context each decode row picks its factors from its own position, as transformers
+    does step by step with a KV cache: short up to position 31, long from 32 (cached K kept)."""
+    from transformers import DynamicCache
+
+    loaded, hf = phi3
+    toks = _tokens(48, seed=7)
+    with torch.no_grad():
+        past = DynamicCache(config=hf.config)
+        out = hf(toks[None, :20], past_key_values=past, use_cache=True)
+        steps = []
+        for t in range(20, 48):
+            out = hf(toks[None, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[0, -1])
+    ref = torch.stack(steps)
+    model = Model(loaded.spec, loaded.weights)
+    _, cache = model.prefill(toks[:20], REFERENCE)
+    dec = model.decode_batched(toks[20:], cache, REFERENCE)
+    assert _rel(dec, ref) < 1e-5  # row t: the logits after token t, positions 20..47
+    _, cache1 = model.prefill(toks[:20], REFERENCE)
+    one = torch.stack([model.decode_step(int(t), cache1, REFERENCE) for t in toks[20:]])
+    assert torch.equal(one, dec)  # batched == step by step, bit for bit, across the switch
+    ctx = Model(loaded.spec, loaded.weights, rope_context=48)  # all long: differs from generation
+    _, cache2 = ctx.prefill(toks[:20], REFERENCE)
+    assert _rel(ctx.decode_batched(toks[20:], cache2, REFERENCE), ref) > 1e-3
