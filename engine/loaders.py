@@ -60,11 +60,11 @@ REGISTRY: dict[str, str] = {
     "smollm2-135m": f"SmolLM2-135M-Instruct (Q4_1 GGUF from the {SMOLLM2_WHEEL} wheel)",
     "tiny-llama": "tiny random Llama (2 layers, hidden 64, Llama 3 rope scaling) for tests",
     "tiny-qwen2": "tiny random Qwen2 (2 layers, hidden 64, q/k/v biases, tied embeddings) for tests",
-    "tiny-phi3": "tiny random Phi-3 (2 layers, hidden 64, fused qkv / gate_up, longrope) for tests",
+    "tiny-phi3": "tiny random Phi-3 (2 layers, hidden 64, fused qkv / gate_up, longrope, window 40) for tests",
 }
 _ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "smollm2135m": "smollm2-135m"}
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-phi3")
-TINY_RECIPE_VERSION = 2  # bump when _tiny_config / build_tiny_model change (the cache key also hashes _TINY_COMMON)
+TINY_RECIPE_VERSION = 3  # bump when _tiny_config / build_tiny_model change (the cache key also hashes _TINY_COMMON)
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"  # marker: the directory's tokenizer is ByteTokenizer
 
 SUPPORTED_HF = ("llama", "mistral", "qwen2", "phi3")
@@ -573,6 +573,9 @@ def _hf_spec(cfg: dict, name: str, path: Path) -> ModelSpec:
     if act != "silu":
         raise ModelFormatError(f"{path}: activation {act!r} is not supported (silu)")
     theta, scaling = _rope(cfg, path)
+    window = cfg.get("sliding_window") if mtype != "qwen2" or cfg.get("use_sliding_window") else None
+    if window and mtype == "qwen2":  # its window applies from layer max_window_layers on only
+        raise ModelFormatError(f"{path}: Qwen2 sliding-window attention (use_sliding_window) is not supported")
     hidden, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     return ModelSpec(
         name=name,
@@ -584,6 +587,7 @@ def _hf_spec(cfg: dict, name: str, path: Path) -> ModelSpec:
         rope_theta=theta, rope_scaling=scaling, rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=mtype == "qwen2", max_seq=int(cfg.get("max_position_embeddings", 8192)),
+        sliding_window=int(window) if window else None,
     )
 
 
@@ -735,8 +739,9 @@ def _tiny_config(name: str):
             "original_max_position_embeddings": 256})
     if name == "tiny-qwen2":
         return Qwen2Config(**_TINY_COMMON, tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False)
-    if name == "tiny-phi3":  # longrope like Phi-3 / Phi-3.5 128k, pretraining length 32: tests cross it
-        return Phi3Config(**_TINY_COMMON, tie_word_embeddings=False, rope_theta=10000.0,
+    if name == "tiny-phi3":  # longrope like Phi-3 / Phi-3.5 128k (pretraining length 32) and a 40-token
+        # sliding window like Phi-3-mini-4k: tests cross both
+        return Phi3Config(**_TINY_COMMON, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=40,
                           original_max_position_embeddings=TINY_PHI3_ROPE_ORIG, rope_scaling={
                               "type": "longrope", "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
                               "short_factor": [1.0, 1.0, 1.05, 1.1, 1.2, 1.3, 1.4, 1.5]})

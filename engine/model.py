@@ -4,8 +4,8 @@ Read top to bottom: numerics helpers, RoPE, the KV cache, then `Model` (weights,
 layer, attention, prefill / decode). Covers Llama 2/3 (incl. Llama 3 rope scaling), Mistral,
 SmolLM2, Qwen2 (q/k/v biases) and Phi-3 / Phi-3.5 (the loader splits its fused weights; longrope
 with its attention factor, long factors once the sequence passes the pretraining length):
-RMSNorm, RoPE in Hugging Face's rotate_half convention, grouped-query attention, SwiGLU MLP, tied
-or untied head.
+RMSNorm, RoPE in Hugging Face's rotate_half convention, grouped-query attention (with a sliding
+window where the config has one), SwiGLU MLP, tied or untied head.
 Batch 1; tokens are 1-D LongTensors.
 
 Numerics of one decoder layer i, from its Config c = cfg.layers[i] (tt-numerics.md sections 1-3)
@@ -439,7 +439,11 @@ class Model:
             pos = torch.cat([pos, pos[-1].repeat(h.shape[0] - n)])
         cache.reserve(start + n)
         L = start + n if prefill else cache.capacity  # decode reads the whole buffer, masked
-        mask = torch.zeros(h.shape[0], L).masked_fill_(torch.arange(L)[None, :] > pos[:, None], float("-inf"))
+        keys = torch.arange(L)[None, :]
+        hidden = keys > pos[:, None]  # causal
+        if self.spec.sliding_window:  # transformers: key > query - window
+            hidden |= keys <= pos[:, None] - self.spec.sliding_window
+        mask = torch.zeros(h.shape[0], L).masked_fill_(hidden, float("-inf"))
         rope = self._rope(pos, prefill)
         for i, c in enumerate(layers):
             h = self._layer(i, c, h, n, cache, start, prefill, rope, mask)

@@ -17,11 +17,12 @@ class ModelSpec:
     intermediate: int
     vocab: int
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = field(default=None, hash=False, compare=False)  # HF rope_scaling (Llama 3 "llama3" type)
+    rope_scaling: dict | None = field(default=None, hash=False, compare=False)  # HF rope scaling (linear, llama3, longrope)
     rms_eps: float = 1e-5
     tied_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
     max_seq: int = 8192
+    sliding_window: int | None = None  # attention sees the last `sliding_window` positions (Mistral, Phi-3)
 
     @property
     def params(self) -> int:

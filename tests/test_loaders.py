@@ -98,6 +98,7 @@ def test_tiny_round_trip(name, tiny_model_dir):
                           "original_max_position_embeddings": 32,
                           "attention_factor": pytest.approx(math.sqrt(1 + math.log(2048 / 32) / math.log(32)))}}
     assert spec.rope_scaling == rope.get(name)
+    assert spec.sliding_window == (40 if name == "tiny-phi3" else None)
     assert model_spec(name) == spec
     assert {k: tuple(v.shape) for k, v in m.weights.items()} == expected_shapes(spec)
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in m.weights.values())

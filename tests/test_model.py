@@ -332,7 +332,8 @@ def test_sdpa_exp_is_exact_unless_asked(llama):
     assert torch.equal(batched, steps)
 
 
-# --- longrope (Phi-3 / Phi-3.5 128k) -------------------------------------------------------------------
+# --- Phi-3: longrope (Phi-3 / Phi-3.5 128k) and a sliding window (Phi-3-mini-4k, Mistral) ---------------
+# tiny-phi3: pretraining length 32, window 40; the 64- and 48-token cases cross both.
 @pytest.fixture(scope="module")
 def phi3(tiny_phi3_dir):
     """tiny-phi3 (longrope, pretraining length 32) as the engine loads it, and transformers' model."""
