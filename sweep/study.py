@@ -598,13 +598,14 @@ class Worker:
         try:
             trial.set_user_attr("worker", worker_identity())
             trial.set_user_attr("heartbeat", time.time())
+            fixed = self.study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")  # noqa: SLF001
+            missing = [p.name for p in self.spec.space.params if fixed and p.name not in fixed]
+            if missing:  # the sampler would fill them at random: another config than the one queued
+                raise ValueError(f"trial was queued without params {', '.join(missing)}; "
+                                 "re-run `sweep run --retry-failed` to queue its config again")
             params = self.spec.space.suggest(trial)
             mc = self.spec.space.config(params)
             cfg = str(mc)
-            queued = trial.user_attrs.get("config")  # set when the config was queued
-            if queued is not None and queued != cfg:
-                raise ValueError(f"trial was queued for {queued!r} but its params give {cfg!r}; "
-                                 "re-run `sweep run --retry-failed` to queue the config again")
             digest = numerics_digest(mc)
             trial.set_user_attr("config", cfg)
             trial.set_user_attr("numerics_key", digest)
