@@ -39,7 +39,9 @@ again are the trial's whole fixed params (a worker killed inside `space.suggest`
 on the trial); a sampled trial killed before its params were all chosen is not re-queued, the
 sampler proposes a new one. Every worker holds a shared flock on `<name>.workers.lock` while it
 lives; when none does (journal storage), a RUNNING trial that names no worker (killed between
-claiming it and writing its identity) is recovered at once, not after NO_WORKER_GRACE_S.
+claiming it and writing its identity) is recovered at once, not after NO_WORKER_GRACE_S, and a
+journal lock file left by a process killed while appending is removed (Optuna would break it only
+after JOURNAL_LOCK_GRACE_S of waiting).
 
 Study user attributes: model, devices, objectives, spec (the parsed study file), perf_calibration,
 and for grids grid_size (configs in the space), grid_planned (configs queued to run),
@@ -209,6 +211,23 @@ def no_live_workers(spec: StudySpec) -> bool:
             return False
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         return True
+
+
+def clear_stale_journal_lock(spec: StudySpec) -> bool:
+    """Remove the journal's lock file when no worker of the study is alive; call under `study_lock`.
+
+    Only workers and `sweep run` parents (under `study_lock`) append to a journal, so with the study
+    lock held and no worker alive, an existing lock file was left by a process killed while
+    appending. Optuna would break it only after JOURNAL_LOCK_GRACE_S of waiting."""
+    jp = spec.journal_path
+    if jp is None:
+        return False
+    lock = Path(str(jp) + ".lock")  # optuna.storages.journal's LOCK_FILE_SUFFIX
+    if not os.path.lexists(lock) or not no_live_workers(spec):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        lock.unlink()
+    return True
 
 
 # --- reading a study ------------------------------------------------------------------------------
@@ -450,6 +469,7 @@ def prepare(spec: StudySpec, retry_failed: bool = False) -> Prepared:
     Everything happens under the study lock, so concurrent `sweep run`s never queue a config twice.
     """
     with study_lock(spec):
+        clear_stale_journal_lock(spec)
         study = load_study(spec, create=True)
         recovered = recover_stale(study, spec)
         enq = 0
@@ -941,6 +961,7 @@ def run(spec: StudySpec, workers: int = 1, progress: bool = True, retry_failed: 
                         errors.append(f"worker {i} died (exit status {rc}): {_log_tail(spec, i, 3)}")
                 if died:
                     with study_lock(spec):
+                        clear_stale_journal_lock(spec)
                         rec = recover_stale(study, spec)
                     recovered += rec
                     tl, _ = tally()
@@ -960,6 +981,7 @@ def run(spec: StudySpec, workers: int = 1, progress: bool = True, retry_failed: 
                     # every worker is gone: trials still RUNNING belong to dead workers (e.g. of a
                     # run killed before this one started): recover them and go on
                     with study_lock(spec):
+                        clear_stale_journal_lock(spec)
                         rec = recover_stale(study, spec)
                     recovered += rec
                     if rec:

@@ -6,6 +6,7 @@ temporary folders."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -304,6 +305,29 @@ def test_a_trial_claimed_by_a_worker_killed_before_it_said_who_it_is(tmp_path):
     assert [r["alive"] for r in status(spec)["running"]] == [False]
     assert study_mod.recover_stale(prep.study) == []  # without the spec: only after the grace period
     assert study_mod.recover_stale(prep.study, spec) == [orphan.number]
+    Worker(prep.study, spec).run()
+    assert_each_config_complete_once(spec)
+
+
+def test_a_journal_lock_left_by_a_killed_process_is_cleared_on_resume(tmp_path):
+    """A process SIGKILLed while appending leaves the journal's lock file: with no worker alive the
+    next run removes it at once instead of waiting out Optuna's grace period; never while one lives."""
+    spec = load_spec(small_grid(tmp_path))
+    prepare(spec)
+    lock = Path(str(spec.journal_path) + ".lock")
+    os.symlink(spec.journal_path, lock)  # what JournalFileSymlinkLock holds while appending
+    with study_mod.worker_presence(spec):
+        assert not study_mod.clear_stale_journal_lock(spec) and os.path.lexists(lock)
+    seen: list[logging.LogRecord] = []
+    spy = logging.Handler(logging.WARNING)
+    spy.emit = seen.append
+    logging.getLogger("optuna").addHandler(spy)
+    try:
+        prep = prepare(spec)
+    finally:
+        logging.getLogger("optuna").removeHandler(spy)
+    assert not os.path.lexists(lock)
+    assert not [r for r in seen if "lock file" in r.getMessage()]  # Optuna never waited on it, nor broke it
     Worker(prep.study, spec).run()
     assert_each_config_complete_once(spec)
 
