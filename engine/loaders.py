@@ -64,7 +64,7 @@ REGISTRY: dict[str, str] = {
 }
 _ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "smollm2135m": "smollm2-135m"}
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-phi3")
-TINY_RECIPE_VERSION = 3  # bump when _tiny_config / build_tiny_model change (the cache key also hashes _TINY_COMMON)
+TINY_RECIPE_VERSION = 4  # bump when _tiny_config / build_tiny_model change (the cache key also hashes _TINY_COMMON)
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"  # marker: the directory's tokenizer is ByteTokenizer
 
 SUPPORTED_HF = ("llama", "mistral", "qwen2", "phi3")
@@ -743,7 +743,8 @@ def _tiny_config(name: str):
         # sliding window like Phi-3-mini-4k: tests cross both
         return Phi3Config(**_TINY_COMMON, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=40,
                           original_max_position_embeddings=TINY_PHI3_ROPE_ORIG, rope_scaling={
-                              "type": "longrope", "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+                              "type": "longrope", "factor": 2048 / TINY_PHI3_ROPE_ORIG,  # (transformers asks for it)
+                              "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
                               "short_factor": [1.0, 1.0, 1.05, 1.1, 1.2, 1.3, 1.4, 1.5]})
     raise UnknownModel(f"unknown tiny model {name!r}; tiny models: {', '.join(TINY_MODELS)}")
 

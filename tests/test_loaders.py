@@ -93,7 +93,7 @@ def test_tiny_round_trip(name, tiny_model_dir):
     assert spec.qkv_bias == (name == "tiny-qwen2")
     rope = {"tiny-llama": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 256},
-            "tiny-phi3": {"rope_type": "longrope", "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+            "tiny-phi3": {"rope_type": "longrope", "factor": 64.0, "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
                           "short_factor": [1.0, 1.0, 1.05, 1.1, 1.2, 1.3, 1.4, 1.5],
                           "original_max_position_embeddings": 32,
                           "attention_factor": pytest.approx(math.sqrt(1 + math.log(2048 / 32) / math.log(32)))}}
