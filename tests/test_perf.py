@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -295,3 +297,16 @@ def test_sweep_perf_table_lists_seed_rows_and_held_back_predictions(capsys):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[3] == "43.3" and cells[4].startswith(("+", "-"))
     assert calibration_note().split(",")[0] in text
+
+
+def test_sweep_bench_passes_flags_to_the_scripts(monkeypatch):
+    """`sweep bench perf --quick` runs bench/bench_perf.py with --quick (README's spelling)."""
+    import runpy
+
+    from sweep.cli import main as cli_main
+
+    ran = []
+    monkeypatch.setattr(runpy, "run_path", lambda path, run_name: ran.append((Path(path).name, sys.argv[1:])))
+    assert cli_main(["bench", "perf", "--quick"]) == 0
+    assert cli_main(["bench", "all", "--quick"]) == 0
+    assert ran == [("bench_perf.py", ["--quick"])] + [(f"bench_{s}.py", ["--quick"]) for s in ("numerics", "engine", "perf", "sweep")]

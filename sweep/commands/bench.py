@@ -5,6 +5,7 @@ baseline measured in the same run, so a busy shared machine moves both sides ali
 """
 from __future__ import annotations
 
+import argparse
 import runpy
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ SUITES = ("numerics", "engine", "perf", "sweep")
 def register(sub) -> None:
     p = sub.add_parser("bench", help="run the benchmarks under bench/ (ratios against same-run baselines)")
     p.add_argument("suite", nargs="?", default="all", choices=SUITES + ("all",))
-    p.add_argument("args", nargs="*", help="passed to the benchmark script (e.g. --quick)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script (e.g. --quick)")
     p.set_defaults(func=run)
 
 
