@@ -8,30 +8,20 @@
 - `perf.predict` runs once per device for every trial: its time per call (Llama3.1-70B on TG with
   80 per-layer configs, batch 32, 4096-token prompt; Llama3.1-8B on N300 with the performance
   preset) against one accuracy trial of the same model (512 + 511 tokens, defaults). Target: < 1%.
-Minima over repeats on both sides, so a busy shared machine disturbs both alike.
+Minima over repeats after a warm-up call on both sides, so a busy shared machine disturbs both alike.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_numerics import best  # noqa: E402  (minimum after one warm-up call)
 from engine import loaders, perf  # noqa: E402
 from engine.accuracy import Evaluator  # noqa: E402
 from engine.config import Config, ModelConfig  # noqa: E402
-
-
-def best(fn, repeat: int) -> float:
-    """Minimum wall time of `repeat` calls of fn()."""
-    out = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t)
-    return out
 
 
 def main(argv=None) -> int:
@@ -59,11 +49,9 @@ def main(argv=None) -> int:
              ("Llama3.1-8B N300 performance", lambda: perf.predict("Llama3.1-8B", "N300", "performance"))]
     ev = Evaluator(args.model, prefill=args.prefill, decode=args.decode)
     mc = ev.model_config("defaults")
-    ev.evaluate(mc)  # warm: weights quantized once
     trial = best(lambda: ev.evaluate(mc), 2)
     print(f"baseline: one {args.model} trial ({args.prefill} + {args.decode} tokens, defaults) {trial:.2f} s")
     for label, fn in cases:
-        fn()  # warm: shapes and parameters cached
         t = best(fn, args.repeat * 4)
         r = t / trial
         ok &= r < 0.01

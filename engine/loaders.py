@@ -573,9 +573,11 @@ def _hf_spec(cfg: dict, name: str, path: Path) -> ModelSpec:
     if act != "silu":
         raise ModelFormatError(f"{path}: activation {act!r} is not supported (silu)")
     theta, scaling = _rope(cfg, path)
-    window = cfg.get("sliding_window") if mtype != "qwen2" or cfg.get("use_sliding_window") else None
-    if window and mtype == "qwen2":  # its window applies from layer max_window_layers on only
-        raise ModelFormatError(f"{path}: Qwen2 sliding-window attention (use_sliding_window) is not supported")
+    window = cfg.get("sliding_window")
+    if mtype == "qwen2":  # Qwen2 applies its window only with use_sliding_window, from layer max_window_layers on
+        if window and cfg.get("use_sliding_window"):
+            raise ModelFormatError(f"{path}: Qwen2 sliding-window attention (use_sliding_window) is not supported")
+        window = None
     hidden, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     return ModelSpec(
         name=name,

@@ -348,16 +348,13 @@ class Model:
         highest position of a prefill + 1, or each decode row's position + 1 (so decode_batched
         stays equal to decode_step)."""
         need = int(pos.max()) + 1
-        if not self._longrope:
-            cos, sin = self._table(False, need)
-            return cos[pos][:, None], sin[pos][:, None]
-        if self.rope_context is not None or prefill:
-            long = (self.rope_context or need) > self._rope_orig
-            cos, sin = self._table(long, need)
-            return cos[pos][:, None], sin[pos][:, None]
-        (cs, ss), (cl, sl) = self._table(False, need), self._table(True, need)
-        row_long = (pos + 1 > self._rope_orig)[:, None, None]
-        return torch.where(row_long, cl[pos][:, None], cs[pos][:, None]), torch.where(row_long, sl[pos][:, None], ss[pos][:, None])
+        if self._longrope and self.rope_context is None and not prefill:  # per decode row
+            (cs, ss), (cl, sl) = self._table(False, need), self._table(True, need)
+            row_long = (pos + 1 > self._rope_orig)[:, None, None]
+            return torch.where(row_long, cl[pos][:, None], cs[pos][:, None]), torch.where(row_long, sl[pos][:, None], ss[pos][:, None])
+        long = self._longrope and (self.rope_context or need) > self._rope_orig
+        cos, sin = self._table(long, need)
+        return cos[pos][:, None], sin[pos][:, None]
 
     # --- one decoder layer ---------------------------------------------------------------------
     def _layer(self, i: int, c: Config, h: torch.Tensor, n_real: int, cache: KVCache, start: int,

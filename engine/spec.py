@@ -26,8 +26,7 @@ class ModelSpec:
 
     @property
     def params(self) -> int:
-        """Parameter count (embeddings counted once when tied)."""
-        attn = self.hidden * self.head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
-        mlp = 3 * self.hidden * self.intermediate
-        emb = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return self.n_layers * (attn + mlp + 2 * self.hidden) + emb + self.hidden
+        """Parameter count (embeddings counted once when tied): the performance model's count."""
+        from engine.shapes import from_spec
+
+        return from_spec(self).params

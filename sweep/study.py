@@ -174,14 +174,18 @@ def _calibration_note() -> str:
         return f"(no calibration note: {type(exc).__name__}: {exc})"
 
 
+def _lock_path(spec: StudySpec, what: str) -> Path:
+    """`<runs dir>/<study>.<what>.lock`, the file behind this study's flocks on this machine."""
+    spec.runs_dir.mkdir(parents=True, exist_ok=True)
+    return spec.runs_dir / f"{spec.name}.{what}.lock"
+
+
 @contextlib.contextmanager
 def study_lock(spec: StudySpec, what: str = "sweep") -> Iterator[None]:
     """An exclusive lock for this study on this machine: `sweep` (enqueue, recovery, sampler
     budget) or `evaluator` (one worker at a time builds its evaluator, so the fp32 reference is
     computed once and cached, not by every worker at the same time)."""
-    d = spec.runs_dir
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / f"{spec.name}.{what}.lock", "a+") as f:
+    with open(_lock_path(spec, what), "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -193,24 +197,28 @@ def study_lock(spec: StudySpec, what: str = "sweep") -> Iterator[None]:
 def worker_presence(spec: StudySpec) -> Iterator[None]:
     """Held (shared) by every worker for its lifetime; the kernel drops it when the process dies,
     even by SIGKILL, so `no_live_workers` can tell that nobody on this machine works the study."""
-    d = spec.runs_dir
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / f"{spec.name}.workers.lock", "a+") as f:
+    with open(_lock_path(spec, "workers"), "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_SH)
         yield
 
 
 def no_live_workers(spec: StudySpec) -> bool:
     """True when no worker process of this study is alive on this machine."""
-    d = spec.runs_dir
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / f"{spec.name}.workers.lock", "a+") as f:
+    with open(_lock_path(spec, "workers"), "a+") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         return True
+
+
+def _nobody_since(spec: StudySpec | None, now: float) -> float | None:
+    """`now` when no worker of a journal-file study is alive (all its workers run on this
+    machine, so none can be anywhere else), else None: the `nobody_since` of `_is_stale`."""
+    if spec is None or spec.journal_path is None or not no_live_workers(spec):
+        return None
+    return now
 
 
 def clear_stale_journal_lock(spec: StudySpec) -> bool:
@@ -279,7 +287,7 @@ def status(spec: StudySpec) -> dict:
     tally = Tally.of(trials)
     sups = superseded_numbers(trials)
     failures, running = [], []
-    nobody = time.time() if spec.journal_path is not None and no_live_workers(spec) else None
+    nobody = _nobody_since(spec, time.time())
     for t in trials:
         if t.state == TrialState.FAIL:
             failures.append({"number": t.number, "config": t.user_attrs.get("config", ""),
@@ -412,7 +420,7 @@ def recover_stale(study: optuna.Study, spec: StudySpec | None = None) -> list[in
     identity is recovered at once when no worker is alive (instead of after NO_WORKER_GRACE_S)."""
     out = []
     now = time.time()
-    nobody = now if spec is not None and spec.journal_path is not None and no_live_workers(spec) else None
+    nobody = _nobody_since(spec, now)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _is_stale(t, now, nobody):
             w = t.user_attrs.get("worker") or {}
