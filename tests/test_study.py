@@ -89,6 +89,14 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90.0) -> int:
     raise AssertionError("hook never fired")
 
 
+def start_hung_run(path: Path, tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """`sweep run PATH --workers 2` in its own session, with the first worker to reach an
+    evaluation hanging there (SWEEP_TEST_HANG); returns the run and the hung worker's pid."""
+    hang = tmp_path / "hang.pid"
+    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], {"SWEEP_TEST_HANG": str(hang)})
+    return proc, wait_for(hang, proc)
+
+
 def wait_dead(pids, timeout: float = 10.0) -> None:
     """Wait until killed processes are gone or zombies (SIGKILL is delivered asynchronously)."""
     t0 = time.time()
@@ -149,9 +157,7 @@ def test_killed_run_then_resume_completes_every_config_once(tmp_path):
     re-run, and every config ends COMPLETE exactly once."""
     path = tiny_lt_pareto(tmp_path)
     spec = load_spec(path)
-    hang = tmp_path / "hang.pid"
-    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], {"SWEEP_TEST_HANG": str(hang)})
-    wait_for(hang, proc)
+    proc, _ = start_hung_run(path, tmp_path)
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -182,9 +188,7 @@ def small_grid(tmp_path: Path) -> Path:
 def test_a_worker_killed_mid_trial_is_replaced_in_the_same_run(tmp_path):
     path = small_grid(tmp_path)
     spec = load_spec(path)
-    hang = tmp_path / "hang.pid"
-    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], {"SWEEP_TEST_HANG": str(hang)})
-    pid = wait_for(hang, proc)
+    proc, pid = start_hung_run(path, tmp_path)
     os.kill(pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
@@ -195,9 +199,7 @@ def test_a_worker_killed_mid_trial_is_replaced_in_the_same_run(tmp_path):
 def test_ctrl_c_fails_and_requeues_the_running_trial(tmp_path):
     path = small_grid(tmp_path)
     spec = load_spec(path)
-    hang = tmp_path / "hang.pid"
-    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], {"SWEEP_TEST_HANG": str(hang)})
-    wait_for(hang, proc)
+    proc, _ = start_hung_run(path, tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
