@@ -1,42 +1,45 @@
 """Math fidelity: the Wormhole matrix engine's phased multiply and dest accumulation, and the
-vector unit's approximate exp / reciprocal (tt-numerics.md sections 1 and 3).
+vector unit's approximate exp / reciprocal (tt-numerics.md sections 1, 3 and 8.3-8.4).
 
-A setting is data (`Fidelity`); `matmul`, `exp` and `recip` take one, or a setting name:
-the six tt-metal names (`SETTINGS`), `hifi3` (`HIFI3`: 3 phases, fp32 dest, packer L1 acc) and
-`exact` (`EXACT = Fidelity(0, False, True, False)`: the fp32 reference path, a plain fp32
-matmul and torch.exp).
+A setting is data: `Fidelity(phases, approx, fp32_dest, packer_l1_acc)`. `SETTINGS` is THE table of
+named settings (the six tt-metal names, `hifi3` and the emulator's `exact`); engine.config's
+`FidelitySetting` enum members carry these records (`.kernel`), and every consumer (the model, the
+equivalence rules, the performance model) reads them from there.
 
-Operands. `matmul(x, w, setting)` takes the activation x [..., M, K] (SrcB) and the weight w
-[K, N] or [..., K, N] (SrcA). Both are read as bf16-style data (sign, 8-bit exponent, 7 mantissa
-bits; the 19-bit source registers hold them exactly): bits beyond the 7th mantissa bit are
-truncated and fp32 denormals flush to zero. The multiplier phases then use TRUNCATED slices:
+Operands. `matmul(x, w, setting, k_block=None)` takes the activation x [..., M, K] (SrcB) and the
+weight w [K, N] or [..., K, N] (SrcA). Both are read as bf16-style data (sign, 8-bit exponent, 7
+mantissa bits; the 19-bit source registers hold them exactly): bits beyond the 7th mantissa bit are
+truncated and fp32 denormals flush to zero. Fidelity phase p multiplies TRUNCATED slices:
 
-    hi(w) = hidden one + top 4 mantissa bits     w7 = hidden one + top 7 bits (all of bf16)
-    hi(x) = hidden one + top 6 mantissa bits     x7 = hidden one + top 7 bits, lo(x) = x7 - hi(x)
+    wh = hidden one + top 4 mantissa bits of w     wl = the next 3 bits   (w7 = wh + wl)
+    xh = hidden one + top 6 mantissa bits of x     xl = the 7th bit       (x7 = xh + xl)
+    phase 0: xh * wh    phase 1: xh * wl    phase 2: xl * wh    phase 3: xl * wl
+    LoFi runs phase 0, HiFi2 phases 0-1, HiFi3 0-2, HiFi4 0-3.
 
-    LoFi (1 phase)   hi(x) @ hi(w)
-    HiFi2 (2)        hi(x) @ w7                       (phases 0 + 1)
-    HiFi3 (3)        hi(x) @ w7 + lo(x) @ hi(w)       (adds phase 2; computed as
-                     x7 @ w7 - lo(x) @ (w7 - hi(w)), exact where either factor vanishes)
-    HiFi4 (4)        x7 @ w7
+`phases=0` is the emulator's exact mode: operands used as given (full fp32, no truncation).
 
-so the emulation costs one real matmul (two for HiFi3), not one per phase. `phases=0` is the
-emulator's exact mode: operands used as given (full fp32, no truncation, no flush).
+Accumulation (ISA MVMUL / Dst; matmul program factories):
+* fp32 dest: every phase and tile adds into an fp32 dest, and with packer L1 accumulation the
+  K blocks' results add in a Float32 L1 buffer: the sum of all phases' products in fp32, computed
+  as one real matmul (x7 @ w7 for HiFi4, xh @ w7 for HiFi2, xh @ wh for LoFi; HiFi3 as
+  x7 @ w7 - xl @ wl). Summation order inside it is the BLAS's.
+* 16-bit (bf16) dest: one MVMUL multiplies a 16-wide K slice and writes RoundToBF16 (nearest
+  even) of (dest + the slice's partial) into dest. Within a 32-wide tile the phase loop is OUTER:
+  per tile, phase 0 slice 0, phase 0 slice 1, phase 1 slice 0, ... so the running sum is rounded
+  2 x phases times per tile. The 16 products of a slice (exact in fp32: <= 8-bit significands)
+  are summed in fp32 in k order. A ragged last tile is zero-padded (zero slices change nothing).
+* K blocks: K runs in blocks of `k_block` elements (tt-metal's in0_block_w tiles x 32; None = all
+  of K in one block). Dest restarts at 0 for each block. With packer L1 accumulation on, block
+  results add in an L1 buffer in Float16_b (bf16 dest) or Float32 (fp32 dest):
+  acc <- interm(acc + D_b). With it off, the partial spills to L1 in the OUTPUT format `out_fmt`
+  and is reloaded into dest as the next block's starting value: D_b starts at out_fmt(D_{b-1}).
 
-Accumulation. The K dimension runs in 32-wide tiles. With fp32 dest the per-tile partials add in
-fp32 (one fp32 matmul; summation order inside it is torch's). With 16-bit dest the running sum is
-rounded to bf16 (nearest even) after every tile: S <- bf16(S + P_t), P_t the fp32 partial of tile
-t (a ragged last tile is zero-padded). K blocks: `k_block` (elements, a multiple of 32) splits K
-into blocks as tt-metal's in0_block_w does; the default None is one block holding all of K, for
-which the packer flag changes nothing. With several blocks and `packer_l1_acc` on, each block's
-dest result (starting from 0) is added into an L1 buffer held in the output format
-(`out_fmt`, bf16 by default; bfp formats use device rounding): acc <- q_out(acc + D_b). With it
-off the partials stay in dest, which carries on accumulating at dest precision across blocks.
-
-The result is float32; the caller rounds it to the op's output dtype.
+The result is float32 holding the final dest / L1 values; the caller rounds it to the op's output
+dtype. The bf16-dest walk runs in a small compiled kernel (engine.native: kernels/dest16.c) when a C
+compiler exists, else in a torch loop that computes the same bits (`dest16_torch`).
 
 `exp(x, approx)` / `recip(x, approx)`: exact (torch) or the SFPU's approximate-mode algorithms
-(see their docstrings for the measured errors). Only settings with approx=True use them.
+(see their docstrings for the measured errors).
 """
 from __future__ import annotations
 
@@ -45,10 +48,10 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import formats
+from engine import formats, native
 
-TILE_K = 32  # K elements per dest accumulation step (one tile)
-_PARTIAL_BUDGET = 1 << 22  # floats per chunk of bf16-dest partials (16 MiB)
+TILE_K = 32  # K elements per tile
+SLICE_K = 16  # K elements per MVMUL (one dest rounding with a 16-bit dest)
 
 
 @dataclass(frozen=True)
@@ -69,26 +72,35 @@ class Fidelity:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
+    @property
+    def interm_format(self) -> str:
+        """The L1 buffer format of packer L1 accumulation (matmul program factories'
+        interm0_data_format): Float32 with an fp32 dest, else Float16_b."""
+        return "fp32" if self.fp32_dest else "bf16"
 
-#: The six named tt-metal settings (tt-numerics.md section 1).
-SETTINGS: dict[str, Fidelity] = {
-    "lofi": Fidelity(1, False, False, True),
-    "hifi2": Fidelity(2, True, True, True),
-    "hifi2na": Fidelity(2, False, False, False),
-    "hifi2fp16": Fidelity(2, False, False, True),
-    "hifi4": Fidelity(4, False, True, True),
-    "hifi4fp32": Fidelity(4, True, True, True),
-}
 
-#: HiFi3 for sweeps (no tt-metal setting uses it): 3 phases, fp32 dest, packer L1 accumulation.
-HIFI3 = Fidelity(3, False, True, True)
+#: THE table of named settings (tt-numerics.md section 1): the six tt-metal names (with the
+#: tt-metal enum member name), `hifi3` (3 phases, fp32 dest, packer L1 acc: hardware has it, no
+#: tt-metal name) and `exact` (the emulator's reference: plain fp32 matmul, exact exp).
+@dataclass(frozen=True)
+class Setting:
+    name: str  # config vocabulary value
+    kernel: Fidelity
+    tt_metal: bool  # a tt-metal MathFidelitySetting (may appear in decoder JSON)
 
-#: The emulator's exact reference: plain fp32 matmul (no truncation, fp32 accumulation), exact exp.
-EXACT = Fidelity(0, False, True, False)
 
-#: Every name `resolve` accepts: the six settings plus `hifi3` and `exact` (engine.config's
-#: FidelitySetting values).
-NAMED: dict[str, Fidelity] = {**SETTINGS, "hifi3": HIFI3, "exact": EXACT}
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    Setting("lofi", Fidelity(1, False, False, True), True),
+    Setting("hifi2", Fidelity(2, True, True, True), True),
+    Setting("hifi2na", Fidelity(2, False, False, False), True),
+    Setting("hifi2fp16", Fidelity(2, False, False, True), True),
+    Setting("hifi3", Fidelity(3, False, True, True), False),
+    Setting("hifi4", Fidelity(4, False, True, True), True),
+    Setting("hifi4fp32", Fidelity(4, True, True, True), True),
+    Setting("exact", Fidelity(0, False, True, False), False),
+)}
+
+EXACT = SETTINGS["exact"].kernel
 
 
 def resolve(setting) -> Fidelity:
@@ -96,9 +108,9 @@ def resolve(setting) -> Fidelity:
     if isinstance(setting, Fidelity):
         return setting
     name = getattr(setting, "value", setting)
-    if isinstance(name, str) and name in NAMED:
-        return NAMED[name]
-    raise ValueError(f"unknown fidelity setting {setting!r}; legal settings: {', '.join(NAMED)}")
+    if isinstance(name, str) and name in SETTINGS:
+        return SETTINGS[name].kernel
+    raise ValueError(f"unknown fidelity setting {setting!r}; legal settings: {', '.join(SETTINGS)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,10 +131,10 @@ def _keep(t: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
     return torch.nn.functional.hardshrink(kept, _DENORMAL_MAX)
 
 
-def _operand_pairs(x: torch.Tensor, w: torch.Tensor, phases: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(SrcB, SrcA) operand pairs whose products sum to the phases' product; a second pair is
-    SUBTRACTED. HiFi3 = hi(x) w7 + lo(x) hi(w) is computed as x7 w7 - lo(x) (w7 - hi(w)), so it is
-    bit-identical to HiFi4 when w has no bits past the 4th (bfp4) and to HiFi2 when lo(x) = 0."""
+def _combined_pairs(x: torch.Tensor, w: torch.Tensor, phases: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(SrcB, SrcA) pairs whose products sum (a second pair SUBTRACTED) to all phases' products:
+    one real matmul for an fp32 dest. HiFi3 = xh w7 + xl wh is x7 w7 - xl (w7 - wh), so it is
+    bit-identical to HiFi4 when w has no bits past the 4th (bfp4) and to HiFi2 when xl = 0."""
     if phases == 0:
         return [(x, w)]
     if phases == 4:
@@ -137,87 +149,114 @@ def _operand_pairs(x: torch.Tensor, w: torch.Tensor, phases: int) -> list[tuple[
     return [(x7, w7), (x7 - xh, w7 - _keep(w, 4))]
 
 
+def x_phases(x: torch.Tensor, phases: int) -> torch.Tensor:
+    """The activation's per-phase slices stacked on dim 1: x [B, M, K] -> [B, P, M, K]
+    (phases 0-1 read xh, 2-3 xl)."""
+    if phases == 0:
+        return x.unsqueeze(1)
+    xh = _keep(x, 6)
+    xl = _keep(x, 7) - xh if phases > 2 else None
+    return torch.stack([xh, xh, xl, xl][:phases], 1)
+
+
+def w_phases(w: torch.Tensor, phases: int) -> torch.Tensor:
+    """The weight's per-phase slices stacked on dim 1: w [Bw, K, N] -> [Bw, P, K, N]
+    (phases 0 and 2 read wh, 1 and 3 wl)."""
+    if phases == 0:
+        return w.unsqueeze(1)
+    wh = _keep(w, 4)
+    wl = _keep(w, 7) - wh if phases > 1 else None
+    return torch.stack([wh, wl, wh, wl][:phases], 1)
+
+
 # ------------------------------------------------------------------------------------------------
-# matmul
+# 16-bit dest
 # ------------------------------------------------------------------------------------------------
 
 
-def _round_to(fmt: formats.Format, t: torch.Tensor) -> torch.Tensor:
-    """Round an L1 partial to the output format (device rounding for block formats)."""
-    return formats.quantize(t, fmt, "device")
+def dest16_torch(xs: torch.Tensor, w: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
+    """The bf16-dest walk of one K block in torch (reference for kernels/dest16.c, bit for bit):
+    xs [B, P, M, K] (`x_phases`), w [Bw, K, N] (Bw = B or 1), K a multiple of 32, init [B, M, N]
+    or None."""
+    B, P, M, K = xs.shape
+    ws = w_phases(w, P)
+    N = ws.shape[-1]
+    dest = torch.zeros(B, M, N, device=xs.device) if init is None else init.clone()
+    for t in range(0, K, TILE_K):
+        for p in range(P):
+            for s in range(t, t + TILE_K, SLICE_K):
+                part = xs[:, p, :, s, None] * ws[:, p, s, None, :]
+                for k in range(s + 1, s + SLICE_K):
+                    part = part + xs[:, p, :, k, None] * ws[:, p, k, None, :]
+                dest = (dest + part).to(torch.bfloat16).float()
+    return dest
 
 
-def _fp32_dest(pairs, kb: int, K: int, l1: bool, out_fmt) -> torch.Tensor:
-    """fp32 dest: one matmul per operand pair (per K block when the packer accumulates in L1)."""
-    starts = range(0, K, kb) if l1 and kb < K else [0]
-    acc = None
-    for k0 in starts:
-        k1 = K if len(starts) == 1 else min(K, k0 + kb)
-        (xs, ws), *rest = pairs
-        part = torch.matmul(xs[..., k0:k1], ws[..., k0:k1, :])
-        for xs, ws in rest:
-            part.baddbmm_(xs[..., k0:k1], ws[..., k0:k1, :], alpha=-1)
-        acc = part if len(starts) == 1 else _round_to(out_fmt, part if acc is None else acc + part)
-    return acc
-
-
-def _tiles(xs: torch.Tensor, ws: torch.Tensor, pad: int):
-    """x [B, M, K] -> [B, T, M, 32] (contiguous); w [B, K, N] -> [B, T, 32, N] (a view)."""
-    if pad:
-        xs = torch.nn.functional.pad(xs, (0, pad))
-        ws = torch.nn.functional.pad(ws, (0, 0, 0, pad))
-    B, M, K = xs.shape
-    T = K // TILE_K
-    xt = xs.reshape(B, M, T, TILE_K).permute(0, 2, 1, 3).contiguous()
-    return xt, ws.reshape(ws.shape[0], T, TILE_K, ws.shape[-1]).expand(B, T, TILE_K, ws.shape[-1])
-
-
-def _chunks(B: int, bc: int, N: int, nc: int, M: int, mc: int):
-    """(b0, b1, n0, n1, m0, m1) ranges covering [B, M, N] in chunks."""
-    for b0 in range(0, B, bc):
-        for n0 in range(0, N, nc):
-            for m0 in range(0, M, mc):
-                yield b0, min(B, b0 + bc), n0, min(N, n0 + nc), m0, min(M, m0 + mc)
-
-
-def _bf16_dest(pairs, kb: int, K: int, l1: bool, out_fmt) -> torch.Tensor:
-    """bf16 dest: per-tile partials as one batched matmul over [K/32] tiles (chunked over batch,
-    M and N so a chunk holds about _PARTIAL_BUDGET floats), then the sequential bf16-rounded
-    running sum over the tiles."""
-    pad = (-K) % TILE_K
-    tiles = [_tiles(xs, ws, pad) for xs, ws in pairs]
-    B, T, M, _ = tiles[0][0].shape
-    N = tiles[0][1].shape[-1]
-    block_tiles = kb // TILE_K
-    blocks_end = set(range(block_tiles - 1, T - 1, block_tiles)) if l1 else set()
-    mc = min(M, 256)
-    nc = min(N, max(32, _PARTIAL_BUDGET // max(1, B * T * mc)))
-    bc = min(B, max(1, _PARTIAL_BUDGET // max(1, T * mc * nc)))
-    out = torch.empty(B, M, N, device=tiles[0][0].device)
-    for b0, b1, n0, n1, m0, m1 in _chunks(B, bc, N, nc, M, mc):
-        part = None
-        for xt, wt in tiles:
-            a = xt[b0:b1, :, m0:m1].reshape(-1, m1 - m0, TILE_K)
-            b = wt[b0:b1, ..., n0:n1].reshape(-1, TILE_K, n1 - n0)
-            part = torch.bmm(a, b) if part is None else part.baddbmm_(a, b, alpha=-1)
-        part = part.view(b1 - b0, T, m1 - m0, n1 - n0)
-        dest = torch.zeros(b1 - b0, m1 - m0, n1 - n0, dtype=torch.bfloat16, device=part.device)
-        acc = None
-        for t in range(T):
-            torch.add(dest, part[:, t], out=dest)  # fp32 add, one rounding to bf16
-            if t in blocks_end:  # packer L1 accumulation of this K block's result
-                acc = _round_to(out_fmt, dest.float() if acc is None else acc + dest.float())
-                dest.zero_()
-        out[b0:b1, m0:m1, n0:n1] = dest.float() if acc is None else _round_to(out_fmt, acc + dest.float())
+def _dest16_block(xs: torch.Tensor, ws: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
+    """One K block: xs [B, P, M, K] activation slices, ws [Bw, K, N] the raw weight."""
+    fn = native.dest16() if xs.device.type == "cpu" else None
+    if fn is None:
+        return dest16_torch(xs, ws, init)
+    xs, ws = xs.contiguous(), ws.contiguous()
+    B, P, M, K = xs.shape
+    N = ws.shape[-1]
+    out = torch.empty(B, M, N)
+    init_p = None if init is None else init.contiguous()
+    fn(xs.data_ptr(), ws.data_ptr(), None if init_p is None else init_p.data_ptr(), out.data_ptr(),
+       B, P, M, K, N, int(ws.shape[0] != 1))
     return out
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, setting, *, k_block: int | None = None, out_fmt="bf16") -> torch.Tensor:
+def _blocks(K: int, kb: int) -> list[tuple[int, int]]:
+    return [(k0, min(K, k0 + kb)) for k0 in range(0, K, kb)]
+
+
+def _dest16(xb: torch.Tensor, wb: torch.Tensor, fid: Fidelity, kb: int, out_fmt: formats.Format) -> torch.Tensor:
+    """bf16 dest over K blocks of `kb` (a multiple of 32): see the module docstring."""
+    K = xb.shape[-1]
+    pad = (-K) % TILE_K
+    xs, ws = x_phases(xb, fid.phases), wb
+    if pad:
+        xs = torch.nn.functional.pad(xs, (0, pad))
+        ws = torch.nn.functional.pad(ws, (0, 0, 0, pad))
+    acc = None
+    for k0, k1 in _blocks(K + pad, kb):
+        if fid.packer_l1_acc:  # dest restarts at 0; the packer adds into L1 (Float16_b)
+            d = _dest16_block(xs[..., k0:k1], ws[..., k0:k1, :], None)
+            acc = d if acc is None else _round_to(fid.interm_format, acc + d)
+        else:  # spill in the output format, reload into dest for the next block
+            init = None if acc is None else _round_to(out_fmt, acc)
+            acc = _dest16_block(xs[..., k0:k1], ws[..., k0:k1, :], init)
+    return acc
+
+
+def _round_to(fmt, t: torch.Tensor) -> torch.Tensor:
+    """Round an L1 partial to `fmt` (device rounding for block formats)."""
+    return formats.quantize(t, fmt, "device")
+
+
+def _dest32(xb: torch.Tensor, wb: torch.Tensor, fid: Fidelity, kb: int, out_fmt: formats.Format) -> torch.Tensor:
+    """fp32 dest: one matmul of the combined operands per K block; blocks add in Float32 L1
+    (packer L1 acc: one matmul over all of K) or reload a partial spilled in the output format."""
+    pairs = _combined_pairs(xb, wb, fid.phases)
+    blocks = [(0, xb.shape[-1])] if fid.packer_l1_acc else _blocks(xb.shape[-1], kb)
+    acc = None
+    for k0, k1 in blocks:
+        (xs, ws), *rest = pairs
+        part = torch.matmul(xs[..., k0:k1], ws[..., k0:k1, :])
+        for xs, ws in rest:
+            part = part - torch.matmul(xs[..., k0:k1], ws[..., k0:k1, :])
+        acc = part if acc is None else _round_to(out_fmt, acc) + part
+    return acc
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, setting, k_block: int | None = None, *, out_fmt="bf16") -> torch.Tensor:
     """x [..., M, K] (activation, SrcB) @ w [K, N] or [..., K, N] (weight, SrcA) as the matrix
     engine computes it under `setting` (a name or `Fidelity`); float32 result [..., M, N].
 
-    `k_block` (a multiple of 32, default all of K) and `out_fmt` (the L1 accumulation format)
-    only matter with several K blocks; see the module docstring.
+    `k_block` (elements, a multiple of 32; None = all of K in one block) is tt-metal's
+    in0_block_w x 32; `out_fmt` is the op's output format, where partials spill without packer
+    L1 accumulation. See the module docstring.
     """
     fid = resolve(setting)
     x = torch.as_tensor(x).detach().to(torch.float32)
@@ -225,12 +264,11 @@ def matmul(x: torch.Tensor, w: torch.Tensor, setting, *, k_block: int | None = N
     if x.dim() < 1 or w.dim() < 2 or x.shape[-1] != w.shape[-2]:
         raise ValueError(f"matmul needs x [..., M, K] and w [..., K, N]; got {tuple(x.shape)} and {tuple(w.shape)}")
     K, N = w.shape[-2:]
-    kb = K if k_block is None else int(k_block)
-    if k_block is not None and (kb <= 0 or kb % TILE_K):
+    if k_block is not None and (int(k_block) <= 0 or int(k_block) % TILE_K):
         raise ValueError(f"k_block must be a positive multiple of {TILE_K}, got {k_block!r}")
+    kb = -(-max(K, 1) // TILE_K) * TILE_K if k_block is None else int(k_block)
     ofmt = formats.get_format(out_fmt)
-    l1 = fid.packer_l1_acc and kb < K
-    if fid.phases == 0 and fid.fp32_dest and not l1:  # exact: plain fp32 matmul
+    if fid.phases == 0 and fid.fp32_dest:  # the emulator's exact mode: plain fp32
         return torch.matmul(x, w)
     if w.dim() == 2:
         out_shape = (*x.shape[:-1], N)
@@ -243,11 +281,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, setting, *, k_block: int | None = N
         out_shape = (*batch, M, N)
         xb = x.expand(*batch, M, K).reshape(-1, M, K)
         wb = w.expand(*batch, K, N).reshape(-1, K, N)
-    pairs = _operand_pairs(xb, wb, fid.phases)
-    if fid.fp32_dest:
-        y = _fp32_dest(pairs, kb, K, l1, ofmt)
-    else:
-        y = _bf16_dest(pairs, kb, K, l1, ofmt)
+    y = (_dest32 if fid.fp32_dest else _dest16)(xb, wb, fid, kb, ofmt)
     return y.reshape(out_shape)
 
 
