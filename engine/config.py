@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, Mapping
 
+from engine import fidelity, formats
+
 
 class ConfigError(ValueError):
     """A config string, name or file that cannot be understood; the message names the fix."""
@@ -30,10 +32,17 @@ class TensorGroup(Enum):
 
 
 class Precision(Enum):
+    """A tensor group's format; the facts (bytes, fraction bits, tt-metal or not) are the
+    `engine.formats.FORMATS` record that `.format` returns."""
+
     BFP4 = "bfp4"
     BFP8 = "bfp8"
     BF16 = "bf16"
     FP32 = "fp32"  # emulator only: no rounding (reference path)
+
+    @property
+    def format(self) -> formats.Format:
+        return formats.FORMATS[self.value]
 
 
 class OpGroup(Enum):
@@ -57,17 +66,15 @@ class FidelitySetting(Enum):
     HIFI4_FP32 = "hifi4fp32"
     EXACT = "exact"  # emulator only: plain fp32 matmul and exp (reference path)
 
+    @property
+    def kernel(self) -> fidelity.Fidelity:
+        """The compute-kernel record (phases, approx, fp32 dest, packer L1 acc): engine.fidelity.SETTINGS."""
+        return fidelity.SETTINGS[self.value].kernel
 
-#: Values that exist in tt-metal and may appear in an exported decoder JSON.
-TT_PRECISIONS = (Precision.BFP4, Precision.BFP8, Precision.BF16)
-TT_FIDELITIES = (
-    FidelitySetting.LOFI,
-    FidelitySetting.HIFI2,
-    FidelitySetting.HIFI2_NA,
-    FidelitySetting.HIFI2_FP16,
-    FidelitySetting.HIFI4,
-    FidelitySetting.HIFI4_FP32,
-)
+
+#: Values that exist in tt-metal and may appear in an exported decoder JSON (from the records).
+TT_PRECISIONS = tuple(p for p in Precision if p.format.tt_metal)
+TT_FIDELITIES = tuple(f for f in FidelitySetting if fidelity.SETTINGS[f.value].tt_metal)
 
 MIXED = "mixed"
 

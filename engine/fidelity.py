@@ -28,11 +28,15 @@ Accumulation (ISA MVMUL / Dst; matmul program factories):
   per tile, phase 0 slice 0, phase 0 slice 1, phase 1 slice 0, ... so the running sum is rounded
   2 x phases times per tile. The 16 products of a slice (exact in fp32: <= 8-bit significands)
   are summed in fp32 in k order. A ragged last tile is zero-padded (zero slices change nothing).
-* K blocks: K runs in blocks of `k_block` elements (tt-metal's in0_block_w tiles x 32; None = all
-  of K in one block). Dest restarts at 0 for each block. With packer L1 accumulation on, block
-  results add in an L1 buffer in Float16_b (bf16 dest) or Float32 (fp32 dest):
-  acc <- interm(acc + D_b). With it off, the partial spills to L1 in the OUTPUT format `out_fmt`
-  and is reloaded into dest as the next block's starting value: D_b starts at out_fmt(D_{b-1}).
+* K blocks (bmm_large_block_zm_fused_bias_activation + the matmul program factories): K runs in
+  blocks of `k_block` elements (tt-metal's in0_block_w tiles x 32; None = all of K in one block),
+  and dest restarts at 0 for each block. Partials live in L1 in `partials_format`: with packer L1
+  accumulation (engaged only when there is more than one block) Float32 (fp32 dest) or Float16_b
+  (16-bit dest); without it Float32 (fp32 dest) or the op's OUTPUT format (16-bit dest); the
+  DRAM-sharded decode matmuls override it to Float16_b (`interm="bf16"`). With packer L1 acc the
+  packer adds blocks 0..n-2 into L1, acc <- part(acc + D_b), and the LAST block starts from the
+  reloaded acc in dest; without it every block after the first starts from the reloaded partial
+  and spills again.
 
 The result is float32 holding the final dest / L1 values; the caller rounds it to the op's output
 dtype. The bf16-dest walk runs in a small compiled kernel (engine.native: kernels/dest16.c) when a C
@@ -211,52 +215,72 @@ def _blocks(K: int, kb: int) -> list[tuple[int, int]]:
     return [(k0, min(K, k0 + kb)) for k0 in range(0, K, kb)]
 
 
-def _dest16(xb: torch.Tensor, wb: torch.Tensor, fid: Fidelity, kb: int, out_fmt: formats.Format) -> torch.Tensor:
-    """bf16 dest over K blocks of `kb` (a multiple of 32): see the module docstring."""
-    K = xb.shape[-1]
-    pad = (-K) % TILE_K
-    xs, ws = x_phases(xb, fid.phases), wb
-    if pad:
-        xs = torch.nn.functional.pad(xs, (0, pad))
-        ws = torch.nn.functional.pad(ws, (0, 0, 0, pad))
-    acc = None
-    for k0, k1 in _blocks(K + pad, kb):
-        if fid.packer_l1_acc:  # dest restarts at 0; the packer adds into L1 (Float16_b)
-            d = _dest16_block(xs[..., k0:k1], ws[..., k0:k1, :], None)
-            acc = d if acc is None else _round_to(fid.interm_format, acc + d)
-        else:  # spill in the output format, reload into dest for the next block
-            init = None if acc is None else _round_to(out_fmt, acc)
-            acc = _dest16_block(xs[..., k0:k1], ws[..., k0:k1, :], init)
-    return acc
-
-
 def _round_to(fmt, t: torch.Tensor) -> torch.Tensor:
-    """Round an L1 partial to `fmt` (device rounding for block formats)."""
+    """Round a partial to `fmt` (device rounding for block formats; fp32 unchanged)."""
     return formats.quantize(t, fmt, "device")
 
 
-def _dest32(xb: torch.Tensor, wb: torch.Tensor, fid: Fidelity, kb: int, out_fmt: formats.Format) -> torch.Tensor:
-    """fp32 dest: one matmul of the combined operands per K block; blocks add in Float32 L1
-    (packer L1 acc: one matmul over all of K) or reload a partial spilled in the output format."""
-    pairs = _combined_pairs(xb, wb, fid.phases)
-    blocks = [(0, xb.shape[-1])] if fid.packer_l1_acc else _blocks(xb.shape[-1], kb)
+def partials_format(fid: Fidelity, n_blocks: int, out_fmt, interm=None) -> str:
+    """The format K-block partials are held in (program factories' interm0_data_format): packer L1
+    acc (engaged only with > 1 block) -> Float32 / Float16_b by the dest; else Float32 with an fp32
+    dest, the output format with a 16-bit one. `interm` overrides it (the DRAM-sharded decode
+    matmuls always use Float16_b)."""
+    if interm is not None:
+        return formats.get_format(interm).name
+    if fid.packer_l1_acc and n_blocks > 1:
+        return fid.interm_format
+    return "fp32" if fid.fp32_dest else formats.get_format(out_fmt).name
+
+
+def _walk(xb: torch.Tensor, wb: torch.Tensor, fid: Fidelity, kb: int, out_fmt, interm) -> torch.Tensor:
+    """All K blocks (the module docstring's accumulation rules); float32 [B, M, N]."""
+    K = xb.shape[-1]
+    blocks = _blocks(K, kb)
+    l1 = fid.packer_l1_acc and len(blocks) > 1
+    part_fmt = partials_format(fid, len(blocks), out_fmt, interm)
+    if fid.fp32_dest:
+        pairs = _combined_pairs(xb, wb, fid.phases)
+        if part_fmt == "fp32":  # fp32 partials: one fp32 sum over all of K
+            blocks = [(0, K)]
+
+        def block(k0, k1, init):
+            (xs, ws), *rest = pairs
+            d = torch.matmul(xs[..., k0:k1], ws[..., k0:k1, :])
+            for xs, ws in rest:
+                d = d - torch.matmul(xs[..., k0:k1], ws[..., k0:k1, :])
+            return d if init is None else init + d
+    else:
+        pad = (-K) % TILE_K
+        xs, ws = x_phases(xb, fid.phases), wb
+        if pad:  # zero slices change nothing; blocks end on the padded K
+            xs = torch.nn.functional.pad(xs, (0, pad))
+            ws = torch.nn.functional.pad(ws, (0, 0, 0, pad))
+            blocks = [(k0, k1 + pad if k1 == K else k1) for k0, k1 in blocks]
+
+        def block(k0, k1, init):
+            return _dest16_block(xs[..., k0:k1], ws[..., k0:k1, :], init)
+
     acc = None
-    for k0, k1 in blocks:
-        (xs, ws), *rest = pairs
-        part = torch.matmul(xs[..., k0:k1], ws[..., k0:k1, :])
-        for xs, ws in rest:
-            part = part - torch.matmul(xs[..., k0:k1], ws[..., k0:k1, :])
-        acc = part if acc is None else _round_to(out_fmt, acc) + part
+    for i, (k0, k1) in enumerate(blocks):
+        last = i == len(blocks) - 1
+        if l1 and not last:  # dest restarts at 0; the packer adds the block into L1
+            d = block(k0, k1, None)
+            acc = _round_to(part_fmt, d if acc is None else acc + d)
+        else:  # reload the partial into dest (the last block with L1 acc; every block when spilling)
+            d = block(k0, k1, acc)
+            acc = d if last else _round_to(part_fmt, d)
     return acc
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, setting, k_block: int | None = None, *, out_fmt="bf16") -> torch.Tensor:
+def matmul(x: torch.Tensor, w: torch.Tensor, setting, k_block: int | None = None, *, out_fmt="bf16",
+           interm=None) -> torch.Tensor:
     """x [..., M, K] (activation, SrcB) @ w [K, N] or [..., K, N] (weight, SrcA) as the matrix
     engine computes it under `setting` (a name or `Fidelity`); float32 result [..., M, N].
 
     `k_block` (elements, a multiple of 32; None = all of K in one block) is tt-metal's
-    in0_block_w x 32; `out_fmt` is the op's output format, where partials spill without packer
-    L1 accumulation. See the module docstring.
+    in0_block_w x 32; `out_fmt` is the op's output format (where partials spill without packer L1
+    accumulation and a 16-bit dest); `interm` overrides the partials' format. See the module
+    docstring.
     """
     fid = resolve(setting)
     x = torch.as_tensor(x).detach().to(torch.float32)
@@ -266,8 +290,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, setting, k_block: int | None = None
     K, N = w.shape[-2:]
     if k_block is not None and (int(k_block) <= 0 or int(k_block) % TILE_K):
         raise ValueError(f"k_block must be a positive multiple of {TILE_K}, got {k_block!r}")
-    kb = -(-max(K, 1) // TILE_K) * TILE_K if k_block is None else int(k_block)
-    ofmt = formats.get_format(out_fmt)
+    kb = max(K, 1) if k_block is None else int(k_block)
     if fid.phases == 0 and fid.fp32_dest:  # the emulator's exact mode: plain fp32
         return torch.matmul(x, w)
     if w.dim() == 2:
@@ -281,8 +304,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, setting, k_block: int | None = None
         out_shape = (*batch, M, N)
         xb = x.expand(*batch, M, K).reshape(-1, M, K)
         wb = w.expand(*batch, K, N).reshape(-1, K, N)
-    y = (_dest32 if fid.fp32_dest else _dest16)(xb, wb, fid, kb, ofmt)
-    return y.reshape(out_shape)
+    return _walk(xb, wb, fid, kb, out_fmt, interm).reshape(out_shape)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -59,12 +59,16 @@ ROUNDINGS = ("host", "device")
 @dataclass(frozen=True)
 class Format:
     """A number format. `mag_bits` is the per-element magnitude width of a block format (None for
-    the scalar formats); `tile_bytes` is the size of one packed 32x32 tile."""
+    the scalar formats); `tile_bytes` is the size of one packed 32x32 tile; `fraction_bits` the
+    mantissa bits a value can carry after unpacking to bf16-style data (what the fidelity phases
+    see); `tt_metal` whether tt-metal has the format (fp32 is the emulator's no-rounding format)."""
 
     name: str
     bytes_per_element: float
     tile_bytes: int
+    fraction_bits: int
     mag_bits: int | None = None
+    tt_metal: bool = True
 
     @property
     def is_block(self) -> bool:
@@ -81,10 +85,10 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "fp32": Format("fp32", 4.0, 4096),
-    "bf16": Format("bf16", 2.0, 2048),
-    "bfp8": Format("bfp8", 1.0625, 1088, mag_bits=7),
-    "bfp4": Format("bfp4", 0.5625, 576, mag_bits=3),
+    "fp32": Format("fp32", 4.0, 4096, 23, tt_metal=False),
+    "bf16": Format("bf16", 2.0, 2048, 7),
+    "bfp8": Format("bfp8", 1.0625, 1088, 6, mag_bits=7),  # 1 leading + 6 fraction bits
+    "bfp4": Format("bfp4", 0.5625, 576, 2, mag_bits=3),
 }
 
 
