@@ -355,3 +355,32 @@ def recip(x: torch.Tensor, approx=False) -> torch.Tensor:
 
 def _approx(approx) -> bool:
     return approx if isinstance(approx, bool) else resolve(approx).approx
+
+
+# SiLU as the SFPU computes it (ckernel_sfpu_silu.h). `sfpu-piecewise` is the seed era's:
+# silu(x) = x * s(|x|) (x >= 0) or x * (1 - s(|x|)) (x < 0), s(t) = 0.229 t + 0.5 for t <= 1,
+# a degree-4 polynomial for 1 < t < 5, 1 from 5 (max sigmoid error 0.0087); `exact` is x * sigmoid(x)
+# (later tt-metal computes sigmoid from exp).
+_SIGMOID_POLY = (0.00144462, -0.01055479, -0.01203685, 0.24300185, 0.50437757)  # POLYVAL5 c4..c0
+
+
+def silu_piecewise(x: torch.Tensor) -> torch.Tensor:
+    """The seed era's SFPU SiLU (`_calculate_silu_` / `_sigmoid_piecewise_linear_positive_`) in fp32."""
+    x = torch.as_tensor(x).to(torch.float32)
+    t = x.abs()
+    poly = torch.full_like(t, _SIGMOID_POLY[0])
+    for c in _SIGMOID_POLY[1:]:
+        poly = poly * t + c
+    s = torch.where(t <= 1.0, 0.229 * t + 0.5, torch.where(t < 5.0, poly, torch.ones_like(t)))
+    return x * torch.where(x < 0, 1.0 - s, s)
+
+
+SILU = {"exact": torch.nn.functional.silu, "sfpu-piecewise": silu_piecewise}
+
+
+def silu_fn(mode: str):
+    """The SiLU of a `numerics.silu` mode name."""
+    try:
+        return SILU[mode]
+    except KeyError:
+        raise ValueError(f"unknown silu mode {mode!r}; legal modes: {', '.join(SILU)}") from None

@@ -65,12 +65,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine import fidelity, formats
+from engine import fidelity, formats, programs
 from engine.config import Config, ConfigError, FidelitySetting, ModelConfig, Precision, fidelity_of
 from engine.spec import ModelSpec
 
 ROWS = 32  # tile height: decode and LM-head activations are padded to a multiple of it
 FULL = "fp32"  # the no-rounding format name
+LM_HEAD = ("bfp8", "hifi2fp16")  # tt/lm_head.py: bfp8 weights, HiFi2 / bf16 dest / packer L1 acc
+DEFAULT_SILU = "sfpu-piecewise"  # the seed era's SFPU SiLU
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,61 +83,17 @@ def rnd(x: torch.Tensor, fmt: str) -> torch.Tensor:
     return x if fmt == FULL else formats.quantize(x, fmt, rounding="device")
 
 
-@dataclass(frozen=True)
-class Kernel:
-    """One fidelity setting as the model uses it: matmul, exp and reciprocal."""
-
-    setting: FidelitySetting
-    fid: object  # what fidelity.matmul receives; None = plain fp32 matmul
-    approx: bool
-
-    def mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x [..., M, K] (activation, SrcB) @ w [K, N] or [..., K, N] (weight, SrcA) -> fp32."""
-        return torch.matmul(x, w.float()) if self.fid is None else fidelity.matmul(x, w, self.fid)
-
-    def exp(self, x: torch.Tensor) -> torch.Tensor:
-        return fidelity.exp(x, True) if self.approx else torch.exp(x)
-
-    def div(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """x / d; approximate settings multiply by the SFPU's approximate reciprocal."""
-        return x * fidelity.recip(d, True) if self.approx else x / d
+def mm(setting: FidelitySetting, x: torch.Tensor, w: torch.Tensor, k_block: int | None = None,
+       out_fmt: str = "bf16", interm: str | None = None) -> torch.Tensor:
+    """x [..., M, K] (activation, SrcB) @ w (weight, SrcA) under a config fidelity setting -> fp32."""
+    if setting is FidelitySetting.EXACT:
+        return torch.matmul(x, w.float())
+    return fidelity.matmul(x, w, setting.kernel, k_block, out_fmt=out_fmt if out_fmt != FULL else "fp32", interm=interm)
 
 
-_KERNELS: dict[FidelitySetting, Kernel] = {}
-
-
-def kernel_for(setting: FidelitySetting | str) -> Kernel:
-    """The Kernel for a config fidelity setting, using fidelity's own definition of the name when
-    it has one (`fidelity.resolve`); otherwise `hifi3` = Fidelity(3, approx=False, fp32_dest=True,
-    packer_l1_acc=True) and `exact` = plain fp32 matmul with torch.exp."""
-    setting = fidelity_of(setting)
-    k = _KERNELS.get(setting)
-    if k is None:
-        try:
-            fid = fidelity.resolve(setting.value)
-        except (KeyError, ValueError):
-            if setting is FidelitySetting.HIFI3:
-                fid = fidelity.Fidelity(3, approx=False, fp32_dest=True, packer_l1_acc=True)
-            elif setting is FidelitySetting.EXACT:
-                fid = None
-            else:
-                raise
-        approx = setting is not FidelitySetting.EXACT and bool(getattr(fid, "approx", False))
-        k = _KERNELS[setting] = Kernel(setting, fid, approx)
-    return k
-
-
-def _fmt(p: Precision | None) -> str:
-    return p.value
-
-
-def _out_fmt(c: Config, what: str, prefill: bool) -> str:
-    """Output dtype of a governed op: 'qkv', 'q', 'wo', 'w13', 'prod', 'w2'."""
-    if c.activation is not None:
-        return c.activation.value
-    if what == "prod" or (prefill and what in ("q", "wo")):
-        return "bfp8"
-    return "bf16"
+def _act(c: Config, default: str) -> str:
+    """An op's output dtype: the forced `activation`, else the op's own default."""
+    return default if c.activation is None else c.activation.value
 
 
 def _pad_rows(x: torch.Tensor, multiple: int = ROWS) -> torch.Tensor:
@@ -181,12 +139,13 @@ def rope_inv_freq(spec: ModelSpec, long: bool = False) -> torch.Tensor:
     raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3, longrope)")
 
 
-def _rope_apply(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x [M, heads, D] * cos + rotate_half(x) * sin, with rotate_half(x) * sin computed as
-    (halves of x swapped) * (sin with its first half negated): the same products, bit for bit."""
-    M, nh, D = x.shape
-    swapped = x.reshape(M, nh, 2, D // 2).flip(-2).reshape(M, nh, D)
-    return x * cos + swapped * sin_signed
+def to_meta(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """q/k projection rows (or bias) from Hugging Face's rotate-half order to Meta's interleaved-pair
+    order (tt_transformers' convert_hf_to_meta / reverse_permute): within each head, row i of the first
+    half and row i of the second half become rows 2i and 2i+1. The attention scores are unchanged
+    (q and k are permuted alike); what changes is which values share a bfp block of 16."""
+    rest = w.shape[1:]
+    return w.reshape(-1, 2, head_dim // 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,21 +192,31 @@ class Model:
         self,
         spec: ModelSpec,
         weights: dict[str, torch.Tensor],
-        lm_head: tuple[str, str] = ("bfp8", "hifi2"),
+        lm_head: tuple[str, str] = LM_HEAD,
         logits_format: str = "bfp8",
         sdpa_exp_approx: bool = False,
         rope_context: int | None = None,
+        tp: int = 1,
+        topology: str = "line",
+        silu: str = DEFAULT_SILU,
+        torch_device: str | torch.device | None = None,
     ):
         if spec.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {spec.head_dim}")
         if spec.n_heads % spec.n_kv_heads:
             raise ValueError(f"n_heads {spec.n_heads} is not a multiple of n_kv_heads {spec.n_kv_heads}")
+        programs.check_tp(spec, tp)
         self.spec = spec
+        self.tp, self.topology = int(tp), topology
+        self.wo_split = 1 if programs.wo_fused(spec, self.tp, topology) else self.tp  # wo split along K
+        self._prog = {p: programs.blocks(spec, self.tp, p, topology) for p in (False, True)}
         self.sdpa_exp_approx = sdpa_exp_approx  # False: exact exp in SDPA, as tt_transformers runs it
-        self.lm_head_format, self.lm_head_kernel = lm_head[0], kernel_for(lm_head[1])
+        self.silu = fidelity.silu_fn(silu)
+        self.lm_head_format, self.lm_head_setting = lm_head[0], fidelity_of(lm_head[1])
         formats.get_format(self.lm_head_format)
         self.logits_format = formats.get_format(logits_format).name
-        self.w = {k: v.detach().to(torch.float32) for k, v in weights.items()}
+        self.device = torch.device(torch_device) if torch_device is not None else torch.device("cpu")
+        self.w = {k: v.detach().to(self.device, torch.float32) for k, v in weights.items()}
         missing = [k for k in self._required() if k not in self.w]
         if missing:
             raise KeyError(f"weights lack {len(missing)} tensors, e.g. {missing[:3]}")
@@ -257,7 +226,7 @@ class Model:
         self._rope_orig = int(rs.get("original_max_position_embeddings", 0))
         self._rope_scale = float(rs.get("attention_factor", 1.0)) if self._longrope else 1.0
         self.rope_context = rope_context  # longrope: the length that picks long or short factors
-        self._tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # long? -> (cos, signed sin)
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (long?, fmt) -> (cos, signed sin)
 
     def _required(self) -> list[str]:
         req = ["model.embed_tokens.weight", "model.norm.weight"]
@@ -294,10 +263,11 @@ class Model:
         layer, _, kind = name.partition(".")
         a = f"model.layers.{layer}.self_attn."
         m = f"model.layers.{layer}.mlp."
-        if kind == "wqkv":
-            return q(torch.cat([w[a + f"{n}_proj.weight"] for n in "qkv"]).T.contiguous())
-        if kind == "bqkv":
-            return q(torch.cat([w[a + f"{n}_proj.bias"] for n in "qkv"]))
+        if kind in ("wqkv", "bqkv"):
+            what = "weight" if kind == "wqkv" else "bias"
+            qw, kw, vw = (w[a + f"{n}_proj.{what}"] for n in "qkv")
+            fused = torch.cat([to_meta(qw, self.spec.head_dim), to_meta(kw, self.spec.head_dim), vw])
+            return q(fused.T.contiguous() if kind == "wqkv" else fused)
         if kind == "wo":
             return q(w[a + "o_proj.weight"].T.contiguous())
         if kind == "w13":
@@ -328,97 +298,164 @@ class Model:
         return cfg.layers
 
     # --- RoPE tables ---------------------------------------------------------------------------
-    def _table(self, long: bool, need: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self._tables.get(long, (torch.empty(0), torch.empty(0)))
+    def _table(self, long: bool, need: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [n, head_dim] computed in fp32, held in `fmt` (tt_transformers' RotarySetup
+        uploads them as bf16; fp32 in full-precision mode)."""
+        cos, sin = self._tables.get((long, fmt), (torch.empty(0), torch.empty(0)))
         if need > cos.shape[0]:
             n = max(need, 2 * cos.shape[0], 1024)
             freqs = torch.arange(n, dtype=torch.int64)[:, None].float() * rope_inv_freq(self.spec, long)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            half = self.spec.head_dim // 2
-            cos, sin = emb.cos(), torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), -1)
+            emb = freqs.repeat_interleave(2, dim=-1)  # Meta pair order: frequency i at dims 2i and 2i+1
+            sign = torch.tensor([-1.0, 1.0]).repeat(self.spec.head_dim // 2)  # out[2i] -= x[2i+1] sin_i
+            cos, sin = emb.cos(), emb.sin() * sign
             if self._rope_scale != 1.0:  # longrope's attention factor scales cos and sin
                 cos, sin = cos * self._rope_scale, sin * self._rope_scale
-            self._tables[long] = cos, sin
+            cos, sin = rnd(cos, fmt).to(self.device), rnd(sin, fmt).to(self.device)
+            self._tables[(long, fmt)] = cos, sin
         return cos, sin
 
-    def _rope(self, pos: torch.Tensor, prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, signed sin [M, 1, D] for positions `pos`. longrope takes its long factors when the
-        sequence exceeds the pretraining length: the sequence is `rope_context` when set (the whole
-        evaluation, as its reference forward sees it), else, like transformers' generate, the
+    def _rope(self, pos: torch.Tensor, prefill: bool, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin [M, 1, D] for positions `pos`, held in `fmt`. longrope takes its long factors
+        when the sequence exceeds the pretraining length: the sequence is `rope_context` when set (the
+        whole evaluation, as its reference forward sees it), else, like transformers' generate, the
         highest position of a prefill + 1, or each decode row's position + 1 (so decode_batched
         stays equal to decode_step)."""
         need = int(pos.max()) + 1
         if self._longrope and self.rope_context is None and not prefill:  # per decode row
-            (cs, ss), (cl, sl) = self._table(False, need), self._table(True, need)
+            (cs, ss), (cl, sl) = self._table(False, need, fmt), self._table(True, need, fmt)
             row_long = (pos + 1 > self._rope_orig)[:, None, None]
             return torch.where(row_long, cl[pos][:, None], cs[pos][:, None]), torch.where(row_long, sl[pos][:, None], ss[pos][:, None])
         long = self._longrope and (self.rope_context or need) > self._rope_orig
-        cos, sin = self._table(long, need)
+        cos, sin = self._table(long, need, fmt)
         return cos[pos][:, None], sin[pos][:, None]
 
     # --- one decoder layer ---------------------------------------------------------------------
-    def _layer(self, i: int, c: Config, h: torch.Tensor, n_real: int, cache: KVCache, start: int,
-               prefill: bool, rope: tuple, mask: torch.Tensor) -> torch.Tensor:
-        """h [M, hidden] (rows >= n_real are padding); writes K/V of the real rows at cache
-        positions start..start+n_real-1; `mask` [M, L] is 0 / -inf over the keys attended."""
+    def _linear(self, setting: FidelitySetting, x: torch.Tensor, w: torch.Tensor, k_block: int | None,
+                out: str, interm: str | None, split: int = 1) -> torch.Tensor:
+        """A linear rounded to `out`. `split` > 1: K split over that many chips (tensor parallel):
+        each chip's partial is rounded to `out`, and the reduce-scatter adds them in `out`, chip
+        after chip (tt/ccl.py tt_all_reduce on N300 / T3K: no cast to ccl_dtype off Galaxy)."""
+        if split == 1:
+            return rnd(mm(setting, x, w, k_block, out, interm), out)
+        k = w.shape[0] // split
+        acc = None
+        for j in range(split):
+            part = rnd(mm(setting, x[..., j * k:(j + 1) * k], w[j * k:(j + 1) * k], k_block, out, interm), out)
+            acc = part if acc is None else rnd(acc + part, out)
+        return acc
+
+    def _layer(self, i: int, c: Config, h: torch.Tensor, h_fmt: str, n_real: int, cache: KVCache, start: int,
+               prefill: bool, rope: tuple, mask: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """h [M, hidden] held in `h_fmt` (rows >= n_real are padding); writes K/V of the real rows at
+        cache positions start..start+n_real-1; `mask` [M, L] is 0 / -inf over the keys attended.
+        Returns the layer output and its dtype (the module docstring's rules)."""
         s = self.spec
         full = c.activation is Precision.FP32
-        ug = FULL if full else "bf16"  # ungoverned ops' output format
+
+        def act(default: str) -> str:
+            return FULL if full else _act(c, default)
+
         p = f"model.layers.{i}."
-        kv = _fmt(c.kv_cache)
-        qkv_k = kernel_for(c.li_qkv_prefill if prefill else c.li_qkv_decode)
-        o_k = kernel_for(c.li_o_prefill if prefill else c.li_o_decode)
-        sdpa_k = kernel_for(c.sdpa_prefill if prefill else c.sdpa_decode)
+        kv = c.kv_cache.value
+        blk = self._prog[prefill]
+        interm = None if prefill or full else "bf16"  # decode linears are DRAM-sharded: Float16_b partials
         M, H, nkv, D = h.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
 
-        # attention block
-        x = _rms_norm(h, self.weight(p + "input_layernorm.weight", ug), s.rms_eps, ug)
-        qkv = qkv_k.mm(x, self.weight(f"{i}.wqkv", _fmt(c.wqkv)))
-        if s.qkv_bias:
-            qkv = qkv + self.weight(f"{i}.bqkv", ug)
-        qkv = rnd(qkv, _out_fmt(c, "qkv", prefill)).reshape(M, H + 2 * nkv, D)
-        qk = rnd(_rope_apply(qkv[:, : H + nkv], *rope), ug)  # RoPE on q and k heads together
-        q = rnd(qk[:, :H], _out_fmt(c, "q", prefill))  # [M, H, D]
+        # attention block: the layer input is typecast to the activation dtype (tt/model.py)
+        x_fmt = act(h_fmt)
+        h = rnd(h, x_fmt)
+        x = _rms_norm(h, self.weight(p + "input_layernorm.weight", FULL if full else "bf16"), s.rms_eps, x_fmt)
+        qkv_fmt = act("bf16")
+        qkv = self._linear(c.li_qkv_prefill if prefill else c.li_qkv_decode, x, self.weight(f"{i}.wqkv", c.wqkv.value),
+                           blk.qkv, qkv_fmt, interm)
+        if s.qkv_bias:  # added after the qkv output is rounded (attention.py), in the output's dtype
+            qkv = rnd(qkv + self.weight(f"{i}.bqkv", FULL if full else "bf16"), qkv_fmt)
+        qkv = qkv.reshape(M, H + 2 * nkv, D)
+        qk = self._rope_apply(qkv[:, : H + nkv], rope, FULL if full else "bf16")  # RoPE on q and k heads together, in bf16
+        q_fmt = act("bfp8") if prefill else act("bf16") if full else "bf16"  # decode Q is never typecast
+        q = rnd(qk[:, :H], q_fmt)  # [M, H, D]
         k = rnd(qk[:, H:], kv)  # [M, nkv, D]
         v = rnd(qkv[:, H + nkv:], kv)
         end = start + n_real
         cache.kt[i][:, :, start:end] = k[:n_real].permute(1, 2, 0)
         cache.v[i][:, start:end] = v[:n_real].transpose(0, 1)
         L = mask.shape[1]
-        o = self._sdpa(q, cache.kt[i][:, :, :L], cache.v[i][:, :L], mask, sdpa_k, ug)
-        o = rnd(o_k.mm(o, self.weight(f"{i}.wo", _fmt(c.wo))), _out_fmt(c, "wo", prefill))
-        h = rnd(h + o, ug)
+        o = self._sdpa(q, cache.kt[i][:, :, :L], cache.v[i][:, :L], mask,
+                       c.sdpa_prefill if prefill else c.sdpa_decode, q_fmt, self._chunk(prefill, L, full))
+        wo_fmt = act("bfp8") if prefill else q_fmt  # decode wo: dtype=None, the SDPA output's (Q's) dtype
+        o = self._linear(c.li_o_prefill if prefill else c.li_o_decode, o, self.weight(f"{i}.wo", c.wo.value),
+                         blk.wo, wo_fmt, interm, self.wo_split)
+        h = rnd(h + o, x_fmt)  # first residual add: dtype=None keeps the residual's dtype
 
         # MLP block
-        x = _rms_norm(h, self.weight(p + "post_attention_layernorm.weight", ug), s.rms_eps, ug)
-        gu = kernel_for(c.li_ff1_3).mm(x, self.weight(f"{i}.w13", _fmt(c.ff1_3)))
-        f13 = _out_fmt(c, "w13", prefill)
+        x = _rms_norm(h, self.weight(p + "post_attention_layernorm.weight", FULL if full else "bf16"), s.rms_eps, x_fmt)
+        f13 = act("bf16")
+        gu = mm(c.li_ff1_3, x, self.weight(f"{i}.w13", c.ff1_3.value), blk.w13, f13, interm)
         if s.intermediate % formats.BLOCK == 0:  # no block straddles w1 | w3: round both at once
             g, u = rnd(gu, f13).split(s.intermediate, dim=-1)
         else:
             g, u = (rnd(t.contiguous(), f13) for t in gu.split(s.intermediate, dim=-1))
-        y = rnd(F.silu(g) * u, _out_fmt(c, "prod", prefill))
-        d = rnd(kernel_for(c.li_ff2).mm(y, self.weight(f"{i}.w2", _fmt(c.ff2))), _out_fmt(c, "w2", prefill))
-        return rnd(h + d, ug)
+        g = g if full else rnd(self.silu(g), f13)  # the mul's fused SiLU pre-activation, packed in w1's dtype
+        y = rnd(g * u, act("bfp8")) if not full else F.silu(g) * u
+        d = self._linear(c.li_ff2, y, self.weight(f"{i}.w2", c.ff2.value), blk.w2, act("bf16"), interm, self.tp)
+        out = act("bf16")
+        return rnd(h + d, out), out  # second residual add: dtype = activation or bf16
 
-    def _sdpa(self, q, kt, v, mask, k: Kernel, ug: str) -> torch.Tensor:
-        """q [M, H, D]; kt [n_kv, D, L], v [n_kv, L, D] hold positions 0..L-1; mask [M, L] adds
-        0 / -inf. Grouped-query: q head h reads kv head h // (H / n_kv). Returns [M, H*D] in `ug`."""
+    def _rope_apply(self, x: torch.Tensor, rope: tuple, fmt: str) -> torch.Tensor:
+        """RoPE on Meta-ordered heads x [M, heads, D] as rotary_embedding_llama computes it (HiFi4, bf16
+        dest): rot = x @ trans_mat swaps each pair (exact), out = x * cos + rot * signed sin, each
+        product and the sum rounded to `fmt` (bf16; fp32 in full-precision mode: no rounding)."""
+        cos, sin_signed = rope
+        M, nh, D = x.shape
+        swapped = x.reshape(M, nh, D // 2, 2).flip(-1).reshape(M, nh, D)
+        if fmt == FULL:
+            return x * cos + swapped * sin_signed
+        return rnd(rnd(x * cos, fmt) + rnd(swapped * sin_signed, fmt), fmt)
+
+    def _chunk(self, prefill: bool, L: int, full: bool) -> int:
+        """SDPA K-chunk size: SDPA_PROGCFG (64, or 256 from 2048 tokens) in prefill, SDPA_DECODE_PROGCFG
+        (256) in decode; the whole row in full-precision mode."""
+        if full:
+            return L
+        return (256 if L >= 2048 else 64) if prefill else 256
+
+    def _sdpa(self, q, kt, v, mask, setting: FidelitySetting, q_fmt: str, chunk: int) -> torch.Tensor:
+        """Flash attention as sdpa_program_factory / sdpa_decode run it. q [M, H, D]; kt [n_kv, D, L],
+        v [n_kv, L, D] hold positions 0..L-1; mask [M, L] adds 0 / -inf. Grouped-query: q head h
+        reads kv head h // (H / n_kv). Per K chunk: S = Q K^T, running max m, P = exp((S - m) * scale),
+        row sum l, O = P V; earlier chunks rescaled by exp((m_old - m) * scale); scores, P, m, l and
+        O held in bf16 between steps (Float16_b circular buffers); out = O * recip(l) in Q's dtype.
+        The scale is the fp32 1/sqrt(D) truncated to bf16 (`scale_fp32 >> 16`)."""
         M, H, D = q.shape
         nkv, L = v.shape[0], v.shape[1]
         G = H // nkv
+        full = q_fmt == FULL
+        im = FULL if full else "bf16"
+        kern = setting.kernel
+        exp_approx = kern.approx and self.sdpa_exp_approx
+        scale = 1.0 / math.sqrt(D)
+        if not full:
+            scale = float(torch.tensor(scale).view(torch.int32).bitwise_and(-65536).view(torch.float32))
         qh = q.reshape(M, nkv, G, D).permute(1, 2, 0, 3).reshape(nkv, G * M, D)
-        scores = k.mm(qh, kt).view(nkv, G, M, L)
-        scores.mul_(1.0 / math.sqrt(D)).add_(mask)
-        if k.approx and self.sdpa_exp_approx:  # the SFPU's approximate exp and reciprocal
-            scores.sub_(scores.amax(-1, keepdim=True))
-            e = k.exp(scores)  # exp(-inf) = 0
-            prob = k.div(e, e.sum(-1, keepdim=True))
-        else:
-            prob = torch.softmax(scores, dim=-1)
-        prob = rnd(prob, ug)
-        o = k.mm(prob.view(nkv, G * M, L), v).view(nkv, G, M, D)
-        return rnd(o.permute(2, 0, 1, 3).reshape(M, H * D), ug)
+        maskg = mask.repeat(G, 1)
+        m = l = o = None
+        for c0 in range(0, L, chunk):
+            c1 = min(L, c0 + chunk)
+            sc = rnd(mm(setting, qh, kt[:, :, c0:c1], None, im), im) + maskg[:, c0:c1]
+            m_new = sc.amax(-1, keepdim=True) if m is None else torch.maximum(m, sc.amax(-1, keepdim=True))
+            m_safe = torch.where(torch.isneginf(m_new), 0.0, m_new)  # a fully masked row so far adds nothing
+            pr = rnd(fidelity.exp((sc - m_safe) * scale, exp_approx), im)
+            lc = rnd(pr.sum(-1, keepdim=True), im)
+            oc = rnd(mm(setting, pr, v[:, c0:c1], None, im), im)
+            if m is None:
+                l, o = lc, oc
+            else:
+                alpha = rnd(torch.where(torch.isneginf(m), 0.0, fidelity.exp((m - m_safe) * scale, exp_approx)), im)
+                l = rnd(rnd(l * alpha, im) + lc, im)
+                o = rnd(rnd(o * alpha, im) + oc, im)
+            m = m_new
+        out = o / l if full else o * rnd(fidelity.recip(l, kern.approx), im)
+        return rnd(out.view(nkv, G, M, D).permute(2, 0, 1, 3).reshape(M, H * D), q_fmt)
 
     # --- whole model ---------------------------------------------------------------------------
     def _run(self, tokens: torch.Tensor, layers: tuple[Config, ...], cache: KVCache, start: int,
@@ -428,38 +465,43 @@ class Model:
         n = tokens.shape[0]
         full = all(c.activation is Precision.FP32 for c in layers)
         ug = FULL if full else "bf16"
-        emb = self.w["model.embed_tokens.weight"]
-        h = rnd(emb[tokens], ug)
-        pos = torch.arange(start, start + n)
+        tokens = tokens.to(self.device)
+        h = rnd(self.w["model.embed_tokens.weight"][tokens], ug)
+        h_fmt = ug
+        pos = torch.arange(start, start + n, device=self.device)
         if not prefill:  # pad to whole tiles of rows; padding rows sit at the last real position
             h = _pad_rows(h)
             pos = torch.cat([pos, pos[-1].repeat(h.shape[0] - n)])
         cache.reserve(start + n)
         L = start + n if prefill else cache.capacity  # decode reads the whole buffer, masked
-        keys = torch.arange(L)[None, :]
+        keys = torch.arange(L, device=self.device)[None, :]
         hidden = keys > pos[:, None]  # causal
         if self.spec.sliding_window:  # transformers: key > query - window
             hidden |= keys <= pos[:, None] - self.spec.sliding_window
-        mask = torch.zeros(h.shape[0], L).masked_fill_(hidden, float("-inf"))
-        rope = self._rope(pos, prefill)
+        mask = torch.zeros(h.shape[0], L, device=self.device).masked_fill_(hidden, float("-inf"))
+        ropes = {}
         for i, c in enumerate(layers):
-            h = self._layer(i, c, h, n, cache, start, prefill, rope, mask)
+            rfmt = FULL if c.activation is Precision.FP32 else "bf16"
+            if rfmt not in ropes:
+                ropes[rfmt] = self._rope(pos, prefill, rfmt)
+            h, h_fmt = self._layer(i, c, h, h_fmt, n, cache, start, prefill, ropes[rfmt], mask)
         cache.length = start + n
         h = h[:n] if rows is None else h[rows]
         m = h.shape[0]
         h = _pad_rows(h)
-        x = _rms_norm(h, self.weight("model.norm.weight", ug), s.rms_eps, ug)
+        x = _rms_norm(h, self.weight("model.norm.weight", ug), s.rms_eps, h_fmt)  # norm keeps its input's dtype
         if full:
             return torch.matmul(x, self.weight("lm_head", FULL))[:m]
-        logits = self.lm_head_kernel.mm(x, self.weight("lm_head", self.lm_head_format))
+        logits = mm(self.lm_head_setting, x, self.weight("lm_head", self.lm_head_format), self._prog[False].lm_head,
+                    self.logits_format, "bf16")  # LM head: a DRAM-sharded matmul in both modes
         return rnd(logits, self.logits_format)[:m]
 
     def new_cache(self, capacity: int) -> KVCache:
         s = self.spec
         cap = -(-capacity // ROWS) * ROWS
         return KVCache(
-            [torch.zeros(s.n_kv_heads, s.head_dim, cap) for _ in range(s.n_layers)],
-            [torch.zeros(s.n_kv_heads, cap, s.head_dim) for _ in range(s.n_layers)],
+            [torch.zeros(s.n_kv_heads, s.head_dim, cap, device=self.device) for _ in range(s.n_layers)],
+            [torch.zeros(s.n_kv_heads, cap, s.head_dim, device=self.device) for _ in range(s.n_layers)],
             0,
         )
 

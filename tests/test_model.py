@@ -6,7 +6,7 @@ import torch
 import engine.model as em
 from engine import formats
 from engine.config import DEFAULT, REFERENCE, Config, ConfigError, ModelConfig, performance
-from engine.model import Model, kernel_for, rope_inv_freq
+from engine.model import Model, mm, rope_inv_freq
 from engine.spec import ModelSpec
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS = 64, 160, 4, 2, 16, 256, 2
@@ -101,15 +101,15 @@ def test_reference_matches_transformers(tiny):
 
 
 def test_full_precision_rule(llama, monkeypatch):
-    """activation fp32 => nothing ungoverned is rounded; governed weights / K/V still are."""
-    calls = []
+    """activation fp32 => the model rounds nothing ungoverned (only K/V to the cache format); governed
+    weights and fidelities (incl. their K-block partials) still apply."""
+    host = []
     real = formats.quantize
-    monkeypatch.setattr(formats, "quantize", lambda x, f, rounding="host": calls.append((tuple(x.shape), f, rounding)) or real(x, f, rounding))
+    monkeypatch.setattr(formats, "quantize", lambda x, f, rounding="host": (rounding == "host" and host.append(f)) or real(x, f, rounding))
     cfg = DEFAULT.replace(activation="fp32", kv_cache="bfp4")
-    llama.prefill(_tokens(20), cfg)
-    device = {(s, f) for s, f, r in calls if r == "device"}
-    assert device == {((20, KV_HEADS, HEAD_DIM), "bfp4")}  # K and V only
-    assert any(f == "bfp8" and r == "host" for _, f, r in calls)  # weights still bfp8
+    calls = _device_roundings(llama, monkeypatch, lambda: llama.prefill(_tokens(20), cfg))
+    assert {(s, f) for s, f in calls if f != "fp32"} == {((20, KV_HEADS, HEAD_DIM), "bfp4")}  # K and V only
+    assert "bfp8" in host  # weights still bfp8
     fp = llama.prefill(_tokens(20), REFERENCE)[0]
     assert not torch.equal(llama.prefill(_tokens(20), cfg)[0], fp)
 
@@ -178,18 +178,19 @@ def test_prefill_and_decode_use_their_own_op_groups(llama, op):
     assert torch.equal(llama.decode_batched(toks[24:], cache.clone(), pre_changed), d0)  # decode ignores it
 
 
-def test_kernel_for_maps_every_setting():
+def test_every_setting_carries_the_one_table_record():
+    from engine import fidelity
     from engine.config import FidelitySetting
 
+    assert [s.value for s in FidelitySetting] == list(fidelity.SETTINGS)  # one table, same order
     for s in FidelitySetting:
-        assert kernel_for(s).setting is s
+        assert s.kernel is fidelity.SETTINGS[s.value].kernel
     x, w = torch.randn(32, 64), torch.randn(64, 48)
-    exact = kernel_for("exact")
-    assert torch.equal(exact.mm(x, w), x @ w) and torch.equal(exact.exp(x), torch.exp(x)) and not exact.approx
-    h3 = kernel_for("hifi3").fid
+    assert torch.equal(mm(FidelitySetting.EXACT, x, w), x @ w)
+    h3 = FidelitySetting.HIFI3.kernel
     assert (h3.phases, h3.approx, h3.fp32_dest, h3.packer_l1_acc) == (3, False, True, True)
-    assert kernel_for("hifi2").approx and not kernel_for("hifi2na").approx
-    assert not torch.equal(kernel_for("lofi").mm(x, w), x @ w)
+    assert FidelitySetting.HIFI2.kernel.approx and not FidelitySetting.HIFI2_NA.kernel.approx
+    assert not torch.equal(mm(FidelitySetting.LOFI, x, w), x @ w)
 
 
 # --- output-dtype rules ----------------------------------------------------------------------------------
@@ -205,41 +206,42 @@ def _device_roundings(model, monkeypatch, run):
 @pytest.mark.parametrize("act", [None, "bf16", "bfp8"])
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
 def test_activation_output_rules(llama, monkeypatch, act, mode):
+    """tt_transformers' output dtypes (decoder.py, model.py, attention.py, mlp.py, lm_head.py): a forced
+    activation reaches the layer input, both norms, both residual adds and the LM head's input;
+    decode Q, SDPA output and wo output stay bf16; mixed keeps each op's default."""
     cfg = DEFAULT.replace(activation=act)
-    toks = _tokens(24, seed=9)
-    _, cache = llama.prefill(toks[:16], cfg)
+    toks = _tokens(28, seed=9)
+    _, cache = llama.prefill(toks[:20], cfg)
     if mode == "prefill":
-        calls = _device_roundings(llama, monkeypatch, lambda: llama.prefill(toks[:16], cfg))
-        M = 16
+        calls = _device_roundings(llama, monkeypatch, lambda: llama.prefill(toks[:20], cfg))
+        M = 20
     else:
-        calls = _device_roundings(llama, monkeypatch, lambda: llama.decode_batched(toks[16:], cache, cfg))
+        calls = _device_roundings(llama, monkeypatch, lambda: llama.decode_batched(toks[20:], cache, cfg))
         M = 32  # decode rows are padded to a tile
     prefill = mode == "prefill"
     per_layer = lambda shape: [f for s, f in calls if s == shape]  # noqa: E731
-    a = act or "bf16"
+    a = act or "bf16"  # "activation or bf16"
+    q = act or "bfp8" if prefill else "bf16"  # Q, SDPA output, wo output
     # the qkv linear's output
     assert per_layer((M, HIDDEN + 2 * KV_HEADS * HEAD_DIM)) == [a] * LAYERS
-    # RoPE output of the q and k heads (bf16)
-    assert per_layer((M, HEADS + KV_HEADS, HEAD_DIM)) == ["bf16"] * LAYERS
-    # Q before attention (mixed: bfp8 in prefill only)
-    assert per_layer((M, HEADS, HEAD_DIM)) == [act or ("bfp8" if prefill else "bf16")] * LAYERS
-    # K and V into the cache
-    assert per_layer((M, KV_HEADS, HEAD_DIM)) == ["bfp8", "bfp8"] * LAYERS
-    # w1 | w3 outputs (one fused tensor), then SiLU(w1) * w3
+    # RoPE of the q and k heads: x*cos, rot*sin and their sum, each bf16
+    assert per_layer((M, HEADS + KV_HEADS, HEAD_DIM)) == ["bf16"] * 3 * LAYERS
+    assert per_layer((M, HEADS, HEAD_DIM)) == [q] * LAYERS  # Q before attention
+    assert per_layer((M, KV_HEADS, HEAD_DIM)) == ["bfp8", "bfp8"] * LAYERS  # K and V into the cache
+    # w1 | w3 outputs (one fused tensor), then SiLU(w1) in w1's dtype, then SiLU(w1) * w3
     assert per_layer((M, 2 * INTER)) == [a] * LAYERS
-    assert per_layer((M, INTER)) == [act or "bfp8"] * LAYERS
-    # [M, HIDDEN] per layer: norm, SDPA out, wo out, residual, norm, w2 out, residual
-    wo = act or ("bfp8" if prefill else "bf16")
-    layer = ["bf16", "bf16", wo, "bf16", "bf16", a, "bf16"]
-    # embedding (before any padding) first; final norm last (its rows padded to 32 for the LM head)
+    assert per_layer((M, INTER)) == [a, act or "bfp8"] * LAYERS
+    # [M, HIDDEN] per layer: input typecast, norm, SDPA out, wo out, residual, norm, w2 out, residual
+    layer = [a, a, q, q, a, a, a, a]
+    # embedding (before any padding) first; final norm (in the last layer's dtype) last
     if prefill:
-        expect = {(16, HIDDEN): ["bf16"] + layer * LAYERS, (32, HIDDEN): ["bf16"]}
+        expect = {(20, HIDDEN): ["bf16"] + layer * LAYERS, (32, HIDDEN): [a]}
     else:
-        expect = {(8, HIDDEN): ["bf16"], (32, HIDDEN): layer * LAYERS + ["bf16"]}
+        expect = {(8, HIDDEN): ["bf16"], (32, HIDDEN): layer * LAYERS + [a]}
     assert {s: per_layer(s) for s in expect} == expect
     assert per_layer((32, VOCAB)) == ["bfp8"]  # logits
-    L = 16 if prefill else 32  # keys: the prefill's tokens / the cache's capacity
-    assert per_layer((KV_HEADS, HEADS // KV_HEADS, M, L)) == ["bf16"] * LAYERS  # softmax P
+    L = 20 if prefill else 64  # keys: the prefill's tokens / the cache's capacity (one SDPA chunk here)
+    assert per_layer((KV_HEADS, HEADS // KV_HEADS * M, L)) == ["bf16", "bf16"] * LAYERS  # scores S, then P
 
 
 def test_mixed_product_path_differs_from_bf16(llama):
@@ -258,7 +260,10 @@ def test_weights_stored_in_tt_orientation(llama):
     assert fused.dtype == torch.bfloat16 and llama.weight("0.wqkv", "fp32").dtype == torch.float32
     fused = fused.float()
     assert fused.shape == (HIDDEN, HIDDEN + 2 * KV_HEADS * HEAD_DIM)
-    assert torch.equal(fused[:, :HIDDEN], formats.quantize(wq.T.contiguous(), "bfp8", "host"))
+    # q (and k) rows in Meta's interleaved-pair order, as tt_transformers' convert_hf_to_meta stores them
+    assert torch.equal(fused[:, :HIDDEN], formats.quantize(em.to_meta(wq, HEAD_DIM).T.contiguous(), "bfp8", "host"))
+    assert not torch.equal(em.to_meta(wq, HEAD_DIM), wq)
+    assert torch.equal(em.to_meta(wq, HEAD_DIM)[1], wq[HEAD_DIM // 2])  # row 1 of a head = row 0 of its 2nd half
     w13 = llama.weight("1.w13", "bfp4").float()
     assert torch.equal(w13[:, INTER:], formats.quantize(w["model.layers.1.mlp.up_proj.weight"].T.contiguous(), "bfp4"))
     assert torch.equal(llama.weight("lm_head", "bfp8").float(), formats.quantize(w["model.embed_tokens.weight"].T.contiguous(), "bfp8"))
@@ -313,15 +318,21 @@ def test_per_layer_config_changes_only_later_layers(llama):
     assert torch.equal(c0.kt[0], c2.kt[0]) and not torch.equal(c0.kt[1], c2.kt[1])
 
 
-def test_sdpa_exp_is_exact_unless_asked(llama):
-    """tt_transformers runs SDPA's exp in exact mode: the approx flag of an sdpa setting changes
-    nothing by default; `sdpa_exp_approx=True` switches to the SFPU exp/recip (and keeps the
-    batched-decode equivalence)."""
+def test_sdpa_exp_is_exact_unless_asked_recip_follows_approx(llama, monkeypatch):
+    """tt_transformers runs SDPA's exp in exact mode (exp_approx_mode=False) whatever the setting;
+    the softmax's reciprocal follows the setting's math_approx_mode; `sdpa_exp_approx=True` also
+    switches the exp to the SFPU's (and keeps the batched-decode equivalence)."""
+    from engine import fidelity
+
     toks = _tokens(48, seed=5)
     approx_on = DEFAULT.replace(sdpa_prefill="hifi4fp32", sdpa_decode="hifi2")  # approx mode on
     a = llama.prefill(toks, approx_on, logits_for="all")[0]
     b = llama.prefill(toks, approx_on.replace(sdpa_prefill="hifi4"), logits_for="all")[0]
-    assert torch.equal(a, b)
+    assert not torch.equal(a, b)  # the approximate reciprocal
+    real = fidelity.recip
+    monkeypatch.setattr(fidelity, "recip", lambda x, approx=False: real(x, False))
+    assert torch.equal(llama.prefill(toks, approx_on, logits_for="all")[0], b)  # and nothing else
+    monkeypatch.setattr(fidelity, "recip", real)
     sfpu = Model(llama.spec, llama.w, sdpa_exp_approx=True)
     c = sfpu.prefill(toks, approx_on, logits_for="all")[0]
     assert not torch.equal(a, c)
@@ -330,66 +341,3 @@ def test_sdpa_exp_is_exact_unless_asked(llama):
     batched = sfpu.decode_batched(toks[20:], c1, approx_on)
     steps = torch.stack([sfpu.decode_step(int(t), c2, approx_on) for t in toks[20:]])
     assert torch.equal(batched, steps)
-
-
-# --- Phi-3: longrope (Phi-3 / Phi-3.5 128k) and a sliding window (Phi-3-mini-4k, Mistral) ---------------
-# tiny-phi3: pretraining length 32, window 40; the 64- and 48-token cases cross both.
-@pytest.fixture(scope="module")
-def phi3(tiny_phi3_dir):
-    """tiny-phi3 (longrope, pretraining length 32) as the engine loads it, and transformers' model."""
-    from engine import accuracy, loaders
-
-    loaded = loaders.load("tiny-phi3")
-    return loaded, accuracy.reference_model(loaded)
-
-
-def test_longrope_frequencies_match_transformers(phi3):
-    from transformers.modeling_rope_utils import _compute_longrope_parameters
-
-    loaded, hf = phi3
-    spec, orig = loaded.spec, loaded.spec.rope_scaling["original_max_position_embeddings"]
-    short, af = _compute_longrope_parameters(hf.config, seq_len=orig)
-    long, _ = _compute_longrope_parameters(hf.config, seq_len=orig + 1)
-    assert not torch.equal(short, long)
-    assert torch.equal(rope_inv_freq(spec), short) and torch.equal(rope_inv_freq(spec, long=True), long)
-    assert spec.rope_scaling["attention_factor"] == pytest.approx(af, rel=1e-12) and af > 1.2
-
-
-@pytest.mark.parametrize("n", [24, 64])  # within the pretraining length (short factors), beyond it (long)
-def test_longrope_full_forward_matches_transformers(phi3, n):
-    loaded, hf = phi3
-    toks = _tokens(n, seed=n)
-    with torch.no_grad():
-        ref = hf(toks[None], use_cache=False).logits[0]
-    model = Model(loaded.spec, loaded.weights)
-    assert _rel(model.prefill(toks, REFERENCE, logits_for="all")[0], ref) < 1e-5
-    ctx = Model(loaded.spec, loaded.weights, rope_context=n)  # the whole sequence picks the factors
-    _, cache = ctx.prefill(toks[:16], REFERENCE)
-    assert _rel(ctx.decode_batched(toks[16:], cache, REFERENCE), ref[16:]) < 1e-5
-
-
-def test_longrope_decode_switches_factors_like_transformers_generation(phi3):
-    """Without rope_context each decode row picks its factors from its own position, as transformers
-    does step by step with a KV cache: short up to position 31, long from 32 (cached K kept)."""
-    from transformers import DynamicCache
-
-    loaded, hf = phi3
-    toks = _tokens(48, seed=7)
-    with torch.no_grad():
-        past = DynamicCache(config=hf.config)
-        out = hf(toks[None, :20], past_key_values=past, use_cache=True)
-        steps = []
-        for t in range(20, 48):
-            out = hf(toks[None, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-            steps.append(out.logits[0, -1])
-    ref = torch.stack(steps)
-    model = Model(loaded.spec, loaded.weights)
-    _, cache = model.prefill(toks[:20], REFERENCE)
-    dec = model.decode_batched(toks[20:], cache, REFERENCE)
-    assert _rel(dec, ref) < 1e-5  # row t: the logits after token t, positions 20..47
-    _, cache1 = model.prefill(toks[:20], REFERENCE)
-    one = torch.stack([model.decode_step(int(t), cache1, REFERENCE) for t in toks[20:]])
-    assert torch.equal(one, dec)  # batched == step by step, bit for bit, across the switch
-    ctx = Model(loaded.spec, loaded.weights, rope_context=48)  # all long: differs from generation
-    _, cache2 = ctx.prefill(toks[:20], REFERENCE)
-    assert _rel(ctx.decode_batched(toks[20:], cache2, REFERENCE), ref) > 1e-3
