@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from engine import fidelity
-from engine.fidelity import EXACT, HIFI3, NAMED, SETTINGS, Fidelity, exp, matmul, recip, resolve
+from engine.fidelity import EXACT, SETTINGS, Fidelity, exp, matmul, recip, resolve
+
+HIFI3 = SETTINGS["hifi3"].kernel
 from engine.formats import quantize
 
 
@@ -42,22 +44,37 @@ def bf16(v: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.asarray(v, dtype=np.float32)).to(torch.bfloat16).float().numpy()
 
 
-def tile_loop_ref(x, w, phases, k_block=None, l1=False, out_round=bf16):
-    """The literal per-tile loop: dest <- bf16(dest + P_t) for each 32-wide K tile; with packer
-    L1 accumulation, each K block's dest result is added into an L1 buffer rounded by out_round."""
+def phase_ref(x: np.ndarray, w: np.ndarray, p: int):
+    """Phase p's (SrcB, SrcA) slices, from the ISA's SrcA/SrcBFidelityBits, written independently."""
+    xh, x7, wh, w7 = trunc(x, 6), trunc(x, 7), trunc(w, 4), trunc(w, 7)
+    return (xh if p < 2 else x7 - xh), (wh if p % 2 == 0 else w7 - wh)
+
+
+def mvmul_ref(x, w, phases, k_block=None, l1=False, part_round=bf16, init=None):
+    """The literal hardware walk with a 16-bit dest, in float64 partials: per K block, dest starts at
+    0 (or the reloaded partial); per 32-wide tile, per phase (outer), per 16-wide slice (one MVMUL):
+    dest <- bf16(dest + sum of the slice's 16 products). Blocks: packer L1 acc adds blocks 0..n-2
+    into L1 (part_round) and the last block reloads it; without it each block reloads the spilled
+    partial (part_round)."""
     K = x.shape[-1]
     kb = K if k_block is None else k_block
-    pairs = slices_ref(x, w, phases)
-    dest = np.zeros((x.shape[0], w.shape[1]), dtype=np.float32)
-    acc = None
-    for k0 in range(0, K, 32):
-        part = sum(xs[:, k0 : k0 + 32].astype(np.float64) @ ws[k0 : k0 + 32].astype(np.float64) for xs, ws in pairs)
-        dest = bf16(dest + part.astype(np.float32))
-        end = min(K, k0 + 32)
-        if l1 and end % kb == 0 and end < K:
-            acc = out_round(dest if acc is None else acc + dest)
-            dest = np.zeros_like(dest)
-    return dest if acc is None else out_round(acc + dest)
+    starts = list(range(0, K, kb))
+    l1 = l1 and len(starts) > 1
+    acc = init
+    for i, k0 in enumerate(starts):
+        last = i == len(starts) - 1
+        dest = np.zeros((x.shape[0], w.shape[1]), np.float32) if (l1 and not last) or acc is None else acc.copy()
+        for t in range(k0, min(K, k0 + kb), 32):
+            for p in range(phases):
+                xs, ws = phase_ref(x, w, p)
+                for s0 in (t, t + 16):
+                    part = xs[:, s0:s0 + 16].astype(np.float64) @ ws[s0:s0 + 16].astype(np.float64)
+                    dest = bf16(dest + part.astype(np.float32))
+        if l1 and not last:
+            acc = part_round(dest if acc is None else acc + dest)
+        else:
+            acc = dest if last else part_round(dest)
+    return acc
 
 
 def rand_bf16(shape, seed, scale=1.0):
@@ -78,7 +95,9 @@ def small_ints(shape, seed, lo=-8, hi=9, scale=1.0):
 
 
 def test_settings_table():
-    assert SETTINGS == {
+    """tt_transformers' ModelArgs compute-kernel configs per name (tt-numerics.md section 1)."""
+    tt = {n: s.kernel for n, s in SETTINGS.items() if s.tt_metal}
+    assert tt == {
         "lofi": Fidelity(1, False, False, True),
         "hifi2": Fidelity(2, True, True, True),
         "hifi2na": Fidelity(2, False, False, False),
@@ -86,13 +105,13 @@ def test_settings_table():
         "hifi4": Fidelity(4, False, True, True),
         "hifi4fp32": Fidelity(4, True, True, True),
     }
-    assert NAMED["hifi3"] == HIFI3 == Fidelity(3, False, True, True)
+    assert HIFI3 == Fidelity(3, False, True, True) and not SETTINGS["hifi3"].tt_metal
     assert resolve("exact") is EXACT and EXACT.phases == 0 and EXACT.fp32_dest
-    assert resolve(SETTINGS["lofi"]) is SETTINGS["lofi"]
+    assert resolve(SETTINGS["lofi"].kernel) is SETTINGS["lofi"].kernel
 
 
 def test_resolve_rejects_unknown_names():
-    with pytest.raises(ValueError, match=r"'hifi5'.*lofi, hifi2, hifi2na, hifi2fp16, hifi4, hifi4fp32"):
+    with pytest.raises(ValueError, match=r"'hifi5'.*lofi, hifi2, hifi2na, hifi2fp16, hifi3, hifi4, hifi4fp32, exact"):
         resolve("hifi5")
     with pytest.raises(ValueError, match="phases"):
         Fidelity(5, False, True, True)
@@ -105,7 +124,7 @@ def test_resolve_accepts_config_enum():
 
     for member in FidelitySetting:
         assert isinstance(resolve(member), Fidelity)
-    assert resolve(FidelitySetting.HIFI2_FP16) == SETTINGS["hifi2fp16"]
+    assert resolve(FidelitySetting.HIFI2_FP16) == SETTINGS["hifi2fp16"].kernel
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +165,7 @@ def test_source_registers_truncate_to_bf16_and_flush_denormals():
     assert one(1.0, 1 + 2.0**-10, fp32_dest(4)) == 1.0
     assert one(1 + 2.0**-9, 1.0, fp32_dest(4)) == 1.0
     assert one(1e-39, 2.0**100, fp32_dest(4)) == 0.0
-    assert one(2.0**100, -1e-39, SETTINGS["hifi2"]) == 0.0
+    assert one(2.0**100, -1e-39, SETTINGS["hifi2"].kernel) == 0.0
     assert one(1e-39, 2.0**100, EXACT) == pytest.approx(1e-39 * 2.0**100, rel=1e-6)
 
 
@@ -209,21 +228,46 @@ def test_hifi2_equals_hifi4_without_a_seventh_activation_bit(seed):
 
 
 @pytest.mark.parametrize("phases", [1, 2, 3, 4])
-def test_bf16_dest_equals_literal_tile_loop(phases):
+def test_bf16_dest_equals_literal_mvmul_walk(phases):
     x = small_ints((12, 1024), 1, 0, 9, 0.5)  # non-negative: the running sum grows past bf16
     w = small_ints((1024, 20), 2, -3, 9, 0.25)
     got = matmul(x, w, bf16_dest(phases)).numpy()
-    assert np.array_equal(got, tile_loop_ref(x.numpy(), w.numpy(), phases))
+    assert np.array_equal(got, mvmul_ref(x.numpy(), w.numpy(), phases))
     exact = matmul(x, w, fp32_dest(phases)).numpy()
     assert not np.array_equal(got, exact)  # bf16 dest differs from fp32 dest on long K
+
+
+def test_bf16_dest_rounds_per_mvmul_slice_not_per_tile():
+    """Hand-built, one 32-wide tile, x = 1: w = 1 at k=0, 2^-8 at k=1 and at k=16 (powers of two, so
+    only phase 0 is non-zero). Per 16-wide MVMUL: bf16(1 + 2^-8) = 1 (a tie, to even), twice -> 1.
+    One rounding per tile would give bf16(1 + 2^-7) = 1.0078125."""
+    x = torch.ones(1, 32)
+    w = torch.zeros(32, 1)
+    w[0, 0], w[1, 0], w[16, 0] = 1.0, 2.0**-8, 2.0**-8
+    for phases in (1, 2, 4):
+        assert float(matmul(x, w, bf16_dest(phases))[0, 0]) == 1.0
+    assert float(torch.tensor(1.0 + 2.0**-7).bfloat16()) == 1.0078125  # what per-tile rounding would give
+    assert float(matmul(x, w, fp32_dest(2))[0, 0]) == 1.0078125
+
+
+def test_bf16_dest_phase_loop_is_outer_within_a_tile():
+    """Hand-built, HiFi2, x = 1: w[0] = 1 + 3*2^-7 (phase 0 sees 1, phase 1 adds 3*2^-7), w[16] =
+    5*2^-8 (phase 0 sees 2^-6 + 2^-8, phase 1 the remaining 2^-8). Phases outer (tt-llk's
+    matmul MOP: the fidelity loop around the tile's MVMULs): 1, +(2^-6 + 2^-8), +3*2^-7, +2^-8
+    -> 1.0390625; slices outer would give 1.046875."""
+    x = torch.ones(1, 32)
+    w = torch.zeros(32, 1)
+    w[0, 0], w[16, 0] = 1.0234375, 0.01953125
+    assert float(matmul(x, w, bf16_dest(2))[0, 0]) == 1.0390625
+    assert mvmul_ref(x.numpy(), w.numpy(), 2)[0, 0] == 1.0390625
 
 
 def test_bf16_dest_on_random_data_and_ragged_k():
     x, w = rand_bf16((9, 1000), 3), rand_bf16((1000, 33), 4)
     for phases in (1, 2, 3, 4):
         got = matmul(x, w, bf16_dest(phases)).numpy()
-        ref = tile_loop_ref(x.numpy(), w.numpy(), phases)
-        # partial sums may round differently in fp32, then the bf16 rounding may flip one ulp
+        ref = mvmul_ref(x.numpy(), w.numpy(), phases)
+        # the 16-product partials may round differently in fp32 (float64 here), then bf16 may flip an ulp
         assert np.allclose(got, ref, rtol=2**-7, atol=1e-2)
         assert (got == bf16(got)).all()  # every result is a bf16 value
     named = matmul(x, w, "hifi2fp16").numpy()
@@ -232,38 +276,66 @@ def test_bf16_dest_on_random_data_and_ragged_k():
     ).max()
 
 
-def test_bf16_dest_chunking_does_not_change_results(monkeypatch):
-    x, w = small_ints((2, 40, 256), 5, 0, 9, 0.5), small_ints((256, 70), 6, -2, 9, 0.25)
-    wb = small_ints((3, 1, 256, 70), 7, -2, 9, 0.25)  # batched weights: [3, 2] batch
-    whole, whole_b = matmul(x, w, "hifi2na"), matmul(x, wb, Fidelity(3, False, False, True))
-    monkeypatch.setattr(fidelity, "_PARTIAL_BUDGET", 8 * 64)  # forces many batch / N chunks
-    assert torch.equal(matmul(x, w, "hifi2na"), whole)
-    assert torch.equal(matmul(x, wb, Fidelity(3, False, False, True)), whole_b)
-    assert whole_b.shape == (3, 2, 40, 70)
+def test_compiled_kernel_equals_torch_walk(monkeypatch):
+    """kernels/dest16.c and the torch fallback compute the same bits (random bf16 data, batched
+    weights, init partials, ragged K)."""
+    from engine import native
+
+    x, w = rand_bf16((2, 3, 37, 150), 12), rand_bf16((3, 150, 70), 13)
+    runs = {}
+    for native_on in (True, False):
+        if not native_on:
+            monkeypatch.setenv("TTSWEEP_NO_NATIVE", "1")
+        native.dest16.cache_clear()
+        runs[native_on] = [matmul(x, w, s, kb) for s in ("lofi", "hifi2na", "hifi2fp16", bf16_dest(3), bf16_dest(4))
+                           for kb in (None, 32, 64)]
+    native.dest16.cache_clear()
+    assert native.dest16() is None  # TTSWEEP_NO_NATIVE still set: the fallback really ran
+    monkeypatch.delenv("TTSWEEP_NO_NATIVE")
+    native.dest16.cache_clear()
+    if native.dest16() is None:
+        pytest.skip("no C compiler: the compiled kernel cannot be checked")
+    assert all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]))
 
 
-def test_packer_l1_accumulation_over_k_blocks():
+def test_k_blocks_with_and_without_packer_l1_accumulation():
     x = small_ints((8, 512), 7, 0, 9, 0.5)
     w = small_ints((512, 24), 8, -3, 9, 0.25)
     xn, wn = x.numpy(), w.numpy()
-    # bf16 dest, L1 accumulation on: each 128-wide block from 0, then bf16 L1 adds
+    # bf16 dest, L1 accumulation on: blocks 0..2 from 0, added in Float16_b; the last reloads
     got = matmul(x, w, "hifi2fp16", k_block=128).numpy()
-    assert np.array_equal(got, tile_loop_ref(xn, wn, 2, k_block=128, l1=True))
+    assert np.array_equal(got, mvmul_ref(xn, wn, 2, k_block=128, l1=True))
     assert not np.array_equal(got, matmul(x, w, "hifi2fp16").numpy())
-    # L1 accumulation off: partials stay in dest, so the K blocking changes nothing
+    # L1 accumulation off, bf16 partials (bf16 output): reloading a bf16 dest is exact, so the
+    # blocking changes nothing
     assert torch.equal(matmul(x, w, "hifi2na", k_block=128), matmul(x, w, "hifi2na"))
-    # fp32 dest with L1 on: block results summed in the output format
-    got32 = matmul(x, w, "hifi2", k_block=128).numpy()
-    blocks = [matmul(x[:, k : k + 128], w[k : k + 128], fp32_dest(2)).numpy() for k in range(0, 512, 128)]
+    # fp32 dest with L1 on: blocks add in Float32 = one fp32 sum
+    assert torch.allclose(matmul(x, w, "hifi2", k_block=128), matmul(x, w, "hifi2"), rtol=0, atol=0)
+    # the DRAM-sharded override: Float16_b partials even with an fp32 dest
+    got16 = matmul(x, w, "hifi2", k_block=128, interm="bf16").numpy()
+    blocks = [matmul(x[:, k:k + 128], w[k:k + 128], fp32_dest(2)).numpy() for k in range(0, 512, 128)]
     acc = bf16(blocks[0])
-    for b in blocks[1:]:
+    for b in blocks[1:-1]:
         acc = bf16(acc + b)
-    assert np.array_equal(got32, acc)
-    # a bfp8 output buffer rounds the L1 partials to bfp8 (device rounding)
-    got8 = matmul(x, w, "hifi2", k_block=128, out_fmt="bfp8")
-    assert torch.equal(quantize(got8, "bfp8", "device"), got8)
+    assert np.array_equal(got16, acc + blocks[-1])  # the last block accumulates on the reloaded partial in fp32
     with pytest.raises(ValueError, match="multiple of 32"):
         matmul(x, w, "hifi2", k_block=100)
+
+
+def test_spill_without_l1_accumulation_uses_the_output_format():
+    """hifi2na (16-bit dest, no packer L1 acc): each block's partial spills in the output format and is
+    reloaded; a bfp8 output makes bfp8 partials (the program factory's interm0 = output format)."""
+    x, w = rand_bf16((8, 256), 14), rand_bf16((256, 32), 15)
+    q8 = lambda a: quantize(torch.from_numpy(np.asarray(a, np.float32)), "bfp8", "device").numpy()  # noqa: E731
+    got = matmul(x, w, "hifi2na", k_block=64, out_fmt="bfp8").numpy()
+    ref = mvmul_ref(x.numpy(), w.numpy(), 2, k_block=64, l1=False, part_round=q8)
+    assert np.allclose(got, ref, rtol=2**-7, atol=1e-2) and np.mean(got == ref) > 0.98
+    assert not np.array_equal(got, matmul(x, w, "hifi2na", k_block=64).numpy())  # bf16 partials differ
+    assert fidelity.partials_format(SETTINGS["hifi2na"].kernel, 4, "bfp8") == "bfp8"
+    assert fidelity.partials_format(Fidelity(2, False, True, False), 4, "bfp8") == "fp32"
+    assert fidelity.partials_format(SETTINGS["lofi"].kernel, 4, "bfp8") == "bf16"
+    assert fidelity.partials_format(SETTINGS["hifi4"].kernel, 4, "bfp8") == "fp32"
+    assert fidelity.partials_format(SETTINGS["hifi4"].kernel, 4, "bfp8", interm="bf16") == "bf16"
 
 
 def test_batched_shapes():
