@@ -2,37 +2,35 @@
 
 `numerics_key(config)` is equal for two configs exactly when this module can prove that every
 op computes bit-identical results; it is conservative (a different key does not prove different
-numerics). The facts used (tt-numerics.md section 3):
+numerics). The facts used (engine.fidelity, tt-numerics.md sections 3 and 8):
 
-* A fidelity phase multiplies a slice of the weight (SrcA) significand by a slice of the
-  activation (SrcB) significand: phases 0 and 2 use SrcA's hidden one + top 4 mantissa bits,
-  phases 1 and 3 SrcA's next 3 bits; phases 0 and 1 use SrcB's hidden one + top 6 bits, phases
-  2 and 3 SrcB's 7th bit. LoFi runs phase 0, HiFi2 phases 0-1, HiFi3 0-2, HiFi4 0-3.
-* A phase whose slice is zero for every element adds exact zeros, so it can be dropped:
-  - bfp4 values have at most 2 fraction bits: SrcA's "next 3 bits" are zero, phases 1 and 3
-    vanish (LoFi == HiFi2 and HiFi3 == HiFi4 on the phase side);
-  - bfp8 values have at most 6 fraction bits and bf16 7, so HiFi2 already holds all weight bits
-    (phases 1/3 still matter for them: they carry mantissa bits 5-7);
-  - an activation stored as bfp8 or bfp4 has no 7th mantissa bit: phases 2 and 3 vanish
-    (HiFi2 == HiFi3 == HiFi4 for that op). The only such SrcB operand in the config vocabulary
-    is the SiLU(w1)*w3 product feeding w2 under activation `mixed`, `bfp8` or `bfp4`. Every other
-    SrcB operand (norm outputs, attention outputs, softmax P) is treated as bf16 (7th bit set).
-* The key follows the emulator's arithmetic (engine.fidelity), which must reproduce it bit for
-  bit: HiFi4 is one product x7 @ w7; HiFi3 is x7 @ w7 - lo(x) @ (w7 - hi(w)), whose second
-  product is exactly zero for bfp4 weights (then HiFi3 == HiFi4) or for activations without a
-  7th bit (then HiFi3 == HiFi2). tests/test_equivalence.py checks every merge against the engine
-  with torch.equal.
-* fp32 dest accumulation and packer L1 accumulation change results: they stay in the key.
-  Approx mode changes only the vector unit's exp/reciprocal, never a matmul, and tt_transformers
-  runs SDPA's exp in exact mode (so does engine.model by default): approx is dropped from the key
-  (hifi4 == hifi4fp32 everywhere) unless the model opts into the SFPU exp
-  (`sdpa_exp_approx=True`), in which case it stays in the key of the SDPA ops.
-* SDPA: K and V (SrcA) are in the kv_cache format, Q and P on SrcB (P treated as bf16).
-* fp32 operands (emulator only) use a different slice split, and the emulator's `exact`
-  setting is plain fp32 math: such ops keep their raw setting in the key (never merged).
+* Fidelity phase p multiplies a slice of the activation (SrcB) by a slice of the weight (SrcA):
+  phase 0 xh*wh, 1 xh*wl, 2 xl*wh, 3 xl*wl (xh = hidden one + top 6 bits, xl = the 7th bit;
+  wh = hidden one + top 4 bits, wl = bits 5-7). LoFi runs phase 0, HiFi2 0-1, HiFi3 0-2, HiFi4 0-3.
+* A slice that is zero for every element contributes exact zeros:
+  - a weight format with <= 4 fraction bits (bfp4) has wl == 0;
+  - an activation format with <= 6 fraction bits (bfp8, bfp4) has xl == 0.
+* 16-bit dest: each phase's 16-wide slice partial is added and rounded, dest <- bf16(dest + P).
+  A phase whose partials are exact zeros leaves dest unchanged (bf16(d + 0) = d for a bf16 d), so
+  it is dropped from the key: the key is the sequence of remaining phase products, in order.
+* fp32 dest: the emulator sums the phases' products in one matmul of combined operands
+  (HiFi2 xh @ w7, HiFi4 x7 @ w7, HiFi3 x7 @ w7 - xl @ wl, LoFi xh @ wh): with w7 == wh or
+  x7 == xh substituted, and a product with a zero factor dropped, equal term lists are equal
+  matmul calls on equal operands.
+* fp32 dest and packer L1 accumulation change the accumulation (K-block partials): both stay in
+  the key. Approx mode changes only SFPU functions: nothing in a linear, but the SDPA softmax's
+  reciprocal follows it (and its exp too with `sdpa_exp_approx`), so the SDPA ops keep it.
+* The activation (SrcB) operand's format per op (tt_transformers' dtypes, engine.model):
+  li_qkv_* and li_ff1_3 read a norm output (the forced activation, else bf16); li_ff2 reads
+  SiLU(w1)*w3 (the activation, else bfp8); li_o_prefill reads the prefill SDPA output (Q's
+  dtype: the activation, else bfp8); li_o_decode reads bf16 (decode SDPA output); the SDPA ops
+  read Q and the bf16 softmax P, so they count as bf16. fp32 operands (full-precision mode) and
+  the emulator's `exact` keep their raw setting in the key (never merged).
+* The device's tensor-parallel layout changes the rounding of wo and w2 (per-chip partials rounded
+  and summed in the output dtype), so `numerics_key(..., layout=(tp, wo_split))` keeps it.
 
 Precisions themselves always stay in the key. A per-layer config's key is the tuple of its
-layers' keys.
+layers' keys. tests/test_equivalence.py checks every merge against the engine with torch.equal.
 
 "Dominated a priori": among configs with the same key the accuracy is identical, so the one(s)
 that are no slower on any device (predicted by `engine.perf`; by phase counts when the perf
@@ -45,30 +43,6 @@ from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
 from engine.config import Config, FidelitySetting, ModelConfig, OpGroup, Precision, TensorGroup
-
-
-@dataclass(frozen=True)
-class KernelSettings:
-    phases: int  # math fidelity phases
-    approx: bool  # SFPU approx mode (exp / reciprocal)
-    fp32_dest: bool  # fp32 dest accumulation
-    packer_l1: bool  # packer L1 accumulation
-
-
-#: The compute-kernel settings each fidelity name stands for (tt-numerics.md section 1).
-#: HiFi3 is the sweep's extension: 3 phases, fp32 dest, packer L1 acc, approx off.
-SETTINGS: dict[FidelitySetting, KernelSettings] = {
-    FidelitySetting.LOFI: KernelSettings(1, False, False, True),
-    FidelitySetting.HIFI2: KernelSettings(2, True, True, True),
-    FidelitySetting.HIFI2_NA: KernelSettings(2, False, False, False),
-    FidelitySetting.HIFI2_FP16: KernelSettings(2, False, False, True),
-    FidelitySetting.HIFI3: KernelSettings(3, False, True, True),
-    FidelitySetting.HIFI4: KernelSettings(4, False, True, True),
-    FidelitySetting.HIFI4_FP32: KernelSettings(4, True, True, True),
-}
-
-#: Mantissa fraction bits a value in each format can carry after unpacking (bf16-style data).
-FRACTION_BITS = {Precision.BFP4: 2, Precision.BFP8: 6, Precision.BF16: 7}
 
 #: The weight (SrcA) operand of each op group.
 SRC_A: dict[OpGroup, TensorGroup] = {
@@ -83,28 +57,25 @@ SRC_A: dict[OpGroup, TensorGroup] = {
 }
 SDPA_OPS = (OpGroup.SDPA_DECODE, OpGroup.SDPA_PREFILL)
 
-
-def _settings(f: FidelitySetting) -> KernelSettings | None:
-    return SETTINGS.get(f)
+#: Each op's activation operand when `activation` is mixed (None); a forced activation replaces it.
+_SRC_B_MIXED: dict[OpGroup, Precision] = {
+    OpGroup.LI_FF1_FF3: Precision.BF16, OpGroup.LI_QKV_DECODE: Precision.BF16, OpGroup.LI_QKV_PREFILL: Precision.BF16,
+    OpGroup.LI_FF2: Precision.BFP8, OpGroup.LI_O_PREFILL: Precision.BFP8,
+}
 
 
 def _src_b_precision(cfg: Config, op: OpGroup) -> Precision:
-    """The format of the activation (SrcB) operand, as far as it is known to lack bits.
-
-    Only w2's input (the SiLU(w1)*w3 product) has a config-given block format: bfp8 under
-    activation `mixed`, else the activation precision. Everything else counts as bf16.
-    """
-    if op is OpGroup.LI_FF2:
-        act = cfg.activation
-        return Precision.BFP8 if act is None else act
-    return Precision.BF16
+    """The format of `op`'s activation (SrcB) operand as far as it is known to lack bits."""
+    if op in _SRC_B_MIXED:
+        return _SRC_B_MIXED[op] if cfg.activation is None else cfg.activation
+    return Precision.BF16  # decode wo input and the SDPA operands (Q in decode, P)
 
 
-#: The operand pairs whose products the emulator sums for each phase count (engine.fidelity):
-#: x = activation (SrcB): xh = hidden one + top 6 bits, x7 = all 7 bits, xl = x7 - xh (bit 7);
-#: w = weight (SrcA): wh = hidden one + top 4 bits, w7 = all 7 bits, wl = w7 - wh (bits 5-7).
-#: HiFi3 = xh @ w7 + xl @ wh is computed as x7 @ w7 - xl @ wl (the second product subtracted).
-TERMS = {
+#: Phase p's (SrcB slice, SrcA slice).
+PHASE_SLICES = (("xh", "wh"), ("xh", "wl"), ("xl", "wh"), ("xl", "wl"))
+
+#: The fp32-dest emulator's combined products per phase count (a second product is SUBTRACTED).
+FP32_TERMS = {
     1: (("xh", "wh"),),
     2: (("xh", "w7"),),
     3: (("x7", "w7"), ("xl", "wl")),
@@ -113,37 +84,25 @@ TERMS = {
 
 
 def op_key(cfg: Config, op: OpGroup, sdpa_exp_approx: bool = False) -> tuple:
-    """What determines `op`'s results in `cfg` beyond the precisions (which are keyed separately).
-
-    The phases become the emulator's operand products (`TERMS`) with the slices that are provably
-    equal substituted: a weight with <= 4 fraction bits has w7 == wh and wl == 0; an activation
-    with <= 6 fraction bits has x7 == xh and xl == 0. A product with a zero factor is dropped
-    (adding or subtracting exact zeros changes nothing).
-    """
+    """What determines `op`'s results in `cfg` beyond the precisions (which are keyed separately):
+    the products that can be non-zero (see the module docstring), the dest and packer flags, and
+    for SDPA the approx flag."""
     f = cfg.fidelity(op)
-    ks = _settings(f)
     a = cfg.precision(SRC_A[op])
     b = _src_b_precision(cfg, op)
-    if ks is None or ks.phases not in TERMS or a not in FRACTION_BITS or b not in FRACTION_BITS:
+    if f is FidelitySetting.EXACT or Precision.FP32 in (a, b):
         return ("raw", f.value)
-    a_low = FRACTION_BITS[a] > 4  # SrcA's "next 3 bits" can be nonzero
-    b_low = FRACTION_BITS[b] > 6  # SrcB's 7th bit can be nonzero
-    terms = []
-    for xs, ws in TERMS[ks.phases]:
-        if not a_low:
-            if ws == "wl":
-                continue
-            if ws == "w7":
-                ws = "wh"
-        if not b_low:
-            if xs == "xl":
-                continue
-            if xs == "x7":
-                xs = "xh"
-        terms.append((xs, ws))
-    key: tuple = (tuple(terms), ks.fp32_dest, ks.packer_l1)
-    if op in SDPA_OPS and sdpa_exp_approx:
-        key += (ks.approx,)
+    k = f.kernel
+    a_low = a.format.fraction_bits > 4  # SrcA's bits 5-7 can be nonzero
+    b_low = b.format.fraction_bits > 6  # SrcB's 7th bit can be nonzero
+    sub = {"w7": "w7" if a_low else "wh", "x7": "x7" if b_low else "xh"}
+    zero = {"wl"} if not a_low else set()
+    zero |= {"xl"} if not b_low else set()
+    terms = PHASE_SLICES[:k.phases] if not k.fp32_dest else FP32_TERMS[k.phases]
+    kept = tuple((sub.get(xs, xs), sub.get(ws, ws)) for xs, ws in terms if xs not in zero and ws not in zero)
+    key: tuple = (kept, k.fp32_dest, k.packer_l1_acc)
+    if op in SDPA_OPS:
+        key += (k.approx, sdpa_exp_approx)
     return key
 
 
@@ -153,17 +112,19 @@ def layer_key(cfg: Config, sdpa_exp_approx: bool = False) -> tuple:
     return precisions + tuple(op_key(cfg, op, sdpa_exp_approx) for op in OpGroup)
 
 
-def numerics_key(config: Config | ModelConfig, model_spec=None, sdpa_exp_approx: bool = False) -> Hashable:
-    """Equal for configs whose emulated numerics are provably identical (per-layer tuple)."""
+def numerics_key(config: Config | ModelConfig, model_spec=None, sdpa_exp_approx: bool = False,
+                 layout: tuple[int, int] = (1, 1)) -> Hashable:
+    """Equal for configs whose emulated numerics are provably identical (per-layer tuple);
+    `layout` = (tensor-parallel chips, chips wo is split over) of the device evaluated."""
     del model_spec  # the rules do not depend on the model's shapes
-    if isinstance(config, Config):
-        return (layer_key(config, sdpa_exp_approx),)
-    return tuple(layer_key(c, sdpa_exp_approx) for c in config.layers)
+    layers = (config,) if isinstance(config, Config) else config.layers
+    key = tuple(layer_key(c, sdpa_exp_approx) for c in layers)
+    return key if tuple(layout) == (1, 1) else key + (("layout",) + tuple(layout),)
 
 
-def numerics_digest(config: Config | ModelConfig, model_spec=None) -> str:
+def numerics_digest(config: Config | ModelConfig, model_spec=None, layout: tuple[int, int] = (1, 1)) -> str:
     """A short stable string of `numerics_key` (stored as the trial user attribute `numerics_key`)."""
-    return hashlib.sha1(repr(numerics_key(config, model_spec)).encode()).hexdigest()[:16]
+    return hashlib.sha1(repr(numerics_key(config, model_spec, layout=layout)).encode()).hexdigest()[:16]
 
 
 def phase_vector(config: Config | ModelConfig) -> tuple[int, ...]:
@@ -172,8 +133,8 @@ def phase_vector(config: Config | ModelConfig) -> tuple[int, ...]:
     out = []
     for c in layers:
         for op in OpGroup:
-            ks = _settings(c.fidelity(op))
-            out.append(ks.phases if ks else 4)
+            phases = c.fidelity(op).kernel.phases
+            out.append(phases if phases else 4)
     return tuple(out)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from engine.config import DEFAULT, Config, FidelitySetting, ModelConfig, OpGroup, TensorGroup
 from sweep.equivalence import (
-    SETTINGS,
+    _SRC_B_MIXED,
     SRC_A,
     numerics_digest,
     numerics_key,
@@ -26,16 +26,13 @@ def key_of(**kw):
 
 
 # --- the rules -----------------------------------------------------------------------------------
-def test_settings_table_matches_the_engine():
+def test_phase_vector_reads_the_settings_table():
     from engine import fidelity
-    from engine.model import kernel_for
 
-    for f, ks in SETTINGS.items():
-        k = kernel_for(f)
-        assert (k.fid.phases, k.fid.approx, k.fid.fp32_dest, k.fid.packer_l1_acc) == (
-            ks.phases, ks.approx, ks.fp32_dest, ks.packer_l1), f
-        if f.value in fidelity.NAMED:
-            assert fidelity.NAMED[f.value] == k.fid
+    c = Config(li_ff1_3="lofi", li_ff2="hifi3", sdpa_decode="hifi4fp32")
+    v = phase_vector(c)
+    assert v[list(OpGroup).index(OpGroup.LI_FF1_FF3)] == fidelity.SETTINGS["lofi"].kernel.phases == 1
+    assert v[list(OpGroup).index(OpGroup.LI_FF2)] == 3 and v[list(OpGroup).index(OpGroup.SDPA_DECODE)] == 4
 
 
 def test_bfp4_weights_lofi_equals_hifi2fp16():
@@ -53,19 +50,20 @@ def test_hifi3_equals_hifi4_for_bfp4_weights():
     assert key_of(ff1_3="bfp4", li_ff1_3="hifi3") == key_of(ff1_3="bfp4", li_ff1_3="hifi4")
     assert key_of(ff1_3="bfp4", li_ff1_3="hifi3") == key_of(ff1_3="bfp4", li_ff1_3="hifi4fp32")
     assert key_of(kv_cache="bfp4", sdpa_decode="hifi3") == key_of(kv_cache="bfp4", sdpa_decode="hifi4")
-    assert key_of(kv_cache="bfp4", sdpa_decode="hifi3") == key_of(kv_cache="bfp4", sdpa_decode="hifi4fp32")  # exact exp
+    # ... but hifi4fp32's approx mode changes the SDPA softmax's reciprocal
+    assert key_of(kv_cache="bfp4", sdpa_decode="hifi3") != key_of(kv_cache="bfp4", sdpa_decode="hifi4fp32")
     # bfp8 / bf16 weights keep bits 5-7 in phase 3
     assert key_of(ff1_3="bfp8", li_ff1_3="hifi3") != key_of(ff1_3="bfp8", li_ff1_3="hifi4")
     assert key_of(ff1_3="bfp4", li_ff1_3="hifi3") != key_of(ff1_3="bfp4", li_ff1_3="hifi2")
 
 
-def test_approx_mode_matters_only_for_an_approximate_sdpa_exp():
+def test_approx_mode_matters_only_for_sdpa():
     for op in ("li_ff1_3", "li_ff2", "li_qkv_decode", "li_o_decode", "li_qkv_prefill", "li_o_prefill"):
         assert key_of(**{op: "hifi4"}) == key_of(**{op: "hifi4fp32"}), op
-    for op in ("sdpa_decode", "sdpa_prefill"):  # tt_transformers' SDPA exp is exact
-        assert key_of(**{op: "hifi4"}) == key_of(**{op: "hifi4fp32"}), op
+    for op in ("sdpa_decode", "sdpa_prefill"):  # the softmax's reciprocal follows math_approx_mode
+        assert key_of(**{op: "hifi4"}) != key_of(**{op: "hifi4fp32"}), op
         a, b = (DEFAULT.replace(**{op: f}) for f in ("hifi4", "hifi4fp32"))
-        assert numerics_key(a, sdpa_exp_approx=True) != numerics_key(b, sdpa_exp_approx=True), op
+        assert numerics_key(a, sdpa_exp_approx=True) != numerics_key(a), op
 
 
 def test_bfp8_silu_product_has_no_seventh_bit():
@@ -77,8 +75,21 @@ def test_bfp8_silu_product_has_no_seventh_bit():
     # a bf16 product has its 7th bit: HiFi2 != HiFi3 != HiFi4
     keys = {key_of(activation="bf16", li_ff2=f) for f in ("hifi2", "hifi3", "hifi4")}
     assert len(keys) == 3
-    # other linears read bf16 activations whatever the activation setting
-    assert key_of(activation="bfp8", li_ff1_3="hifi2") != key_of(activation="bfp8", li_ff1_3="hifi4")
+    # w1/w3 and qkv read a norm output: in the forced activation's dtype (bfp8: no 7th bit), else bf16
+    assert key_of(activation="bfp8", li_ff1_3="hifi2") == key_of(activation="bfp8", li_ff1_3="hifi4")
+    assert key_of(activation="bfp8", li_qkv_prefill="hifi2") == key_of(activation="bfp8", li_qkv_prefill="hifi4")
+    assert key_of(activation=None, li_ff1_3="hifi2") != key_of(activation=None, li_ff1_3="hifi4")
+    # wo in prefill reads the SDPA output in Q's dtype: bfp8 under mixed; decode wo reads bf16
+    assert key_of(li_o_prefill="hifi2") == key_of(li_o_prefill="hifi4")
+    assert key_of(li_o_decode="hifi2") != key_of(li_o_decode="hifi4")
+    assert key_of(activation="bf16", li_o_prefill="hifi2") != key_of(activation="bf16", li_o_prefill="hifi4")
+
+
+def test_device_layout_is_in_the_key():
+    assert numerics_key(DEFAULT) == numerics_key(DEFAULT, layout=(1, 1))
+    assert numerics_key(DEFAULT, layout=(2, 2)) != numerics_key(DEFAULT)
+    assert numerics_key(DEFAULT, layout=(8, 1)) != numerics_key(DEFAULT, layout=(8, 8))
+    assert numerics_digest(DEFAULT, layout=(2, 2)) != numerics_digest(DEFAULT)
 
 
 def test_sdpa_kv_cache_is_the_weight_side():
@@ -168,7 +179,7 @@ def _equal_key_pairs():
     pairs = []
     for op in OpGroup:
         g = SRC_A[op].value
-        acts = [None, "bf16", "bfp8"] if op is OpGroup.LI_FF2 else [None]
+        acts = [None, "bf16", "bfp8"] if op in _SRC_B_MIXED else [None]
         for p, act in itertools.product(["bfp4", "bfp8", "bf16"], acts):
             groups: dict = {}
             for f in FIDS:
