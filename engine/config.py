@@ -238,10 +238,14 @@ class Config:
 
     @classmethod
     def from_tt(cls, entry: Mapping, base: "Config | None" = None) -> "Config":
-        """Read one tt-metal decoder entry (member names); a missing part keeps `base`."""
+        """Read one tt-metal decoder entry (member names) as tt_transformers' parse_decoder_json does:
+        a given `precision_cfg` / `fidelity_cfg` dict starts from the DEFAULTS (so `{}` means the
+        defaults), a missing one keeps `base` (the preset)."""
         base = base or DEFAULT
         changes: dict[str, object] = {}
         for part, groups in (("precision_cfg", TensorGroup), ("fidelity_cfg", OpGroup)):
+            if part in entry:
+                changes.update({g.value: getattr(DEFAULT, g.value) for g in groups})
             for name, val in (entry.get(part) or {}).items():
                 if name not in groups.__members__:
                     raise ConfigError(f"unknown {part} key {name!r} in decoder JSON; legal: {', '.join(groups.__members__)}")
@@ -291,16 +295,33 @@ _BF16_ATTENTION = dict(
 _BFP4_MLP = dict(ff1_3=Precision.BFP4, li_ff1_3=FidelitySetting.LOFI)
 
 
-def is_70b_class(model_name: str) -> bool:
+#: tt_transformers' ModelOptimizations.accuracy list, matched by exact base name (not substring):
+#: Llama-3.3-70B, say, is not in it.
+_70B_CLASS = ("Llama-3.1-70B", "Llama-3.2-90B", "DeepSeek-R1-Distill-Llama-70B", "Qwen2.5-72B")
+
+
+def base_model_name(model_name: str) -> str:
+    """`get_base_model_name`, normalised: the name up to its size (`...-70B`), without suffixes such
+    as -Instruct or -Vision, lower-case alphanumerics only (Llama3.1-70B == Llama-3.1-70B-Instruct)."""
     n = _norm(model_name)
-    return any(s in n for s in ("70b", "90b", "72b"))
+    m = re.match(r"(.*?\d+b)", n)
+    return m.group(1) if m else n
+
+
+def is_70b_class(model_name: str) -> bool:
+    return base_model_name(model_name) in {_norm(n) for n in _70B_CLASS}
+
+
+def _phi3_mini(model_name: str) -> dict:
+    """Phi-3-mini runs its prefill qkv at hifi2fp16 in both presets (model_config.py)."""
+    return {"li_qkv_prefill": FidelitySetting.HIFI2_FP16} if _norm(model_name).startswith("phi3mini") else {}
 
 
 def performance(model_name: str) -> Config:
     """tt-metal's `performance` preset: bfp4 FF1/FF3 + LoFi, except Qwen2.5-7B (bf16 attention, hifi4)."""
-    if _norm(model_name).startswith("qwen257b"):
+    if base_model_name(model_name) == "qwen257b":
         return DEFAULT.replace(**_BF16_ATTENTION)
-    return DEFAULT.replace(**_BFP4_MLP)
+    return DEFAULT.replace(**_BFP4_MLP, **_phi3_mini(model_name))
 
 
 def accuracy(model_name: str) -> Config:
@@ -310,11 +331,24 @@ def accuracy(model_name: str) -> Config:
     if is_70b_class(model_name):
         return DEFAULT.replace(**_BFP4_MLP)
     if n.startswith(("llama3", "mistral7b", "phi3mini")):
-        return DEFAULT.replace(li_ff1_3=FidelitySetting.HIFI2_FP16, li_ff2=FidelitySetting.HIFI2_FP16)
+        return DEFAULT.replace(li_ff1_3=FidelitySetting.HIFI2_FP16, li_ff2=FidelitySetting.HIFI2_FP16, **_phi3_mini(model_name))
     return DEFAULT.replace(**_BF16_ATTENTION)
 
 
 PRESETS = {"performance": performance, "accuracy": accuracy}
+
+
+def decoder_preset(preset: str, model_name: str) -> dict | None:
+    """The per-layer decoder JSON tt_transformers ships for this model and preset, or None
+    (engine/data/decoder_presets.json, keyed by seed model name)."""
+    from importlib.resources import files
+
+    table = json.loads(files("engine").joinpath("data/decoder_presets.json").read_text())
+    base = base_model_name(model_name)
+    for name, presets in table.items():
+        if not name.startswith("_") and _norm(name) == base and preset in presets:
+            return presets[preset]
+    return None
 
 #: Every group in fp32 with exact math: the engine then matches the fp32 reference model.
 REFERENCE = Config(
@@ -409,6 +443,9 @@ class ModelConfig:
         """Inverse of __str__; also accepts presets and plain (uniform) config strings."""
         head, sep, tail = text.partition("; decoders = {")
         base = resolve(head, model_name)
+        shipped = decoder_preset(head.strip().lower(), model_name) if not sep else None
+        if shipped is not None and max(int(k) for k in shipped["decoders"]) < n_layers:
+            return cls.from_decoder_json(shipped, n_layers, base)
         layers = [base] * n_layers
         if sep:
             if not tail.endswith("}"):

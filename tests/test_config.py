@@ -153,3 +153,46 @@ def test_property_string_and_diff_round_trip(cfg, base):
     assert Config.parse(str(cfg)) == cfg
     assert Config.parse(cfg.diff(base), base) == cfg
     assert hash(Config.parse(str(cfg))) == hash(cfg)
+
+
+# --- presets as tt_transformers' ModelOptimizations / parse_decoder_json define them ---------------
+def test_70b_class_is_matched_by_exact_base_name():
+    from engine.config import is_70b_class
+
+    for name in ("Llama3.1-70B", "Llama-3.1-70B-Instruct", "Llama3.2-90B", "Llama-3.2-90B-Vision-Instruct",
+                 "Qwen2.5-72B", "DeepSeek-R1-Distill-Llama-70B"):
+        assert is_70b_class(name), name
+    for name in ("Llama-3.3-70B", "Llama3.1-8B", "my-70b-finetune", "Qwen2.5-7B"):
+        assert not is_70b_class(name), name  # a substring match would take the first and third
+
+
+def test_phi3_mini_prefill_qkv_hifi2fp16_in_both_presets():
+    from engine.config import accuracy, performance
+
+    for preset in (accuracy, performance):
+        assert preset("Phi-3-mini-128k-instruct").li_qkv_prefill.value == "hifi2fp16"
+        assert preset("Llama3.1-8B").li_qkv_prefill.value == "hifi2"
+
+
+def test_decoder_json_parts_start_from_the_defaults():
+    from engine.config import DEFAULT, Config, ModelConfig, performance
+
+    perf = performance("Llama3.1-8B")
+    entry = {"precision_cfg": {}, "fidelity_cfg": {"LI_FF2": "LOFI"}}
+    c = Config.from_tt(entry, perf)
+    assert c.ff1_3 == DEFAULT.ff1_3 and c.li_ff1_3 == DEFAULT.li_ff1_3  # given dicts restart from the defaults
+    assert c.li_ff2.value == "lofi"
+    assert Config.from_tt({}, perf) == perf  # absent dicts keep the preset
+    mc = ModelConfig.from_decoder_json({"decoders": {"1": entry}}, 3, perf)
+    assert mc.layers[0] == perf == mc.layers[2] and mc.layers[1] == c
+
+
+def test_shipped_per_layer_preset():
+    from engine.config import DEFAULT, ModelConfig, decoder_preset
+
+    assert decoder_preset("performance", "Llama3.1-8B") is not None
+    assert decoder_preset("performance", "Llama3.2-1B") is None
+    mc = ModelConfig.parse("performance", 32, "Llama3.1-8B")
+    assert mc.layers[0] == DEFAULT  # listed with empty dicts: the defaults, not bfp4 + lofi
+    assert mc.layers[31] == DEFAULT.replace(li_ff1_3="hifi2fp16")
+    assert ModelConfig.parse("performance", 16, "Llama3.2-1B").is_uniform
