@@ -317,10 +317,13 @@ class EvalResult:
     seconds: float  # trial wall time (prefill + decode + scoring)
     config: str = ""  # canonical ModelConfig string
     model: str = ""
+    device: str = "N150"  # the system whose numerics were emulated (tensor-parallel rounding)
+    lm_head: tuple[str, str] = ("bfp8", "hifi2fp16")  # model-level: LM head weight format, fidelity
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["top1_ci"], d["top5_ci"] = list(self.top1_ci), list(self.top5_ci)
+        d["lm_head"] = list(self.lm_head)
         return d
 
 
@@ -354,15 +357,31 @@ def score(logits: torch.Tensor, ref: Reference) -> dict:
 
 
 # --- the evaluator -------------------------------------------------------------------------------
+def device_layout(device: str) -> tuple[int, str]:
+    """(tensor-parallel chips, topology) of one replica of `device` as tt_transformers lays a model
+    out on it; accuracy depends on it (wo / w2 split along K). TG's 2-D mesh is not emulated."""
+    from engine.devices import device_for
+
+    rep = device_for(device).replica(1)
+    if rep.layout == "mesh2d":
+        raise ValueError(f"accuracy on {rep.device.name} (a 2-D Galaxy mesh, bfp8 collectives) is not emulated; "
+                         "evaluate on N150, N300 or T3K")
+    return rep.tp, rep.layout
+
+
 class Evaluator:
     """Loads a model, its tokens and its fp32 reference once; `evaluate(config)` runs one trial.
 
     One `engine.model.Model` is reused across trials, so its quantized-weight cache is too.
-    `lm_head` (optional) is passed to Model (default: Model's own, bfp8 + hifi2 like tt-metal).
+    `device` (default N150) decides the tensor-parallel layout whose rounding is emulated; `lm_head`
+    (optional) overrides the model-level LM head (default bfp8 + hifi2fp16 as tt/lm_head.py);
+    `silu` the SFPU SiLU (`sfpu-piecewise`, the seed era's, or `exact`); `torch_device` where the
+    engine runs (cpu, cuda:0).
     """
 
     def __init__(self, model_name: str, prefill: int = DEFAULT_PREFILL, decode: int = DEFAULT_DECODE,
-                 cache_dir: str | os.PathLike | None = None, *, lm_head: tuple[str, str] | None = None):
+                 cache_dir: str | os.PathLike | None = None, *, lm_head: tuple[str, str] | None = None,
+                 device: str = "N150", silu: str | None = None, torch_device: str | None = None):
         if prefill < 1 or decode < 1:
             raise ValueError(f"prefill and decode must be >= 1 (got {prefill}, {decode})")
         self.model_name = str(model_name)
@@ -375,7 +394,15 @@ class Evaluator:
         self.reference = load_reference(self.loaded, self.prefill, self.decode, self.cache_dir)
         self.reference.prepared()
         self.tokens = torch.from_numpy(self.reference.tokens[: prefill + decode].astype(np.int64))
-        self._lm_head = lm_head
+        from engine.devices import normalise_device
+        from engine.programs import check_tp
+
+        self.device = normalise_device(device)
+        self.tp, self.topology = device_layout(self.device)
+        check_tp(self.spec, self.tp)  # tt_transformers' own layout asserts, before any trial
+        self._lm_head = tuple(lm_head) if lm_head else None
+        self._silu = silu
+        self.torch_device = torch_device
         self._model = None
 
     @property
@@ -384,11 +411,21 @@ class Evaluator:
         if self._model is None:
             from engine.model import Model
 
-            kwargs = {"lm_head": tuple(self._lm_head)} if self._lm_head else {}
+            kwargs = {"lm_head": self._lm_head} if self._lm_head else {}
+            if self._silu:
+                kwargs["silu"] = self._silu
             # longrope picks its factors from the length of the reference's one forward, as transformers does
             ctx = reference_length(self.prefill, self.decode)
-            self._model = Model(self.spec, self.loaded.weights, rope_context=ctx, **kwargs)
+            self._model = Model(self.spec, self.loaded.weights, rope_context=ctx, tp=self.tp, topology=self.topology,
+                                torch_device=self.torch_device, **kwargs)
         return self._model
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(tensor-parallel chips, chips wo is split over): what the device adds to a config's numerics."""
+        from engine.programs import wo_fused
+
+        return self.tp, 1 if wo_fused(self.spec, self.tp, self.topology) else self.tp
 
     def model_config(self, config: ModelConfig | Config | str) -> ModelConfig:
         """A ModelConfig for this model from a ModelConfig, a Config (uniform) or a preset /
@@ -423,4 +460,6 @@ class Evaluator:
         logits = self.run(mc)
         with torch.inference_mode():
             metrics = score(logits, self.reference)
-        return EvalResult(**metrics, seconds=time.perf_counter() - t0, config=str(mc), model=self.spec.name)
+        m = self.model
+        return EvalResult(**metrics, seconds=time.perf_counter() - t0, config=str(mc), model=self.spec.name,
+                          device=self.device, lm_head=(m.lm_head_format, m.lm_head_setting.value))

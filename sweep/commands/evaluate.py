@@ -18,6 +18,11 @@ def register(sub) -> None:
                         "'precision_cfg = {...}, fidelity_cfg = {...}' (optionally '; decoders = {i: ...}')")
     p.add_argument("--prefill", type=int, default=512, help="prefill tokens (default 512)")
     p.add_argument("--decode", type=int, default=511, help="teacher-forced decode steps scored (default 511)")
+    p.add_argument("--device", default="N150",
+                   help="Wormhole system whose numerics are emulated (N150, N300, T3K): tensor-parallel "
+                        "rounding of wo / w2 depends on it (default N150)")
+    p.add_argument("--lm-head", default=None, metavar="FORMAT,FIDELITY",
+                   help="override the model-level LM head, e.g. bf16,hifi4 (default bfp8,hifi2fp16 as tt_transformers)")
     p.add_argument("--cache-dir", default=None, help="cache root (default $TTSWEEP_CACHE or ~/.cache/ttsweep)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -30,7 +35,9 @@ def run(args) -> int:
 
     spec = model_spec(args.model, cache=args.cache_dir)  # cheap: unknown models and bad configs fail fast
     ModelConfig.parse(args.config, spec.n_layers, spec.name)
-    ev = Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir)
+    lm_head = parse_lm_head(args.lm_head) if args.lm_head else None
+    ev = Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir,
+                   device=args.device, lm_head=lm_head)
     mc = ev.model_config(args.config)
     r = ev.evaluate(mc)
     if args.json:
@@ -38,9 +45,25 @@ def run(args) -> int:
         d |= {"prefill": args.prefill, "decode": args.decode}
         print(json.dumps(d))
         return 0
-    print(f"{r.model}: {r.tokens} teacher-forced decode steps after a {args.prefill}-token prefill")
+    print(f"{r.model} on {r.device}: {r.tokens} teacher-forced decode steps after a {args.prefill}-token prefill")
     print(f"  config  {r.config}")
+    print(f"  lm_head {r.lm_head[0]} + {r.lm_head[1]}")
     print(f"  Top-1 {r.top1:.1f}% [{r.top1_ci[0]:.1f}, {r.top1_ci[1]:.1f}]   "
           f"Top-5 {r.top5:.1f}% [{r.top5_ci[0]:.1f}, {r.top5_ci[1]:.1f}]  (95% Wilson)")
     print(f"  KLD {r.kld:.5f} nats   perplexity {r.ppl:.3f} (reference {r.ref_ppl:.3f})   {r.seconds:.1f} s")
     return 0
+
+
+def parse_lm_head(text: str) -> tuple[str, str]:
+    """'bfp8,hifi2fp16' -> ('bfp8', 'hifi2fp16'), checked against the format and setting tables."""
+    from engine.config import ConfigError, fidelity_of
+    from engine.formats import get_format
+
+    fmt, sep, fid = (t.strip() for t in text.partition(","))
+    if not sep:
+        raise ConfigError(f"--lm-head {text!r} needs FORMAT,FIDELITY, e.g. bfp8,hifi2fp16")
+    try:
+        get_format(fmt)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return fmt, fidelity_of(fid).value
