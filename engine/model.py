@@ -91,6 +91,15 @@ def mm(setting: FidelitySetting, x: torch.Tensor, w: torch.Tensor, k_block: int 
     return fidelity.matmul(x, w, setting.kernel, k_block, out_fmt=out_fmt if out_fmt != FULL else "fp32", interm=interm)
 
 
+def sdpa_scale(head_dim: int, full: bool = False) -> float:
+    """1/sqrt(head_dim) as the SDPA kernels take it: the fp32 value truncated to bf16
+    (`scale_bf16 = scale_fp32 >> 16`); exact in full-precision mode."""
+    scale = 1.0 / math.sqrt(head_dim)
+    if full:
+        return scale
+    return float(torch.tensor(scale).view(torch.int32).bitwise_and(-65536).view(torch.float32))
+
+
 def _act(c: Config, default: str) -> str:
     """An op's output dtype: the forced `activation`, else the op's own default."""
     return default if c.activation is None else c.activation.value
@@ -433,9 +442,7 @@ class Model:
         im = FULL if full else "bf16"
         kern = setting.kernel
         exp_approx = kern.approx and self.sdpa_exp_approx
-        scale = 1.0 / math.sqrt(D)
-        if not full:
-            scale = float(torch.tensor(scale).view(torch.int32).bitwise_and(-65536).view(torch.float32))
+        scale = sdpa_scale(D, full)
         qh = q.reshape(M, nkv, G, D).permute(1, 2, 0, 3).reshape(nkv, G * M, D)
         maskg = mask.repeat(G, 1)
         m = l = o = None
