@@ -210,3 +210,19 @@ def test_lm_head_defaults():
     assert (k.phases, k.fp32_dest, k.packer_l1_acc) == (2, False, True)
     model = _sdpa_model()
     assert (model.lm_head_format, model.lm_head_setting.value, model.logits_format) == ("bfp8", "hifi2fp16", "bfp8")
+
+
+def test_numerics_doc_names_existing_tests_and_engine_functions():
+    """docs/NUMERICS.md cannot go stale: every test it names exists, every engine module it names too."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "NUMERICS.md").read_text()
+    tests = "\n".join(p.read_text() for p in (root / "tests").glob("test_*.py"))
+    names = set(re.findall(r"`(?:test_\w+\.py::)?(test_[a-z0-9_]+)`", doc)) | set(re.findall(r"(test_[a-z0-9_]+) \(", doc))
+    assert len(names) > 25
+    missing = [n for n in names if f"def {n}" not in tests]
+    assert not missing, missing
+    for mod in set(re.findall(r"`(?:engine\.)?(fidelity|formats|programs|model|config|accuracy)\.", doc)):
+        assert (root / "engine" / f"{mod}.py").exists()
