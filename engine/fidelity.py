@@ -178,15 +178,20 @@ def w_phases(w: torch.Tensor, phases: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def dest16_torch(xs: torch.Tensor, w: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
-    """The bf16-dest walk of one K block in torch (reference for kernels/dest16.c, bit for bit):
-    xs [B, P, M, K] (`x_phases`), w [Bw, K, N] (Bw = B or 1), K a multiple of 32, init [B, M, N]
-    or None."""
+def dest16_torch(xs: torch.Tensor, w: torch.Tensor, init: torch.Tensor | None, kb: int = 0) -> torch.Tensor:
+    """The bf16-dest walk in torch (reference for kernels/dest16.c, bit for bit): xs [B, P, M, K]
+    (`x_phases`), w [Bw, K, N] (Bw = B or 1), K a multiple of 32, init [B, M, N] or None. kb > 0:
+    K blocks of kb elements with packer L1 accumulation in Float16_b (the last block reloads)."""
     B, P, M, K = xs.shape
     ws = w_phases(w, P)
     N = ws.shape[-1]
     dest = torch.zeros(B, M, N, device=xs.device) if init is None else init.clone()
+    starts = list(range(0, K, kb)) if kb else [0]
+    acc = None
     for t in range(0, K, TILE_K):
+        if kb and t and t % kb == 0:  # a block ends
+            acc = dest if acc is None else (acc + dest).to(torch.bfloat16).float()
+            dest = acc.clone() if t == starts[-1] else torch.zeros_like(dest)
         for p in range(P):
             for s in range(t, t + TILE_K, SLICE_K):
                 part = xs[:, p, :, s, None] * ws[:, p, s, None, :]
@@ -196,18 +201,18 @@ def dest16_torch(xs: torch.Tensor, w: torch.Tensor, init: torch.Tensor | None) -
     return dest
 
 
-def _dest16_block(xs: torch.Tensor, ws: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
-    """One K block: xs [B, P, M, K] activation slices, ws [Bw, K, N] the raw weight."""
+def _dest16_block(xs: torch.Tensor, ws: torch.Tensor, init: torch.Tensor | None, kb: int = 0) -> torch.Tensor:
+    """xs [B, P, M, K] activation slices, ws [Bw, K, N] the raw weight; see `dest16_torch`."""
     fn = native.dest16() if xs.device.type == "cpu" else None
     if fn is None:
-        return dest16_torch(xs, ws, init)
+        return dest16_torch(xs, ws, init, kb)
     xs, ws = xs.contiguous(), ws.contiguous()
     B, P, M, K = xs.shape
     N = ws.shape[-1]
     out = torch.empty(B, M, N)
     init_p = None if init is None else init.contiguous()
     fn(xs.data_ptr(), ws.data_ptr(), None if init_p is None else init_p.data_ptr(), out.data_ptr(),
-       B, P, M, K, N, int(ws.shape[0] != 1))
+       B, P, M, K, N, int(ws.shape[0] != 1), kb)
     return out
 
 
@@ -257,9 +262,16 @@ def _walk(xb: torch.Tensor, wb: torch.Tensor, fid: Fidelity, kb: int, out_fmt, i
             ws = torch.nn.functional.pad(ws, (0, 0, 0, pad))
             blocks = [(k0, k1 + pad if k1 == K else k1) for k0, k1 in blocks]
 
+        if part_fmt == "bf16":  # L1 acc in Float16_b, or a bf16 spill (exact reload): one kernel call
+            kpad = blocks[-1][1]
+            return _dest16_block(xs[..., :kpad], ws[..., :kpad, :], None, kb if l1 else 0)
+
         def block(k0, k1, init):
             return _dest16_block(xs[..., k0:k1], ws[..., k0:k1, :], init)
 
+    if fid.fp32_dest and len(blocks) > 1:
+        parts = _block_partials(pairs, blocks)  # one batched matmul for all blocks
+        block = lambda k0, k1, init, _p=iter(parts): next(_p) if init is None else init + next(_p)  # noqa: E731
     acc = None
     for i, (k0, k1) in enumerate(blocks):
         last = i == len(blocks) - 1
@@ -270,6 +282,26 @@ def _walk(xb: torch.Tensor, wb: torch.Tensor, fid: Fidelity, kb: int, out_fmt, i
             d = block(k0, k1, acc)
             acc = d if last else _round_to(part_fmt, d)
     return acc
+
+
+def _block_partials(pairs, blocks: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """fp32 dest: every K block's fp32 result from one batched matmul per operand pair (blocks of
+    equal size; a ragged last block on its own)."""
+    kb = blocks[0][1] - blocks[0][0]
+    n_even = sum(1 for k0, k1 in blocks if k1 - k0 == kb)
+    out = None
+    for j, (xs, ws) in enumerate(pairs):
+        B, M, _ = xs.shape
+        N = ws.shape[-1]
+        xe = xs[..., : n_even * kb].reshape(B, M, n_even, kb).transpose(1, 2)  # [B, nb, M, kb]
+        we = ws[..., : n_even * kb, :].reshape(ws.shape[0], n_even, kb, N)  # [Bw, nb, kb, N]
+        part = torch.matmul(xe, we)  # [B, nb, M, N]
+        parts = list(part.unbind(1))
+        if n_even < len(blocks):
+            k0, k1 = blocks[-1]
+            parts.append(torch.matmul(xs[..., k0:k1], ws[..., k0:k1, :]))
+        out = parts if out is None else [a - b for a, b in zip(out, parts)]
+    return out
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, setting, k_block: int | None = None, *, out_fmt="bf16",

@@ -497,11 +497,12 @@ class Model:
         m = h.shape[0]
         h = _pad_rows(h)
         x = _rms_norm(h, self.weight("model.norm.weight", ug), s.rms_eps, h_fmt)  # norm keeps its input's dtype
+        x = x[:m]  # rows are independent: the padding rows' logits are never read
         if full:
-            return torch.matmul(x, self.weight("lm_head", FULL))[:m]
+            return torch.matmul(x, self.weight("lm_head", FULL))
         logits = mm(self.lm_head_setting, x, self.weight("lm_head", self.lm_head_format), self._prog[False].lm_head,
                     self.logits_format, "bf16")  # LM head: a DRAM-sharded matmul in both modes
-        return rnd(logits, self.logits_format)[:m]
+        return rnd(logits, self.logits_format)
 
     def new_cache(self, capacity: int) -> KVCache:
         s = self.spec

@@ -66,6 +66,6 @@ def dest16():
         return None
     fn = lib.dest16_block
     p, i = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, i, i, i, i, i, i]
+    fn.argtypes = [p, p, p, p, i, i, i, i, i, i, i]
     fn.restype = None
     return fn
