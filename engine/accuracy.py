@@ -254,7 +254,8 @@ def compute_reference(loaded: loaders.LoadedModel, prefill: int, decode: int) ->
 def _meta(loaded: loaders.LoadedModel, prefill: int, decode: int) -> dict[str, str]:
     return {"format": REF_FORMAT, "model": loaded.spec.name, "fingerprint": loaded.fingerprint,
             "text_sha256": text_sha256(), "length": str(reference_length(prefill, decode)),
-            "prefill": str(prefill), "decode": str(decode), "vocab": str(loaded.spec.vocab)}
+            "prefill": str(prefill), "decode": str(decode), "vocab": str(loaded.spec.vocab),
+            "special_tokens": "none"}  # the text is encoded without BOS (engine.text)
 
 
 def save_reference(ref: Reference, path: Path, meta: dict[str, str]) -> None:

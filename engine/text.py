@@ -12,8 +12,9 @@
   are therefore part of the first 1024 tokens, as on the hardware).
 
 `text_tokens(tokenizer, n)` gives the first `n` tokens of that text under a tokenizer, with the
-tokenizer's own special-token convention (`add_special_tokens=True`: a BOS where the model's
-tokenizer adds one, none for SmolLM2).
+tokenizer's special tokens left out (`add_special_tokens=False`: no BOS), as tt_transformers'
+accuracy test encodes the text for Hugging Face checkpoints (`ModelArgs.encode_prompt(..., instruct=False)`
+-> `tokenizer.encode(text, add_special_tokens=False)`; only Meta-format checkpoints get a BOS).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def text_sha256() -> str:
 
 def _encode(tokenizer, text: str) -> list[int]:
     try:
-        ids = tokenizer.encode(text, add_special_tokens=True)
+        ids = tokenizer.encode(text, add_special_tokens=False)
     except TypeError:  # minimal tokenizers without the keyword
         ids = tokenizer.encode(text)
     return [int(i) for i in ids]
