@@ -430,6 +430,8 @@ def load_spec(path: str | Path, n_layers: int | None = None, storage: str | None
     """
     p = Path(path)
     where = str(path)
+    if p.is_dir():
+        raise StudyFileError(f"{where} is a directory; give a study file such as studies/lt-pareto.toml")
     if not p.is_file():
         raise FileNotFoundError(f"study file {where} not found")
     try:
@@ -495,7 +497,7 @@ def _model_layers(where: str, model: str) -> int:
     except ImportError as exc:
         raise _fail(where, f"cannot check study.model {model!r}: engine.loaders is unavailable ({exc})") from None
     try:
-        return int(loaders.model_spec(model).n_layers)
+        return int(loaders.check_model_files(model).n_layers)  # weights present and readable, not only config.json
     except Exception as exc:  # noqa: BLE001 - any lookup failure is an unknown model
         names = _model_names(loaders)
         if names and type(exc).__name__ == "UnknownModel":
