@@ -490,14 +490,15 @@ def _legal_devices() -> tuple[str, ...]:
     return DEFAULT_DEVICES
 
 
-def _model_layers(where: str, model: str) -> int:
-    """The model's decoder-layer count from the engine's registry; unknown names list the legal ones."""
+def _model_layers(where: str, model: str, runs: Mapping[str, Mapping[str, int]] = {}) -> int:  # noqa: B006 - read only
+    """The model's decoder-layer count from the engine's registry; unknown names list the legal ones.
+    The weights must be readable and each of `runs` ([eval], [perf]) fit in the model's context."""
     try:
         from engine import loaders
     except ImportError as exc:
         raise _fail(where, f"cannot check study.model {model!r}: engine.loaders is unavailable ({exc})") from None
     try:
-        return int(loaders.check_model_files(model).n_layers)  # weights present and readable, not only config.json
+        spec = loaders.check_model_files(model)  # weights present and readable, not only config.json
     except Exception as exc:  # noqa: BLE001 - any lookup failure is an unknown model
         names = _model_names(loaders)
         if names and type(exc).__name__ == "UnknownModel":
@@ -505,6 +506,11 @@ def _model_layers(where: str, model: str) -> int:
                                "(or a path to a .gguf file or a Hugging Face model directory)") from None
         legal = f"; registry names: {', '.join(names)}" if names else ""
         raise _fail(where, f"study.model {model!r} cannot be used ({type(exc).__name__}: {exc}){legal}") from None
+    for table, run in runs.items():
+        if run["prefill"] + run["decode"] > spec.max_seq:
+            raise _fail(where, f"{table}.prefill + {table}.decode = {run['prefill'] + run['decode']} tokens exceeds "
+                               f"{spec.name}'s context of {spec.max_seq}; lower {table}.prefill or {table}.decode")
+    return int(spec.n_layers)
 
 
 def _model_names(loaders) -> list[str]:
@@ -612,7 +618,7 @@ def parse_spec(doc: Mapping, where: str = "<study>", path: str | None = None, n_
     if "space" not in doc:
         raise _fail(where, f"missing [space] table: the search space is empty (legal keys: {', '.join(SPACE_KEYS)})")
     if n_layers is None:
-        n_layers = _model_layers(where, model)
+        n_layers = _model_layers(where, model, {"eval": ev, "perf": pf})
     space, space_doc = _parse_space(where, doc["space"], model, n_layers, sampler)
 
     return StudySpec(
