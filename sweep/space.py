@@ -32,7 +32,9 @@ A study file is TOML. Only ``[study]`` (with ``model``) and ``[space]`` are requ
     # n_trials = 300                    # required for nsga2/tpe/gp, not allowed for grid
     # seed = 0                          # default 0
     # population = 50                   # nsga2 only
-    # n_startup = 10                    # tpe / gp only: random trials before the model
+    # n_startup = 10                    # tpe / gp only: the first n_startup trials are random
+                                        # samples, the model (TPE / GP) proposes the rest;
+                                        # must be < n_trials
 
     [[constraints]]                     # optional, any number
     metric = "top1"                     # top1, top5, kld, ppl, speed:<DEV>, ttft:<DEV>
@@ -651,6 +653,11 @@ def _parse_sampler(where: str, d: Any) -> SamplerSpec:
         population=_int(where, "sampler.population", d.get("population", 50), lo=2),
         n_startup=_int(where, "sampler.n_startup", d.get("n_startup", 10), lo=1),
     )
+    if kind in ("tpe", "gp") and out.n_startup >= out.n_trials:
+        given = "" if "n_startup" in d else " (the default)"
+        raise _fail(where, f"sampler.n_startup = {out.n_startup}{given} >= n_trials = {out.n_trials}: every trial would be "
+                           f"a random sample, never {kind.upper()}; set n_startup below n_trials, e.g. "
+                           f"n_startup = {max(1, out.n_trials // 4)}")
     return out
 
 

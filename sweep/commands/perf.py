@@ -95,12 +95,13 @@ def _does_not_fit(res, args) -> None:
     cap = device_for(res.device).chip.dram_gb
     bigger = [d for d in system_names() if d != res.device and predict(
         args.model, d, args.config, batch=args.batch, prefill=args.prefill, decode=args.decode, params=args.params).fits]
-    fixes = [f"--device {' or '.join(bigger)}" if bigger else "a system with more chips"]
+    fixes = [f"--device {' / '.join(bigger)}" if bigger else "a system with more chips"]
     if args.config.strip().lower() != "performance":
         fixes.append("bfp4 MLP weights (--config performance)")
     fixes.append("a smaller --batch / --prefill / --decode")
     raise UserError(f"{res.model} does not fit on {res.device}: {res.weights_gb_per_chip:.1f} GB weights + "
-                    f"{res.kv_cache_gb_per_chip:.1f} GB KV cache per chip > {cap:g} GB; use {', '.join(fixes)}")
+                    f"{res.kv_cache_gb_per_chip:.1f} GB KV cache per chip > {cap:g} GB; use "
+                    f"{', '.join(fixes[:-1])} or {fixes[-1]}")
 
 
 def run_calibrate(args) -> int:
