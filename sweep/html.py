@@ -133,7 +133,7 @@ main{padding:12px 20px}
 #detail h2,.tables h2{font-size:16px;margin:4px 0 8px}
 #detail .empty{color:#777;font-size:14px}
 pre{background:#f4f4f4;border:1px solid #e2e2e2;border-radius:4px;padding:8px;max-height:260px;overflow:auto;font-size:12px;
- white-space:pre-wrap;word-break:break-all}
+ white-space:pre-wrap;overflow-wrap:anywhere}
 button{font-size:13px;padding:3px 10px;cursor:pointer}
 .row2{display:grid;grid-template-columns:1fr 1fr;gap:14px}
 table{border-collapse:collapse;font-size:13px;width:100%}
