@@ -56,6 +56,7 @@ def work(tmp_path, monkeypatch):
     (tmp_path / "somedir").mkdir()
     (tmp_path / "random.gguf").write_bytes(os.urandom(4096) + b"\xff\xfe")
     (tmp_path / "other.log").write_text('{"hello": 1}\n')
+    (tmp_path / "study.db").write_bytes(b"SQLite format 3\0" + bytes(4080))
     return tmp_path
 
 
@@ -66,6 +67,7 @@ def work(tmp_path, monkeypatch):
     (["report", "somedir"], ["somedir is a directory", "studies/NAME.toml"]),
     (["report", "random.gguf"], ["not an Optuna journal file", "studies/NAME.toml"]),
     (["report", "other.log"], ["not an Optuna journal file"]),
+    (["report", "study.db"], ["is an SQLite database", "sqlite:///study.db"]),
     (["pareto", "somedir"], ["somedir is a directory", "storage URL"]),
     (["status", "somedir"], ["somedir is a directory", "studies/lt-pareto.toml"]),
     (["run", "somedir"], ["somedir is a directory", "studies/lt-pareto.toml"]),

@@ -37,12 +37,11 @@ def check_study_target(target: str) -> None:
     if not p.is_file():
         return  # sweep.pareto.open_storage says it is missing
     with p.open("rb") as f:
-        head = f.read(4096)
-    if head.startswith(b"SQLite format 3\0"):
+        first = f.readline(1 << 20)  # a journal's first line is its create-study record
+    if first.startswith(b"SQLite format 3\0"):
         raise _user_error(f"{p} is an SQLite database; give it as a storage URL: sqlite:///{p}")
-    if not head.strip():
+    if not first.strip():
         return  # an empty journal: holds no study (open_study says so)
-    first = head.split(b"\n", 1)[0]
     try:
         ok = "op_code" in json.loads(first.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, TypeError):
