@@ -356,13 +356,31 @@ REFERENCE = Config(
 )
 
 
+#: Every name `resolve` accepts instead of a config string.
+PRESET_NAMES = (*PRESETS, "reference", "defaults")
+
+
 def resolve(text: str, model_name: str = "") -> Config:
-    """A preset name (`performance`, `accuracy`, `reference`, `defaults`) or a config string."""
+    """A preset name (`performance`, `accuracy`, `reference`, `defaults`) or a config string.
+
+    An empty string or a lone word that is no preset is refused (naming the presets and the
+    closest one), never read as the defaults."""
     key = text.strip().lower()
     if key in PRESETS:
         return PRESETS[key](model_name)
     if key == "reference":
         return REFERENCE
+    if key == "defaults":
+        return DEFAULT
+    if not key:
+        raise ConfigError(f"empty config; give a preset ({', '.join(PRESET_NAMES)}) or a config string such as 'ff1_3: bfp4'")
+    if re.fullmatch(r"[\w.-]+", key):
+        import difflib
+
+        close = difflib.get_close_matches(key, PRESET_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {text.strip()!r}{hint}; presets: {', '.join(PRESET_NAMES)}, "
+                          "or a config string such as 'ff1_3: bfp4'")
     return Config.parse(text)
 
 

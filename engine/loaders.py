@@ -229,6 +229,26 @@ def load(name: str | os.PathLike, cache: str | os.PathLike | None = None) -> Loa
     return load_hf_dir(src.path, name=src.name)
 
 
+def check_model_files(name: str | os.PathLike, cache: str | os.PathLike | None = None) -> ModelSpec:
+    """model_spec plus a header-only check that the weights are there and readable (a GGUF's
+    tensor table; each safetensors file's header), so a study fails before it writes anything."""
+    spec = model_spec(name, cache)
+    src = _resolve(name, Path(cache) if cache else None)
+    if src.kind == "hf":
+        from safetensors import SafetensorError, safe_open
+
+        n = 0
+        for f in _safetensors_files(src.path):
+            try:
+                with safe_open(str(f), framework="numpy") as h:
+                    n += len(list(h.keys()))
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise ModelFormatError(f"{f}: cannot read safetensors file ({exc}); re-save the checkpoint with save_pretrained") from None
+        if not n:
+            raise ModelFormatError(f"{src.path}: the safetensors files hold no tensors")
+    return spec
+
+
 def model_spec(name: str | os.PathLike, cache: str | os.PathLike | None = None) -> ModelSpec:
     """The model's hyperparameters from metadata only (GGUF header or config.json)."""
     src = _resolve(name, Path(cache) if cache else None)
@@ -613,7 +633,8 @@ def _safetensors_files(path: Path) -> list[Path]:
                 f"{path}: only pickled weights ({', '.join(pickled)}); pickles are never loaded (unsafe): convert the "
                 "checkpoint to safetensors (e.g. save_pretrained(..., safe_serialization=True) on a trusted machine)"
             )
-        raise FileNotFoundError(f"{path}: no *.safetensors weight files")
+        raise FileNotFoundError(f"{path}: no *.safetensors weight files; put the checkpoint's model.safetensors "
+                                "(or its shards + model.safetensors.index.json) next to config.json")
     return files
 
 

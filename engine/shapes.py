@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,6 +33,7 @@ class ModelShape:
     qkv_bias: bool = False
     cross_attention_layers: int = 0  # Llama 3.2 Vision: held in memory, not run for text prompts
     source: str = ""
+    context: int = field(default=0, compare=False)  # max_position_embeddings (0 = unknown); no bytes or FLOPs
 
     # --- per-layer weight element counts (full model, before tensor parallelism) ------------
     @property
@@ -112,6 +113,7 @@ def from_hf_config(cfg: Mapping[str, Any], name: str = "", source: str = "") -> 
         n_layers=layers - cross, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
         intermediate=intermediate, vocab=vocab, tied_embeddings=tied, qkv_bias=bias,
         cross_attention_layers=cross, source=source or "config.json",
+        context=int(cfg.get("max_position_embeddings") or 0),
     )
 
 
@@ -123,7 +125,15 @@ def from_spec(spec: Any) -> ModelShape:
         n_kv_heads=int(spec.n_kv_heads), head_dim=int(spec.head_dim), intermediate=int(spec.intermediate),
         vocab=int(spec.vocab), tied_embeddings=bool(getattr(spec, "tied_embeddings", False)),
         qkv_bias=bool(getattr(spec, "qkv_bias", False)), source="ModelSpec",
+        context=int(getattr(spec, "max_seq", 0) or 0),
     )
+
+
+def check_context(shape: ModelShape, prefill: int, decode: int, what: str = "prefill + decode") -> None:
+    """Refuse a run longer than the model's context (prefill + decode tokens in the KV cache)."""
+    if shape.context and prefill + decode > shape.context:
+        raise ValueError(f"{what} = {prefill} + {decode} = {prefill + decode} tokens exceeds {shape.name}'s context of "
+                         f"{shape.context}; use at most {max(0, shape.context - decode)} prefill tokens with {decode} decode")
 
 
 _SPEC_FIELDS = ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "intermediate", "vocab")

@@ -45,4 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m sweep.cli`: run the imported module's main, so that `from sweep.cli import
+    # UserError` in the commands names the class this main catches (not a __main__ copy)
+    from sweep.cli import main as _main
+
+    sys.exit(_main())

@@ -1,6 +1,6 @@
 """Pareto fronts, hypervolume, knee point and noise awareness over a study's COMPLETE trials.
 
-Everything numeric is plain numpy over a value matrix (one row per point, one column per
+Everything numeric is numpy (non-domination and hypervolume: moocore) over a value matrix (one row per point, one column per
 objective) plus a direction per column (`"maximize"` / `"minimize"`, as in Optuna and
 `sweep.records.DIRECTIONS`). Objectives are named as in `sweep.records`: `top1`, `top5`,
 `speed:<DEVICE>`, `ttft:<DEVICE>`.
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import moocore
 import numpy as np
 
 from sweep.records import TrialRecord, direction
@@ -66,17 +67,11 @@ def _as_max(values: np.ndarray | Sequence, directions: Sequence[str]) -> np.ndar
 
 
 def pareto_mask(values: np.ndarray | Sequence, directions: Sequence[str]) -> np.ndarray:
-    """Boolean mask of the non-dominated points (ties and duplicates all kept)."""
+    """Boolean mask of the non-dominated points (ties and duplicates all kept), by moocore."""
     v = _as_max(values, directions)
-    n = v.shape[0]
-    mask = np.ones(n, dtype=bool)
-    step = max(1, 4_000_000 // max(1, n * v.shape[1]))  # bound the n*step*k temporary
-    for start in range(0, n, step):
-        block = v[start:start + step]  # (b, k): is each of these dominated by any point?
-        ge = (v[None, :, :] >= block[:, None, :]).all(axis=2)
-        gt = (v[None, :, :] > block[:, None, :]).any(axis=2)
-        mask[start:start + step] = ~(ge & gt).any(axis=1)
-    return mask
+    if v.shape[0] == 0:
+        return np.zeros(0, dtype=bool)
+    return np.asarray(moocore.is_nondominated(v, maximise=True, keep_weakly=True), dtype=bool)
 
 
 def front_indices(values: np.ndarray | Sequence, directions: Sequence[str]) -> np.ndarray:
@@ -85,17 +80,12 @@ def front_indices(values: np.ndarray | Sequence, directions: Sequence[str]) -> n
 
 
 def nondominated_ranks(values: np.ndarray | Sequence, directions: Sequence[str]) -> np.ndarray:
-    """Front number of every point: 0 = the Pareto front, 1 = the front once rank 0 is removed, ..."""
+    """Front number of every point: 0 = the Pareto front, 1 = the front once rank 0 is removed, ...
+    (moocore's non-dominated sorting; duplicates share a rank)."""
     v = _as_max(values, directions)
-    ranks = np.full(v.shape[0], -1, dtype=int)
-    left = np.arange(v.shape[0])
-    r = 0
-    while left.size:
-        m = pareto_mask(v[left], [MAXIMIZE] * v.shape[1])
-        ranks[left[m]] = r
-        left = left[~m]
-        r += 1
-    return ranks
+    if v.shape[0] == 0:
+        return np.zeros(0, dtype=int)
+    return np.asarray(moocore.pareto_rank(v, maximise=True), dtype=int)
 
 
 def default_reference(values: np.ndarray | Sequence, directions: Sequence[str], margin: float = 0.1) -> np.ndarray:
@@ -110,39 +100,9 @@ def default_reference(values: np.ndarray | Sequence, directions: Sequence[str], 
     return (worst - pad) * s
 
 
-def _hv_min(p: np.ndarray, ref: np.ndarray) -> float:
-    """Hypervolume of points `p` (minimisation, all strictly better than ref) by slicing."""
-    if p.shape[0] == 0:
-        return 0.0
-    k = p.shape[1]
-    if k == 1:
-        return float(ref[0] - p[:, 0].min())
-    if k == 2:
-        q = p[np.lexsort((p[:, 1], p[:, 0]))]
-        vol, best_y = 0.0, ref[1]
-        for x, y in q:
-            if y < best_y:
-                vol += (ref[0] - x) * (best_y - y)
-                best_y = y
-        return float(vol)
-    # slice along the last objective: between consecutive levels the cross-section is the
-    # (k-1)-dimensional hypervolume of the points at or below that level
-    q = p[np.argsort(p[:, -1], kind="stable")]
-    vol = 0.0
-    for i in range(q.shape[0]):
-        upper = q[i + 1, -1] if i + 1 < q.shape[0] else ref[-1]
-        h = upper - q[i, -1]
-        if h > 0:
-            sub = q[: i + 1, :-1]
-            sub = sub[pareto_mask(sub, [MINIMIZE] * (k - 1))]
-            vol += h * _hv_min(sub, ref[:-1])
-    return float(vol)
-
-
 def hypervolume(values: np.ndarray | Sequence, directions: Sequence[str], reference: Sequence[float] | None = None) -> float:
-    """Hypervolume dominated by the points w.r.t. `reference` (default: `default_reference`).
-
-    Points that do not beat the reference on every objective add nothing."""
+    """Hypervolume dominated by the points w.r.t. `reference` (default: `default_reference`), by
+    moocore. Points that do not beat the reference on every objective add nothing."""
     vm = _as_max(values, directions)
     if vm.shape[0] == 0:
         return 0.0
@@ -150,10 +110,10 @@ def hypervolume(values: np.ndarray | Sequence, directions: Sequence[str], refere
     if ref.shape != (vm.shape[1],):
         raise ValueError(f"reference point has {ref.size} values for {vm.shape[1]} objectives")
     refm = ref * _signs(directions)
-    keep = (vm > refm).all(axis=1)
-    p = -vm[keep]
-    p = p[pareto_mask(p, [MINIMIZE] * p.shape[1])] if p.shape[0] else p
-    return _hv_min(np.unique(p, axis=0) if p.shape[0] else p, -refm)
+    p = vm[(vm > refm).all(axis=1)]
+    if p.shape[0] == 0:
+        return 0.0
+    return float(moocore.hypervolume(p, ref=refm, maximise=True))
 
 
 def knee_index(values: np.ndarray | Sequence, directions: Sequence[str], mask: np.ndarray | None = None) -> int | None:

@@ -76,41 +76,91 @@ def _usable(points, objs):
     return out
 
 
+def _label_offsets() -> list[tuple[float, float]]:
+    """Candidate label offsets (points): the close ring first, then rings further out whose labels
+    get a thin leader line, so a tight cluster of points still gets one readable label each."""
+    near = [(8, -3), (-8, -3), (5, 4), (5, -11), (-5, 4), (-5, -11), (0, 7), (0, -14), (12, 10), (-12, 10),
+            (12, -17), (-12, -17)]  # level to the right first: the label reads as the point's
+    far = []
+    for r in (22, 34, 48, 64):
+        for k in range(16):
+            a = 2 * math.pi * k / 16
+            far.append((round(r * math.cos(a)), round(r * math.sin(a)) - 3))
+    return near + far
+
+
 def _place_labels(ax, fig, xs, ys, texts, colors, rings=()):
     """Number the points, choosing for each label the offset that overlaps least with the labels
-    and markers already placed (greedy; good enough for tens of points)."""
+    and markers already placed (greedy; good enough for tens of points). Labels moved out of a
+    cluster are joined to their point by a leader line. Returns the placed labels' pixel boxes."""
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
+    axb = ax.get_window_extent(renderer)
     marker_boxes = []
     for x, y in zip(xs, ys):
         px, py = ax.transData.transform((x, y))
-        marker_boxes.append((px - 5, py - 5, px + 5, py + 5))
+        marker_boxes.append((px - 8, py - 8, px + 8, py + 8))  # a marker and a little air around it
     for bx, by, r in rings:
         px, py = ax.transData.transform((bx, by))
         marker_boxes.append((px - r, py - r, px + r, py + r))
     placed = []
-    offsets = [(5, 4), (5, -11), (-5, 4), (-5, -11), (8, -3), (-8, -3), (0, 7), (0, -14), (12, 10), (-12, 10),
-               (12, -17), (-12, -17)]
-    for x, y, t, c in zip(xs, ys, texts, colors):
-        best, best_cost = None, None
-        for dx, dy in offsets:
+    offsets = _label_offsets()
+    n_near = 12
+    pt = fig.dpi / 72.0  # pixels per point
+    for x, y, t, c in _merge_stacked(ax, xs, ys, texts, colors):
+        best = None  # (cost, dx, dy, box)
+        for i, (dx, dy) in enumerate(offsets):
             ha = "left" if dx > 0 else ("right" if dx < 0 else "center")
-            ann = ax.annotate(t, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, color=c,
-                              ha=ha, va="bottom", zorder=6)
+            ann = ax.annotate(t, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=ha, va="bottom")
             bb = ann.get_window_extent(renderer)
+            ann.remove()
             box = (bb.x0, bb.y0, bb.x1, bb.y1)
-            axb = ax.get_window_extent(renderer)
-            cost = sum(_overlap(box, b) for b in placed) * 3 + sum(_overlap(box, b) for b in marker_boxes)
-            cost += 1000 * (box[0] < axb.x0 or box[2] > axb.x1 or box[1] < axb.y0 or box[3] > axb.y1)
-            if best_cost is None or cost < best_cost:
-                if best is not None:
-                    best[0].remove()
-                best, best_cost = (ann, box), cost
-            else:
-                ann.remove()
-            if cost == 0:
+            clash = sum(_overlap(box, b) for b in placed) * 3 + sum(_overlap(box, b) for b in marker_boxes)
+            clash += 1000 * (box[0] < axb.x0 or box[2] > axb.x1 or box[1] < axb.y0 or box[3] > axb.y1)
+            cost = clash + 0.05 * math.hypot(dx, dy) * pt  # prefer the closest free spot
+            if best is None or cost < best[0]:
+                best = (cost, dx, dy, box)
+            if clash == 0 and i < n_near:
                 break
-        placed.append(best[1])
+        _, dx, dy, box = best
+        far = math.hypot(dx, dy) > 18
+        ax.annotate(t, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, color=c,
+                    ha="left" if dx > 0 else ("right" if dx < 0 else "center"), va="bottom", zorder=6,
+                    bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.75),  # readable over error bars
+                    arrowprops=dict(arrowstyle="-", color=c, lw=0.6, alpha=0.7, shrinkA=1, shrinkB=4) if far else None)
+        placed.append(box)
+    return placed
+
+
+def _merge_stacked(ax, xs, ys, texts, colors, px: float = 6.0):
+    """Points whose markers overlap on screen (within `px` pixels) get one label listing their
+    numbers top to bottom ("8, 12, 7, 5"), placed at the top one: separate numbers next to one blob
+    cannot be told apart. A cluster with a colored (front) member takes that color."""
+    pos = [tuple(ax.transData.transform((x, y))) for x, y in zip(xs, ys)]
+    parent = list(range(len(pos)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(pos)):
+        for j in range(i):
+            if abs(pos[i][0] - pos[j][0]) <= px and abs(pos[i][1] - pos[j][1]) <= px:
+                parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(pos)):
+        groups.setdefault(root(i), []).append(i)
+    out = []
+    for members in groups.values():
+        members.sort(key=lambda i: -pos[i][1])  # top first
+        colored = [colors[i] for i in members if colors[i] != "#222222"]
+        color = colored[0] if colored else colors[members[0]]
+        x = sum(xs[i] for i in members) / len(members)  # labelled at the cluster's centre
+        y = sum(ys[i] for i in members) / len(members)
+        out.append((x, y, ", ".join(texts[i] for i in members), color))
+    return out
 
 
 def _overlap(a, b) -> float:

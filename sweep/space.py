@@ -32,7 +32,9 @@ A study file is TOML. Only ``[study]`` (with ``model``) and ``[space]`` are requ
     # n_trials = 300                    # required for nsga2/tpe/gp, not allowed for grid
     # seed = 0                          # default 0
     # population = 50                   # nsga2 only
-    # n_startup = 10                    # tpe / gp only: random trials before the model
+    # n_startup = 10                    # tpe / gp only: the first n_startup trials are random
+                                        # samples, the model (TPE / GP) proposes the rest;
+                                        # must be < n_trials
 
     [[constraints]]                     # optional, any number
     metric = "top1"                     # top1, top5, kld, ppl, speed:<DEV>, ttft:<DEV>
@@ -430,6 +432,8 @@ def load_spec(path: str | Path, n_layers: int | None = None, storage: str | None
     """
     p = Path(path)
     where = str(path)
+    if p.is_dir():
+        raise StudyFileError(f"{where} is a directory; give a study file such as studies/lt-pareto.toml")
     if not p.is_file():
         raise FileNotFoundError(f"study file {where} not found")
     try:
@@ -488,14 +492,15 @@ def _legal_devices() -> tuple[str, ...]:
     return DEFAULT_DEVICES
 
 
-def _model_layers(where: str, model: str) -> int:
-    """The model's decoder-layer count from the engine's registry; unknown names list the legal ones."""
+def _model_layers(where: str, model: str, runs: Mapping[str, Mapping[str, int]] = {}) -> int:  # noqa: B006 - read only
+    """The model's decoder-layer count from the engine's registry; unknown names list the legal ones.
+    The weights must be readable and each of `runs` ([eval], [perf]) fit in the model's context."""
     try:
         from engine import loaders
     except ImportError as exc:
         raise _fail(where, f"cannot check study.model {model!r}: engine.loaders is unavailable ({exc})") from None
     try:
-        return int(loaders.model_spec(model).n_layers)
+        spec = loaders.check_model_files(model)  # weights present and readable, not only config.json
     except Exception as exc:  # noqa: BLE001 - any lookup failure is an unknown model
         names = _model_names(loaders)
         if names and type(exc).__name__ == "UnknownModel":
@@ -503,6 +508,11 @@ def _model_layers(where: str, model: str) -> int:
                                "(or a path to a .gguf file or a Hugging Face model directory)") from None
         legal = f"; registry names: {', '.join(names)}" if names else ""
         raise _fail(where, f"study.model {model!r} cannot be used ({type(exc).__name__}: {exc}){legal}") from None
+    for table, run in runs.items():
+        if run["prefill"] + run["decode"] > spec.max_seq:
+            raise _fail(where, f"{table}.prefill + {table}.decode = {run['prefill'] + run['decode']} tokens exceeds "
+                               f"{spec.name}'s context of {spec.max_seq}; lower {table}.prefill or {table}.decode")
+    return int(spec.n_layers)
 
 
 def _model_names(loaders) -> list[str]:
@@ -610,7 +620,7 @@ def parse_spec(doc: Mapping, where: str = "<study>", path: str | None = None, n_
     if "space" not in doc:
         raise _fail(where, f"missing [space] table: the search space is empty (legal keys: {', '.join(SPACE_KEYS)})")
     if n_layers is None:
-        n_layers = _model_layers(where, model)
+        n_layers = _model_layers(where, model, {"eval": ev, "perf": pf})
     space, space_doc = _parse_space(where, doc["space"], model, n_layers, sampler)
 
     return StudySpec(
@@ -643,6 +653,11 @@ def _parse_sampler(where: str, d: Any) -> SamplerSpec:
         population=_int(where, "sampler.population", d.get("population", 50), lo=2),
         n_startup=_int(where, "sampler.n_startup", d.get("n_startup", 10), lo=1),
     )
+    if kind in ("tpe", "gp") and out.n_startup >= out.n_trials:
+        given = "" if "n_startup" in d else " (the default)"
+        raise _fail(where, f"sampler.n_startup = {out.n_startup}{given} >= n_trials = {out.n_trials}: every trial would be "
+                           f"a random sample, never {kind.upper()}; set n_startup below n_trials, e.g. "
+                           f"n_startup = {max(1, out.n_trials // 4)}")
     return out
 
 

@@ -73,6 +73,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from engine.config import ModelConfig
 from sweep.equivalence import numerics_digest, representatives
+from sweep.metric_names import set_metric_names
 from sweep.records import TrialRecord
 from sweep.space import StudySpec
 
@@ -142,6 +143,7 @@ def load_study(spec: StudySpec, create: bool = False, sampler=None) -> optuna.St
         return optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
     study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.directions,
                                 sampler=sampler, load_if_exists=True)
+    set_metric_names(study, spec.objectives)  # optuna-dashboard shows top1 / top5 / speed:D / ttft:D
     attrs = study.user_attrs
     if "spec" not in attrs:
         study.set_user_attr("model", spec.model)

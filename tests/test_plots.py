@@ -73,3 +73,28 @@ def test_cli_pareto(tmp_path, capsys):
     assert cli.main(["pareto", str(log), "--out", str(out)]) == 0
     assert (out / "lt-pareto" / "index.md").exists()
     assert "front = trials" in capsys.readouterr().out
+
+
+def test_labels_do_not_overlap_and_stacked_points_share_one_label():
+    """The Top-1 vs Top-5 case: several points at Top-5 = 100 a fraction of a point apart (markers on
+    top of each other) and a tight column of distinct points: one label per blob, none overlapping."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = [100.0, 100.0, 100.0, 100.0, 100.0, 99.8, 99.8, 99.6, 95.3] + [97.0] * 6
+    ys = [95.1, 93.9, 93.7, 93.5, 93.3, 88.1, 87.7, 88.5, 69.5] + [75.0 + 0.9 * i for i in range(6)]
+    texts = ["4", "8", "12", "7", "5", "9", "11", "10", "0"] + [f"c{i}" for i in range(6)]
+    ax.scatter(xs, ys)
+    ax.set_xlim(92.5, 100.7)
+    ax.set_ylim(62, 99)
+    boxes = plots._place_labels(ax, fig, xs, ys, texts, ["#d62728"] + ["#222222"] * (len(xs) - 1))
+    labels = [t.get_text() for t in ax.texts]
+    assert "8, 12, 7, 5" in labels  # the four stacked markers, top to bottom
+    assert "4" in labels and "0" in labels and all(f"c{i}" in labels for i in range(6))
+    assert len(boxes) == len(labels)
+    for i in range(len(boxes)):
+        for j in range(i):
+            assert plots._overlap(boxes[i], boxes[j]) == 0, (labels[i], labels[j])

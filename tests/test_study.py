@@ -336,7 +336,7 @@ def test_a_journal_lock_left_by_a_killed_process_is_cleared_on_resume(tmp_path):
 
 def test_a_sampled_trial_killed_mid_suggest_is_replaced_by_a_new_sample(tmp_path):
     p = tmp_path / "t.toml"
-    p.write_text(SMALL + '[sampler]\nkind = "tpe"\nn_trials = 3\n[space]\nff1_3 = ["bfp8", "bf16"]\nff2 = ["bfp8", "bf16"]\n')
+    p.write_text(SMALL + '[sampler]\nkind = "tpe"\nn_trials = 3\nn_startup = 1\n[space]\nff1_3 = ["bfp8", "bf16"]\nff2 = ["bfp8", "bf16"]\n')
     spec = load_spec(p)
     prep = prepare(spec)
     dead = _claim_and_die_mid_suggest(prep.study, spec)

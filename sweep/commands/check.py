@@ -16,10 +16,11 @@ def run(args) -> int:
     from sweep.cli import UserError
     from sweep.report import check_report
 
+    from sweep.commands.paths import read_text_file
+
     path = Path(args.report)
-    if not path.exists():
-        raise FileNotFoundError(f"no report at {path}")
-    verdicts = check_report(path.read_text(), model=args.model)
+    text = read_text_file(path, "markdown report", "give the seed-format report file, e.g. reports/PERF.md")
+    verdicts = check_report(text, model=args.model)
     checked = [v for v in verdicts if v.ok is not None]
     failed = [v for v in checked if not v.ok]
     if not checked:

@@ -33,7 +33,10 @@ def run(args) -> int:
     from engine.config import ModelConfig
     from engine.loaders import model_spec
 
+    from engine.shapes import check_context, from_spec
+
     spec = model_spec(args.model, cache=args.cache_dir)  # cheap: unknown models and bad configs fail fast
+    check_context(from_spec(spec), args.prefill, args.decode, "--prefill + --decode")
     ModelConfig.parse(args.config, spec.n_layers, spec.name)
     lm_head = parse_lm_head(args.lm_head) if args.lm_head else None
     ev = Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir,

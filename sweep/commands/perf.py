@@ -58,11 +58,15 @@ def _raw():
 
 def run_predict(args) -> int:
     from engine.perf import predict
+    from engine.shapes import check_context, shape_for
 
     if not args.model:
         raise ValueError("--model is required (or use `sweep perf calibrate` / `sweep perf table`)")
+    check_context(shape_for(args.model), args.prefill, args.decode, "--prefill + --decode")
     res = predict(args.model, args.device, args.config, batch=args.batch, prefill=args.prefill,
                   decode=args.decode, dp=args.dp, params=args.params)
+    if not res.fits:
+        _does_not_fit(res, args)
     if args.json:
         print(json.dumps(res.to_dict(), indent=1))
         return 0
@@ -72,7 +76,7 @@ def run_predict(args) -> int:
     print(f"  speed {res.speed_tsu:.1f} t/s/u   TTFT {res.ttft_ms:.1f} ms   decode step {res.decode_step_ms:.2f} ms   "
           f"throughput {res.throughput_tps:.0f} t/s")
     print(f"  weights {res.weights_gb_per_chip:.2f} GB/chip, KV cache {res.kv_cache_gb_per_chip:.2f} GB/chip"
-          + ("" if res.fits else "   WARNING: does not fit in 12 GB per chip"))
+          )
     print(f"  {'op':18s} {'decode us':>10s} {'share':>6s} {'mem us':>9s} {'comp us':>9s} {'ovh us':>9s} "
           f"{'MB/step':>9s} {'prefill us':>11s} {'share':>6s}")
     for op, e in res.breakdown.items():
@@ -80,6 +84,24 @@ def run_predict(args) -> int:
               f"{e['decode_compute_us']:9.1f} {e['decode_overhead_us']:9.1f} {e['bytes'] / 1e6:9.2f} "
               f"{e['prefill_us']:11.1f} {100 * e['prefill_share']:5.1f}%")
     return 0
+
+
+def _does_not_fit(res, args) -> None:
+    """A prediction for a model that does not fit in DRAM is no prediction: one line, exit 2."""
+    from engine.devices import device_for, system_names
+    from engine.perf import predict
+    from sweep.cli import UserError
+
+    cap = device_for(res.device).chip.dram_gb
+    bigger = [d for d in system_names() if d != res.device and predict(
+        args.model, d, args.config, batch=args.batch, prefill=args.prefill, decode=args.decode, params=args.params).fits]
+    fixes = [f"--device {' / '.join(bigger)}" if bigger else "a system with more chips"]
+    if args.config.strip().lower() != "performance":
+        fixes.append("bfp4 MLP weights (--config performance)")
+    fixes.append("a smaller --batch / --prefill / --decode")
+    raise UserError(f"{res.model} does not fit on {res.device}: {res.weights_gb_per_chip:.1f} GB weights + "
+                    f"{res.kv_cache_gb_per_chip:.1f} GB KV cache per chip > {cap:g} GB; use "
+                    f"{', '.join(fixes[:-1])} or {fixes[-1]}")
 
 
 def run_calibrate(args) -> int:

@@ -12,8 +12,10 @@ def add_study_args(p) -> None:
 
 
 def load_analysis(args):
+    from sweep.commands.paths import check_study_target
     from sweep.pareto import analyze, open_study
 
+    check_study_target(args.study)
     study = open_study(args.study, args.study_name, getattr(args, "storage", None))
     objectives = [o.strip() for o in args.objectives.split(",")] if getattr(args, "objectives", None) else None
     a = analyze(study, objectives=objectives)

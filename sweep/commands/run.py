@@ -63,6 +63,8 @@ def _plan(spec) -> int:
         print(f"  grid: {len(kept)} to run, {len(skipped)} skipped as equal in numerics to a faster config")
     else:
         s = spec.sampler
-        print(f"  sampler: {s.kind}, {s.n_trials} trials, seed {s.seed}")
+        how = (f": the first {s.n_startup} random, then {s.kind.upper()}" if s.kind in ("tpe", "gp")
+               else f", population {s.population}" if s.kind == "nsga2" else "")
+        print(f"  sampler: {s.kind}, {s.n_trials} trials{how}; seed {s.seed}")
     print(f"  storage: {spec.storage}")
     return 0

@@ -1,0 +1,204 @@
+"""Committed results reproduce: the fp32 reference matches its committed fingerprint with the
+pinned packages (and without accelerate), and README's results table, reports/PERF.md and
+reports/lt-pareto/points.csv agree with each other and with what the engine measures now.
+
+When one of these fails after a deliberate change (new engine numerics, a new pin), regenerate
+reports/ with `sweep run studies/lt-pareto.toml --report reports/PERF.md --plots reports/plots`,
+copy the figures into README's table and, for a new reference, tests/data/smollm2_reference.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FINGERPRINT = json.loads((ROOT / "tests" / "data" / "smollm2_reference.json").read_text())
+POINTS = ROOT / "reports" / "lt-pareto" / "points.csv"
+PERF_MD = ROOT / "reports" / "PERF.md"
+README = ROOT / "README.md"
+MODEL = "smollm2-135m"
+
+# Run in a fresh interpreter: accelerate reported as not installed (transformers then never uses
+# it), then the fingerprint of the SmolLM2 reference and which of the optional packages got imported.
+_FINGERPRINT_PROGRAM = r'''
+import hashlib, json, math, sys
+
+class HideAccelerate:
+    """Delegates to the real finders but reports `accelerate` as not installed."""
+    def __init__(self, finders):
+        self.finders = finders
+    def find_spec(self, name, path=None, target=None):
+        if name == "accelerate" or name.startswith("accelerate."):
+            return None
+        for f in self.finders:
+            spec = f.find_spec(name, path, target) if hasattr(f, "find_spec") else None
+            if spec is not None:
+                return spec
+        return None
+    def find_distributions(self, *args, **kwargs):
+        for f in self.finders:
+            if hasattr(f, "find_distributions"):
+                yield from f.find_distributions(*args, **kwargs)
+
+sys.meta_path[:] = [HideAccelerate(list(sys.meta_path))]
+import numpy as np
+from engine import accuracy, loaders
+
+prefill, decode, cache = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+ref = accuracy.compute_reference(loaders.load("smollm2-135m", cache=cache), prefill, decode)
+tiny = accuracy.Evaluator("tiny-llama", prefill=8, decode=8, cache_dir=cache).evaluate("defaults")  # HF-directory path
+print(json.dumps({
+    "ref_ppl": math.exp(-float(np.mean(ref.target_logp[ref.scored].astype(np.float64)))),
+    "tokens_sha256": hashlib.sha256(np.ascontiguousarray(ref.tokens, dtype="<i4").tobytes()).hexdigest(),
+    "top5_sha256": hashlib.sha256(np.ascontiguousarray(ref.top5, dtype="<i4").tobytes()).hexdigest(),
+    "tiny_top1": tiny.top1,
+    "imported": sorted({m.split(".")[0] for m in sys.modules} & {"accelerate", "tokenizers"}),
+}))
+'''
+
+PINNED = ("transformers", "tokenizers", "gguf", "numpy", "safetensors")
+
+
+def _pins() -> dict[str, str]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    out = {}
+    for d in deps:
+        name, sep, version = d.partition("==")
+        if sep:
+            out[name.strip()] = version.strip()
+    return out
+
+
+def test_reference_packages_are_pinned_to_the_fingerprints_versions():
+    pins = _pins()
+    assert {p: pins.get(p) for p in PINNED} == {p: FINGERPRINT["versions"][p] for p in PINNED}
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not [d for d in deps if d.startswith("accelerate")], "accelerate is not needed (see the test below)"
+
+
+def test_installed_versions_match_the_pins():
+    installed = {p: metadata.version(p) for p in PINNED}
+    assert installed == {p: _pins()[p] for p in PINNED}, "reinstall: pip install -e . (the reference depends on these)"
+
+
+@pytest.mark.slow
+def test_fp32_reference_matches_committed_fingerprint(smollm2_gguf, ttsweep_cache):
+    """The reference, recomputed without accelerate, is bit-for-bit the committed one (token ids,
+    top-5 ids) with the same perplexity; transformers needed tokenizers for the GGUF tokenizer."""
+    out = subprocess.run([sys.executable, "-c", _FINGERPRINT_PROGRAM, str(FINGERPRINT["prefill"]),
+                          str(FINGERPRINT["decode"]), str(ttsweep_cache)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["imported"] == ["tokenizers"], got["imported"]  # accelerate unused, tokenizers used
+    assert math.isfinite(got["tiny_top1"])
+    assert got["tokens_sha256"] == FINGERPRINT["tokens_sha256"], "the tokenizer or the bundled text changed"
+    assert got["top5_sha256"] == FINGERPRINT["top5_sha256"], "the fp32 reference's top-5 ids changed"
+    # 36.98857 vs 36.98826 was the drift of an unpinned install: 1e-5 is 30x finer
+    assert got["ref_ppl"] == pytest.approx(FINGERPRINT["ref_ppl"], abs=1e-5)
+
+
+# --- committed reports agree with each other ------------------------------------------------------
+def _points() -> pd.DataFrame:
+    return pd.read_csv(POINTS)
+
+
+def _close(cell: str, value: float, what: str) -> None:
+    """`cell` is `value` as printed: equal within half a unit of the cell's last digit."""
+    cell = cell.strip()
+    assert cell, f"{what}: empty cell (the CSV has {value:.6g})"
+    decimals = len(cell.partition(".")[2])
+    assert abs(float(cell) - value) <= 0.5 * 10 ** -decimals + 1e-9, f"{what}: table {cell}, points.csv {value:.6g}"
+
+
+def _readme_rows() -> list[list[str]]:
+    text = README.read_text()
+    start = text.index("## Results on SmolLM2-135M")
+    rows = []
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("## "):
+            break
+        if line.startswith("|") and not set(line) <= set("|-: "):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    header, body = rows[0], rows[1:]
+    assert header[1:] == ["Top-1 (%)", "Top-5 (%)", "KLD (nats)", "N150 t/s/u"], header
+    return body
+
+
+def test_points_csv_uses_the_fingerprinted_reference():
+    df = _points()
+    assert set(df["model"]) == {MODEL}
+    assert df["ref_ppl"].tolist() == pytest.approx([FINGERPRINT["ref_ppl"]] * len(df), abs=1e-5), (
+        "reports/ were made against another fp32 reference: regenerate them")
+
+
+def test_readme_results_table_matches_points_csv():
+    from engine.config import ModelConfig
+    from engine.loaders import model_spec
+
+    df = _points()
+    by_config = {c: r for c, r in zip(df["config"], df.to_dict("records"))}
+    n_layers = model_spec(MODEL).n_layers
+    rows = _readme_rows()
+    assert len(rows) >= 4
+    for row in rows:
+        m = re.search(r"`([^`]+)`", row[0])
+        assert m, f"README row {row[0]!r}: put the config (preset or diff) in backticks"
+        config = str(ModelConfig.parse(m.group(1), n_layers, MODEL))
+        assert config in by_config, f"README row {row[0]!r}: no such config in {POINTS.name}"
+        r = by_config[config]
+        for cell, col in zip(row[1:], ("top1", "top5", "kld", "speed:N150")):
+            _close(cell, r[col], f"README {m.group(1)!r} {col}")
+
+
+def test_perf_md_matches_points_csv():
+    from sweep.report import display_name, parse_markdown
+
+    df = _points()
+    by_trial = {int(r["trial"]): r for r in df.to_dict("records")}
+    by_config = {r["config"]: r for r in df.to_dict("records")}
+    name = display_name(MODEL)
+    checked = 0
+    for block in parse_markdown(PERF_MD.read_text()):
+        table = block.table() if block.is_section else None
+        if table is None:
+            continue
+        header = block.header
+        m = re.search(r"Study [\w.-]+, trial (\d+)", block.notes().get(name, ""))
+        if header.startswith("precision_cfg"):
+            point = by_config.get(header)
+            assert point is not None, f"PERF.md section {header[:60]}...: config not in {POINTS.name}"
+        else:  # ## Performance / ## Accuracy: the notes line names the trial
+            assert m, f"PERF.md section {header!r}: no 'Study ..., trial N' in its notes"
+            point = by_trial[int(m.group(1))]
+        for row in table.rows:
+            if table.cell(row, "Model") != name:
+                continue
+            dev = table.cell(row, "Device")
+            for col, key in (("Top-1 (%)", "top1"), ("Top-5 (%)", "top5"),
+                             ("Speed (t/s/u)", f"speed:{dev}"), ("TTFT (ms)", f"ttft:{dev}")):
+                _close(table.cell(row, col), point[key], f"PERF.md {header[:40]} {dev} {col}")
+            checked += 1
+    assert checked >= 2 * 13, f"only {checked} PERF.md rows of {name} found"
+
+
+@pytest.mark.slow
+def test_committed_defaults_row_is_what_the_engine_measures(smollm2_evaluator):
+    """Re-evaluate one committed row (the defaults: the README's first line) with today's engine."""
+    df = _points()
+    r = df[df["config"] == str(smollm2_evaluator.model_config("defaults"))].iloc[0]
+    res = smollm2_evaluator.evaluate("defaults")
+    assert res.tokens == r["tokens"]
+    assert res.top1 == pytest.approx(r["top1"], abs=1e-9), "Top-1 moved: regenerate reports/ and README"
+    assert res.top5 == pytest.approx(r["top5"], abs=1e-9), "Top-5 moved: regenerate reports/ and README"
+    assert res.kld == pytest.approx(r["kld"], rel=1e-4), "KLD moved: regenerate reports/ and README"
