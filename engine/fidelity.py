@@ -248,11 +248,16 @@ def _walk(xb: torch.Tensor, wb: torch.Tensor, fid: Fidelity, kb: int, out_fmt, i
         if part_fmt == "fp32":  # fp32 partials: one fp32 sum over all of K
             blocks = [(0, K)]
 
+        parts = iter(_block_partials(pairs, blocks)) if len(blocks) > 1 else None  # one batched matmul
+
         def block(k0, k1, init):
-            (xs, ws), *rest = pairs
-            d = torch.matmul(xs[..., k0:k1], ws[..., k0:k1, :])
-            for xs, ws in rest:
-                d = d - torch.matmul(xs[..., k0:k1], ws[..., k0:k1, :])
+            if parts is not None:
+                d = next(parts)
+            else:
+                (xs, ws), *rest = pairs
+                d = torch.matmul(xs[..., k0:k1], ws[..., k0:k1, :])
+                for xs, ws in rest:
+                    d = d - torch.matmul(xs[..., k0:k1], ws[..., k0:k1, :])
             return d if init is None else init + d
     else:
         pad = (-K) % TILE_K
@@ -269,9 +274,6 @@ def _walk(xb: torch.Tensor, wb: torch.Tensor, fid: Fidelity, kb: int, out_fmt, i
         def block(k0, k1, init):
             return _dest16_block(xs[..., k0:k1], ws[..., k0:k1, :], init)
 
-    if fid.fp32_dest and len(blocks) > 1:
-        parts = _block_partials(pairs, blocks)  # one batched matmul for all blocks
-        block = lambda k0, k1, init, _p=iter(parts): next(_p) if init is None else init + next(_p)  # noqa: E731
     acc = None
     for i, (k0, k1) in enumerate(blocks):
         last = i == len(blocks) - 1

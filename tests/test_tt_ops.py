@@ -172,7 +172,7 @@ def test_qwen_bias_added_after_rounding(monkeypatch):
 
     monkeypatch.setattr(em, "rnd", spy)
     model.prefill(torch.arange(16), DEFAULT.replace(activation="bfp8"))
-    (raw, rounded), (biased_in, _) = seen[0], seen[1]
+    (_, rounded), (biased_in, _) = seen[0], seen[1]
     bias = model.weight("0.bqkv", "bf16")
     assert torch.equal(biased_in, rounded + bias)  # the bias meets the already-rounded output
 
