@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from sweep.cli import main as cli_main
 from sweep.records import TrialRecord
 from sweep.space import load_spec
 from sweep import study as study_mod
+from sweep.study import identity
 from sweep.study import Worker, load_study, prepare, records, run, status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def wait_dead(pids, timeout: float = 10.0) -> None:
 def test_two_workers_run_a_12_config_grid_exactly_once(tmp_path, capsys):
     spec = load_spec(tiny_lt_pareto(tmp_path))
     summary = run(spec, workers=2, progress=False)
-    assert summary.counts == {"COMPLETE": 12, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
+    assert summary.counts == {"COMPLETE": 12, "FAIL": 0, "REQUEUED": 0, "RUNNING": 0, "WAITING": 0}
     assert summary.workers == 2 and summary.skipped == 0
     assert_each_config_complete_once(spec)
     trials = trials_of(spec)
@@ -148,7 +148,7 @@ def test_two_workers_run_a_12_config_grid_exactly_once(tmp_path, capsys):
 
     # sweep status --json
     assert cli_main(["status", str(spec.path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"COMPLETE": 12, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
+    assert json.loads(capsys.readouterr().out) == {"COMPLETE": 12, "FAIL": 0, "REQUEUED": 0, "RUNNING": 0, "WAITING": 0}
 
 
 def test_killed_run_then_resume_completes_every_config_once(tmp_path):
@@ -236,7 +236,7 @@ def test_a_crashing_trial_is_recorded_fail_and_the_study_goes_on(tmp_path, monke
     done = Worker(prep.study, spec).run()
     assert done == {"COMPLETE": 9, "FAIL": 3}
     st = status(spec)
-    assert st["counts"] == {"COMPLETE": 9, "FAIL": 3, "RUNNING": 0, "WAITING": 0}
+    assert st["counts"] == {"COMPLETE": 9, "FAIL": 3, "REQUEUED": 0, "RUNNING": 0, "WAITING": 0}
     assert len(st["failures"]) == 3
     for f in st["failures"]:
         assert "ff2: bf16" in f["config"] and f["reason"].startswith("NonFiniteLogits: non-finite logits")
@@ -259,7 +259,7 @@ def _dead_worker() -> dict:
     """A worker identity whose process has exited (and been reaped)."""
     child = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE, text=True)
     pid = int(child.communicate()[0])
-    return {"host": socket.gethostname(), "pid": pid, "start": "1", "boot": study_mod._boot_id()}
+    return {"host": identity.host_name(), "pid": pid, "start": "1", "boot": identity.boot_id()}
 
 
 def _claim_and_die_mid_suggest(study, spec) -> optuna.Trial:
@@ -447,5 +447,5 @@ def test_a_changed_study_file_is_not_resumed(tmp_path):
 def test_status_of_a_study_never_run_writes_nothing(tmp_path, capsys):
     p = tiny_lt_pareto(tmp_path)
     assert cli_main(["status", str(p), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"COMPLETE": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
+    assert json.loads(capsys.readouterr().out) == {"COMPLETE": 0, "FAIL": 0, "REQUEUED": 0, "RUNNING": 0, "WAITING": 0}
     assert sorted(x.name for x in tmp_path.iterdir()) == ["lt.toml"]
