@@ -88,9 +88,9 @@ def _requeue_failed(study: optuna.Study, trials, configs: bool) -> dict[str, int
     return n
 
 
-def _enqueue_grid(spec: StudySpec, study: optuna.Study, retry_failed: bool) -> tuple[int, int, int, int]:
-    """Queue the grid's missing configs; (planned, skipped, enqueued, re-queued failures)."""
-    kept, skipped = plan_grid(spec)
+def _enqueue_grid(spec: StudySpec, study: optuna.Study, plan, retry_failed: bool) -> tuple[int, int, int, int]:
+    """Queue the grid's missing configs (`plan`: plan_grid's); (planned, skipped, enqueued, re-queued failures)."""
+    kept, skipped = plan
     if study.user_attrs.get("grid_planned") != len(kept):
         study.set_user_attr("grid_size", spec.space.size)
         study.set_user_attr("grid_planned", len(kept))
@@ -118,12 +118,13 @@ def _enqueue_grid(spec: StudySpec, study: optuna.Study, retry_failed: bool) -> t
 def prepare(spec: StudySpec, retry_failed: bool = False) -> Prepared:
     """Create or load the study, recover stale trials and (grids) queue the missing configs, all
     under the queue's guard (a flock on one machine, the database's lock across hosts)."""
+    plan = plan_grid(spec) if spec.is_grid else None  # before the guard: it holds other hosts up
     queue = open_queue(spec)
     with queue.guard():
         study = load_study(spec, create=True, storage=queue.storage)
         recovered = queue.recover(study)
         if spec.is_grid:
-            total, skipped, enq, requeued = _enqueue_grid(spec, study, retry_failed)
+            total, skipped, enq, requeued = _enqueue_grid(spec, study, plan, retry_failed)
         else:
             total, skipped, enq = int(spec.sampler.n_trials or 0), 0, 0
             requeued = _requeue_failed(study, study.get_trials(deepcopy=False), configs=False) if retry_failed else 0
