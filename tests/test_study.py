@@ -71,11 +71,14 @@ def assert_each_config_complete_once(spec):
     assert counts["COMPLETE"] == len(want) and counts["RUNNING"] == 0 and counts["WAITING"] == 0
 
 
-def start_cli(args: list[str], env_extra: dict) -> subprocess.Popen:
+def start_cli(args: list[str], env_extra: dict, ignore_sigint: bool = False) -> subprocess.Popen:
+    """`sweep ARGS` in its own session; `ignore_sigint`: started with SIGINT ignored, as a shell
+    starts a background job of a script."""
     env = dict(os.environ, **env_extra)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     return subprocess.Popen([sys.executable, "-m", "sweep.cli", *args], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=pre)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90.0) -> int:
@@ -89,11 +92,11 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90.0) -> int:
     raise AssertionError("hook never fired")
 
 
-def start_hung_run(path: Path, tmp_path: Path) -> tuple[subprocess.Popen, int]:
+def start_hung_run(path: Path, tmp_path: Path, ignore_sigint: bool = False) -> tuple[subprocess.Popen, int]:
     """`sweep run PATH --workers 2` in its own session, with the first worker to reach an
     evaluation hanging there (SWEEP_TEST_HANG); returns the run and the hung worker's pid."""
     hang = tmp_path / "hang.pid"
-    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], {"SWEEP_TEST_HANG": str(hang)})
+    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], {"SWEEP_TEST_HANG": str(hang)}, ignore_sigint)
     return proc, wait_for(hang, proc)
 
 
@@ -196,10 +199,14 @@ def test_a_worker_killed_mid_trial_is_replaced_in_the_same_run(tmp_path):
     assert_each_config_complete_once(spec)
 
 
-def test_ctrl_c_fails_and_requeues_the_running_trial(tmp_path):
+@pytest.mark.parametrize("ignored", [False, True], ids=["terminal", "sigint-ignored-at-start"])
+def test_ctrl_c_fails_and_requeues_the_running_trial(tmp_path, ignored):
+    """Ctrl-C exits 130 and loses nothing, also for a run started with SIGINT ignored (a script's
+    background job), which once ran on to the end and exited 0 (its workers stopped, the runner
+    respawned them)."""
     path = small_grid(tmp_path)
     spec = load_spec(path)
-    proc, _ = start_hung_run(path, tmp_path)
+    proc, _ = start_hung_run(path, tmp_path, ignored)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out

@@ -153,8 +153,33 @@ def run(spec: StudySpec, workers: int = 1, progress: bool = True, retry_failed: 
         out=None, poll_s: float = 0.5, torch_device: str | None = None) -> RunSummary:
     """Run (or resume) a study with `workers` worker processes; returns a summary.
 
-    Raises KeyboardInterrupt after a clean shutdown when interrupted (the summary is printed).
+    Raises KeyboardInterrupt after a clean shutdown when interrupted by SIGINT or SIGTERM (the
+    summary is printed), even when started with SIGINT ignored (a background job of a script):
+    the workers stop on SIGINT in any case, so the runner must too, not respawn them.
     """
+    with _interruptible():
+        return _run(spec, workers, progress, retry_failed, out, poll_s, torch_device)
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """SIGINT and SIGTERM raise KeyboardInterrupt while inside (main thread only)."""
+    def interrupt(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        old = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave the handlers alone
+        old = {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _run(spec: StudySpec, workers: int, progress: bool, retry_failed: bool, out, poll_s: float,
+         torch_device: str | None) -> RunSummary:
     out = sys.stdout if out is None else out
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")

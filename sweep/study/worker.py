@@ -322,8 +322,9 @@ def serve(spec: StudySpec, storage, index: int, torch_device: str | None = None,
 
     def on_signal(signum, frame):  # noqa: ARG001
         w = state["worker"]
-        if w is None:
-            raise KeyboardInterrupt
+        if w is None:  # still starting (maybe inside torch's C++): remember, stop before the first claim
+            state["stop"] = True
+            return
         if w.stop and not w.in_eval:
             return
         w.stop = True
@@ -337,6 +338,7 @@ def serve(spec: StudySpec, storage, index: int, torch_device: str | None = None,
         n_existing = len(study.get_trials(deepcopy=False))
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, index, n_existing))
         worker = Worker(study, spec, index, queue_for(spec, storage), torch_device)
+        worker.stop = bool(state.get("stop"))
         state["worker"] = worker
         worker.run()
     except FatalWorkerError as exc:
