@@ -456,3 +456,30 @@ def test_status_of_a_study_never_run_writes_nothing(tmp_path, capsys):
     assert cli_main(["status", str(p), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"COMPLETE": 0, "FAIL": 0, "REQUEUED": 0, "RUNNING": 0, "WAITING": 0}
     assert sorted(x.name for x in tmp_path.iterdir()) == ["lt.toml"]
+
+
+def test_gpus_are_shared_out_one_per_worker_when_asked():
+    """`sweep run --workers N --torch-device cuda` on N GPUs: one GPU each (CUDA_VISIBLE_DEVICES),
+    each on its cuda:0; nothing asked: the engine's default device, nothing passed."""
+    from sweep.study import device_plan
+
+    assert device_plan(2, None, ["0", "1"]) == [(None, None)] * 2  # not asked: CPU runs stay as today
+    assert device_plan(4, "cuda", ["0", "1", "2", "3"]) == [("0", "cuda:0"), ("1", "cuda:0"), ("2", "cuda:0"), ("3", "cuda:0")]
+    assert device_plan(3, "cuda", ["5", "7"]) == [("5", "cuda:0"), ("7", "cuda:0"), ("5", "cuda:0")]
+    assert device_plan(2, None, ["2", "3"], cuda_env_set=True) == [("2", "cuda:0"), ("3", "cuda:0")]
+    assert device_plan(2, "cuda:1", ["0", "1"]) == [(None, "cuda:1")] * 2  # pinned
+    assert device_plan(2, "cpu", []) == [(None, "cpu")] * 2
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        device_plan(2, "cuda", [])
+
+
+def test_torch_device_reaches_the_evaluator(tmp_path):
+    import inspect
+
+    from engine.accuracy import Evaluator
+
+    if "torch_device" not in inspect.signature(Evaluator).parameters:
+        pytest.skip("engine.accuracy.Evaluator takes no torch_device yet (being added in parallel)")
+    spec = load_spec(small_grid(tmp_path))
+    prep = prepare(spec)
+    assert Worker(prep.study, spec, torch_device="cpu").run() == {"COMPLETE": 4}

@@ -62,8 +62,8 @@ def env_of(host: str, **extra) -> dict:
     return env
 
 
-def start(args: list[str], host: str, **extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], env=env_of(host, **extra), cwd=ROOT, start_new_session=True,
+def start(args: list[str], host: str, cwd: Path = ROOT, **extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], env=env_of(host, **extra), cwd=cwd, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -143,7 +143,9 @@ def test_a_host_killed_mid_trial_the_other_finishes_and_reruns_its_trial_once(tm
 
     assert cli_main(["status", str(files["hostB"])]) == 0
     assert f"workers running trials: hostA: 1 (pid {pid})" in capsys.readouterr().out
-    b = start(["-m", "sweep.cli", "worker", str(files["hostB"]), "--threads", "1"], "hostB")
+    # host B joins by name, with no study file: the settings come from the database
+    b = start(["-m", "sweep.cli", "worker", "grid20", "--storage", pg_url, "--threads", "1"], "hostB",
+              cwd=files["hostB"].parent)
     time.sleep(1.0)
     kill_group(a)  # host A dies: its `sweep run` and its worker, mid-trial
     out = b.communicate(timeout=300)[0]
@@ -164,7 +166,7 @@ def test_a_host_killed_mid_trial_the_other_finishes_and_reruns_its_trial_once(tm
 def test_the_study_resumes_after_every_process_on_every_host_is_killed(tmp_path, pg_url):
     files = grid20(tmp_path, pg_url)
     hang = tmp_path / "hang.pid"
-    runs = {h: start(["-m", "sweep.cli", "run", str(p), "--workers", "2", "--no-progress"], h, SWEEP_TEST_HANG=str(hang))
+    runs = {h: start(["-m", "sweep.cli", "run", str(p), "--no-progress"], h, SWEEP_TEST_HANG=str(hang))
             for h, p in files.items()}
     t0 = time.time()
     while not (hang.exists() and hang.read_text().strip()):  # a worker of either host hangs mid-trial
