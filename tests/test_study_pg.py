@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from sweep.space import load_spec
 from sweep.study import load_study, status
+from test_study import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_BEATS = {"SWEEP_HEARTBEAT_S": "1", "SWEEP_STALE_S": "3"}
@@ -80,17 +81,6 @@ def assert_exactly_once(path: Path, configs: int) -> list:
     assert set(done.values()) == {1}, done  # no duplicate
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.PRUNED)]
     return trials
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> int:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if path.exists() and path.read_text().strip():
-            return int(path.read_text())
-        if proc.poll() is not None:
-            raise AssertionError(f"ended before the hook fired:\n{proc.stdout.read()}")
-        time.sleep(0.05)
-    raise AssertionError("hook never fired")
 
 
 def kill_group(proc: subprocess.Popen) -> None:
