@@ -111,10 +111,12 @@ def test_two_hosts_race_a_20_config_grid_10_times_exactly_once(tmp_path, pg_serv
 def test_a_sampled_study_on_two_hosts_ends_with_its_budget(tmp_path, pg_url):
     files = study_files(tmp_path, pg_url, "tpe8", '[sampler]\nkind = "tpe"\nn_trials = 8\nseed = 5\nn_startup = 4\n'
                         '[space]\nff1_3 = ["bfp4", "bfp8", "bf16"]\nff2 = ["bfp4", "bfp8", "bf16"]\n')
-    procs = {h: start(["-m", "sweep.cli", "worker", str(p), "--threads", "1"], h) for h, p in files.items()}
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = {h: start(["tests/pg_host.py", str(barrier), "2", str(p)], h) for h, p in files.items()}
     for h, p in procs.items():
         out = p.communicate(timeout=300)[0]
-        assert p.returncode == 0, out
+        assert p.returncode == 0 and "race 0 rc 0" in out, out
     trials = trials_of(files["hostA"])
     assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
     assert {t.user_attrs["worker"]["host"] for t in trials} == {"hostA", "hostB"}
