@@ -205,3 +205,14 @@ def test_a_missing_postgresql_driver_is_one_line_naming_the_extra(tmp_path):
     assert res.returncode == 2
     assert res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "pip install 'ttsweep[postgres]'" in res.stderr and "secret" not in res.stderr
+
+
+def test_an_unreachable_server_is_one_line_without_the_password(tmp_path, capsys):
+    from sweep.cli import main as cli_main
+
+    p = tmp_path / "s.toml"
+    p.write_text(HEAD.format(name="s", url="postgresql://u:secret@127.0.0.1:1/db") + '[space]\nff2 = ["bfp8", "bf16"]\n')
+    assert cli_main(["status", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot connect to the database" in err
+    assert "u:***@127.0.0.1:1/db" in err and "secret" not in err

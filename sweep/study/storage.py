@@ -141,6 +141,13 @@ def open_storage(url: str, create: bool = True, stale_callback=None):
                 return optuna.storages.RDBStorage(url, **kw)
     except ImportError as exc:
         raise ValueError(missing_driver(url, b, exc)) from None
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy.exc.OperationalError & co: server down, bad login
+        if type(exc).__module__.startswith("sqlalchemy") and "OperationalError" in type(exc).__name__:
+            orig = str(getattr(exc, "orig", None) or exc).strip()
+            why = orig.splitlines()[0] if orig else type(exc).__name__
+            raise ValueError(f"storage {redact(url)}: cannot connect to the database ({why}); "
+                             "check the host, port, user and password, and that the server runs") from None
+        raise
 
 
 def missing_driver(url: str, b: Backend, exc: ImportError) -> str:
