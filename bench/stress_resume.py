@@ -86,7 +86,8 @@ def main(argv=None) -> int:
                 p.write_text(study_text(name, args.storage))
                 paths.append(p)
             procs = [subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(p), "--workers", "2", "--no-progress"],
-                                      env=dict(os.environ, PYTHONPATH=str(ROOT), TTSWEEP_HOST=f"stress-host{h}"),
+                                      env=dict(os.environ, PYTHONPATH=str(ROOT),
+                                               **({"TTSWEEP_HOST": f"stress-host{h}"} if args.storage else {})),
                                       start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                      for h, p in enumerate(paths)]
             specs = [load_spec(p) for p in paths]

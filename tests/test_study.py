@@ -318,6 +318,19 @@ def test_a_trial_claimed_by_a_worker_killed_before_it_said_who_it_is(tmp_path):
     assert_each_config_complete_once(spec)
 
 
+def test_journal_trials_are_recovered_when_no_worker_lives_whatever_host_they_name(tmp_path):
+    """Every worker of a journal study is on this machine: with none alive, a RUNNING trial is dead
+    even when its worker gave another host name ($TTSWEEP_HOST) and beat a moment ago."""
+    spec = load_spec(small_grid(tmp_path))
+    prep = prepare(spec)
+    trial = Worker(prep.study, spec).claim()
+    trial.set_user_attr("worker", {"host": "renamed-host", "pid": 1, "start": "1", "boot": "x"})
+    trial.set_user_attr("heartbeat", time.time())
+    with study_mod.worker_presence(spec):  # a live worker: it may be that one
+        assert study_mod.recover_stale(prep.study, spec) == []
+    assert study_mod.recover_stale(prep.study, spec) == [trial.number]
+
+
 def test_a_journal_lock_left_by_a_killed_process_is_cleared_on_resume(tmp_path):
     """A process SIGKILLed while appending leaves the journal's lock file: with no worker alive the
     next run removes it at once instead of waiting out Optuna's grace period; never while one lives."""

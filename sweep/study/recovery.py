@@ -33,14 +33,15 @@ MAX_DEATHS = 3  # a config whose worker died this many times is failed for good
 def is_stale(t: FrozenTrial, now: float | None = None, nobody_since: float | None = None,
              heartbeat_attr: bool = True) -> bool:
     """A RUNNING trial whose worker is gone. `nobody_since`: a time at which no worker of the
-    study was alive on this machine (journal storage: every worker is on this machine).
+    study was alive on this machine (journal storage: every worker is on this machine, so every
+    trial started before then is dead, whatever host name its worker gave).
     `heartbeat_attr=False` leaves the heartbeat test to Optuna's (shared databases)."""
     now = time.time() if now is None else now
+    started = t.datetime_start.timestamp() if t.datetime_start else now
+    if nobody_since is not None and started <= nobody_since:  # no worker alive since it started
+        return True
     w = t.user_attrs.get("worker")
     if not w:  # claimed, but its worker has not written who it is (yet, or ever: killed in between)
-        started = t.datetime_start.timestamp() if t.datetime_start else now
-        if nobody_since is not None and started <= nobody_since:
-            return True
         return now - started > NO_WORKER_GRACE_S
     if identity.on_this_host(w) and not identity.pid_alive(w):
         return True
