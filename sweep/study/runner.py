@@ -1,0 +1,335 @@
+"""The runner: `sweep run` starts N worker processes on this host, follows them, recovers the trials
+of workers that die, respawns, and prints a summary.
+
+A worker that dies (SIGKILL, OOM killer) leaves a RUNNING trial: the runner notices the dead worker
+and recovers it at once (its pid is gone on this host); every run also starts by recovering stale
+trials (`prepare`), so running the same command again resumes a study. Ctrl-C: each worker fails
+its running trial with reason "interrupted", queues its params again and exits; the runner prints
+the summary and raises KeyboardInterrupt (`sweep run` exits 130).
+
+GPU hosts: with `torch_device` "cuda" (or CUDA_VISIBLE_DEVICES set and no `torch_device`), the N
+workers are spread over the visible GPUs, one each (`device_plan`); `--device` keeps naming the
+Wormhole system the speed is predicted for.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from optuna.trial import FrozenTrial, TrialState
+
+from sweep.space import StudySpec
+from sweep.study.prepare import prepare
+from sweep.study.storage import backend
+from sweep.study.trials import Tally, fail_reason, superseded_numbers
+from sweep.study.worker import FATAL_EXIT
+
+STORAGE_ENV = "TTSWEEP_STORAGE"  # the storage URL handed to workers (not in argv: `ps` would show a password)
+
+
+# --- the parent: workers, progress, summary ------------------------------------------------------
+@dataclass
+class RunSummary:
+    name: str
+    total: int
+    size: int
+    skipped: int
+    counts: dict[str, int]
+    done: int
+    wall_s: float
+    workers: int
+    interrupted: bool = False
+    recovered: list[int] = field(default_factory=list)
+    worker_errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def worker_threads(workers: int) -> int:
+    """Torch threads per worker: the machine's cores shared out (SWEEP_WORKER_THREADS overrides)."""
+    env = os.environ.get("SWEEP_WORKER_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES's entries when it is set, else
+    torch.cuda.device_count()'s indices (none on a CPU-only torch)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no usable torch: no GPU
+        return []
+
+
+def cuda_env_set() -> bool:
+    """CUDA_VISIBLE_DEVICES names at least one GPU (set empty or to -1, it hides them all)."""
+    return bool([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip() not in ("", "-1")])
+
+
+def device_plan(workers: int, torch_device: str | None, gpus: list[str], cuda_env_set: bool = False
+                ) -> list[tuple[str | None, str | None]]:
+    """Per worker (CUDA_VISIBLE_DEVICES to give it or None to inherit, torch_device or None for the
+    engine's default). GPUs are used when asked: `torch_device` "cuda", or none given while
+    CUDA_VISIBLE_DEVICES is set (`cuda_env_set`); then worker i gets GPU gpus[i % len(gpus)] alone
+    and runs on its "cuda:0". "cuda:K" pins every worker to that GPU; "cpu" (or any other device)
+    is passed as is."""
+    if torch_device is None and not cuda_env_set:
+        return [(None, None)] * workers
+    if torch_device not in (None, "cuda"):
+        return [(None, torch_device)] * workers
+    if not gpus:
+        raise ValueError("--torch-device cuda: no GPU is visible (torch.cuda.device_count() is 0 or "
+                         "CUDA_VISIBLE_DEVICES is empty); run without it, or with --torch-device cpu")
+    return [(gpus[i % len(gpus)], "cuda:0") for i in range(workers)]
+
+
+def _spawn(spec: StudySpec, index: int, log_dir: Path, threads: int,
+           device: tuple[str | None, str | None] = (None, None)) -> subprocess.Popen:
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env[STORAGE_ENV] = spec.storage
+    gpu, torch_device = device
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    log = open(log_dir / f"{spec.name}.worker{index}.log", "w")  # noqa: SIM115 - owned by the child
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sweep.study", "worker", "--study", spec.name, "--index", str(index),
+             "--threads", str(threads)] + (["--torch-device", torch_device] if torch_device else []),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    finally:
+        log.close()
+
+
+def _best_text(trials: list[FrozenTrial], primary: str) -> str:
+    best = None
+    fastest = None
+    for t in trials:
+        a = t.user_attrs
+        if t.state != TrialState.COMPLETE or "top1" not in a:
+            continue
+        sp = float((a.get("speed") or {}).get(primary, float("nan")))
+        key_b = (a["top1"], sp)
+        key_f = (sp, a["top1"])
+        if best is None or key_b > best:
+            best = key_b
+        if fastest is None or key_f > fastest:
+            fastest = key_f
+    if best is None:
+        return ""
+    return (f"best top1 {best[0]:.1f}% @ {best[1]:.1f} t/s/u | "
+            f"fastest {fastest[0]:.1f} t/s/u @ {fastest[1]:.1f}%")
+
+
+def _log_tail(spec: StudySpec, index: int, n: int = 5) -> str:
+    try:
+        lines = (spec.runs_dir / f"{spec.name}.worker{index}.log").read_text().strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
+
+
+def run(spec: StudySpec, workers: int = 1, progress: bool = True, retry_failed: bool = False,
+        out=None, poll_s: float = 0.5, torch_device: str | None = None) -> RunSummary:
+    """Run (or resume) a study with `workers` worker processes; returns a summary.
+
+    Raises KeyboardInterrupt after a clean shutdown when interrupted by SIGINT or SIGTERM (the
+    summary is printed), even when started with SIGINT ignored (a background job of a script):
+    the workers stop on SIGINT in any case, so the runner must too, not respawn them.
+    """
+    with _interruptible():
+        return _run(spec, workers, progress, retry_failed, out, poll_s, torch_device)
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """SIGINT and SIGTERM raise KeyboardInterrupt while inside (main thread only)."""
+    def interrupt(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        old = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave the handlers alone
+        old = {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _run(spec: StudySpec, workers: int, progress: bool, retry_failed: bool, out, poll_s: float,
+         torch_device: str | None) -> RunSummary:
+    out = sys.stdout if out is None else out
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if workers > 1 and not backend(spec.storage).atomic_claim:
+        raise ValueError("SQLite storage cannot hand out trials to several workers safely (a trial can run twice); "
+                         "use a journal file (journal:PATH, one machine) or PostgreSQL/MySQL, or --workers 1")
+    cuda_env = cuda_env_set()
+    wants_gpus = torch_device == "cuda" or (torch_device is None and cuda_env)
+    devices = device_plan(workers, torch_device, visible_gpus() if wants_gpus else [], cuda_env)
+    t0 = time.time()
+    prep = prepare(spec, retry_failed=retry_failed)
+    study, queue = prep.study, prep.queue
+    msg = f"study {spec.name}: {prep.size} configs in the space"
+    if spec.is_grid:
+        msg += f", {prep.skipped} skipped as equal in numerics to a faster config, {prep.total} to run"
+    else:
+        msg += f", {spec.sampler.kind} sampler, budget {prep.total} trials"
+    if prep.recovered:
+        msg += f"; recovered {len(prep.recovered)} trial(s) of dead workers ({', '.join(map(str, prep.recovered))})"
+    print(msg, file=out, flush=True)
+
+    def tally() -> tuple[Tally, list[FrozenTrial]]:
+        ts = study.get_trials(deepcopy=False)
+        return Tally.of(ts), ts
+
+    tl, trials = tally()
+    if spec.is_grid:
+        remaining = tl.counts["WAITING"] + tl.counts["RUNNING"]
+    else:
+        remaining = max(prep.total - tl.done, tl.counts["WAITING"])
+    errors: list[str] = []
+    interrupted = False
+    recovered = list(prep.recovered)
+    n_workers = 0
+    if remaining > 0:
+        log_dir = spec.runs_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        n_workers = min(workers, remaining)
+        threads = worker_threads(n_workers)
+        procs: dict[int, subprocess.Popen] = {i: _spawn(spec, i, log_dir, threads, devices[i]) for i in range(n_workers)}
+        next_index = n_workers
+        respawns = 0
+        fatal = False
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=prep.total, initial=min(tl.done, prep.total), desc=spec.name, unit="trial",
+                       file=sys.stderr, dynamic_ncols=True)
+        last_done = tl.done
+        try:
+            while procs:
+                time.sleep(poll_s)
+                died = False
+                for i, p in list(procs.items()):
+                    rc = p.poll()
+                    if rc is None:
+                        continue
+                    del procs[i]
+                    if rc == FATAL_EXIT:
+                        fatal = True
+                        errors.append(f"worker {i} stopped: {_log_tail(spec, i, 3)}")
+                    elif rc not in (0, 130):
+                        died = True
+                        errors.append(f"worker {i} died (exit status {rc}): {_log_tail(spec, i, 3)}")
+                if died:
+                    with queue.guard():
+                        rec = queue.recover(study)
+                    recovered += rec
+                    tl, _ = tally()
+                    more = tl.counts["WAITING"] > 0 or (not spec.is_grid and tl.slots < prep.total)
+                    if more and respawns < 2 * workers and not fatal:
+                        while len(procs) < n_workers:
+                            procs[next_index] = _spawn(spec, next_index, log_dir, threads, devices[next_index % len(devices)])
+                            next_index += 1
+                            respawns += 1
+                if bar is not None:
+                    tl, trials = tally()
+                    if tl.done != last_done:
+                        bar.update(min(tl.done, prep.total) - bar.n)
+                        last_done = tl.done
+                        bar.set_postfix_str(_best_text(trials, spec.primary), refresh=True)
+                if not procs and not fatal and respawns < 2 * workers:
+                    # every worker is gone: trials still RUNNING belong to dead workers (e.g. of a
+                    # run killed before this one started): recover them and go on
+                    with queue.guard():
+                        rec = queue.recover(study)
+                    recovered += rec
+                    if rec:
+                        tl, _ = tally()
+                        for _ in range(min(n_workers, tl.counts["WAITING"]) or 1):
+                            procs[next_index] = _spawn(spec, next_index, log_dir, threads, devices[next_index % len(devices)])
+                            next_index += 1
+                            respawns += 1
+        except KeyboardInterrupt:
+            interrupted = True
+            _shutdown(procs)
+        finally:
+            if bar is not None:
+                tl, trials = tally()
+                bar.update(max(0, min(tl.done, prep.total) - bar.n))
+                bar.close()
+    tl, trials = tally()
+    summary = RunSummary(spec.name, prep.total, prep.size, prep.skipped, tl.counts, tl.done, time.time() - t0,
+                         n_workers, interrupted, recovered, errors)
+    _print_summary(summary, trials, spec, out)
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary
+
+
+def _shutdown(procs: dict[int, subprocess.Popen], grace_s: float = 30.0) -> None:
+    """Ask workers to stop (SIGINT: each fails and re-queues its running trial), then make sure."""
+    for p in procs.values():
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGINT)
+    deadline = time.time() + grace_s
+    try:
+        for p in procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.time()))
+    except KeyboardInterrupt:
+        pass
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _print_summary(s: RunSummary, trials: list[FrozenTrial], spec: StudySpec, out) -> None:
+    c = s.counts
+    sups = superseded_numbers(trials)
+    line = (f"study {s.name}: {c['COMPLETE']} complete, {c['FAIL']} failed"
+            + (f" (+{c['REQUEUED']} re-queued)" if c["REQUEUED"] else "")
+            + f", {c['RUNNING']} running, {c['WAITING']} waiting of {s.total}")
+    if spec.is_grid:
+        line += f"; {s.skipped} skipped as equal in numerics"
+    line += f"; wall {s.wall_s:.1f} s with {s.workers} worker(s)"
+    print(line, file=out)
+    best = _best_text(trials, spec.primary)
+    if best:
+        print(f"  {best} ({spec.primary})", file=out)
+    for e in s.worker_errors:
+        print(f"  {e}", file=out)
+    for t in trials:
+        if t.state == TrialState.FAIL and t.number not in sups:
+            print(f"  trial {t.number} FAIL: {fail_reason(t, trials)}", file=out)
+    if s.interrupted or c["WAITING"] or c["RUNNING"]:
+        print("  run the same command again to resume", file=out)
+    out.flush()
+
+

@@ -1,0 +1,359 @@
+"""A worker: claims trials of a study one at a time and evaluates them until none are left.
+
+Per trial a worker evaluates accuracy once (engine.accuracy.Evaluator, one per worker process,
+built on first use, on `torch_device` when one is given) unless a COMPLETE trial with the same
+numerics key exists (then it reuses that trial's accuracy: `reused_from`), predicts speed and
+TTFT for every device of the study (engine.perf.predict), and stores a `sweep.records.TrialRecord`
+as user attributes, plus:
+
+    numerics_key   digest of sweep.equivalence.numerics_key (equal = provably same numerics)
+    worker         {"host", "pid", "start", "boot"}: who runs / ran the trial (`identity`)
+    heartbeat      unix time, refreshed every heartbeat_s() while the trial runs (and, on a
+                   shared database, Optuna's heartbeat row)
+    trial_s        the whole trial's wall time (accuracy + perf + storage)
+    fail_reason    FAIL trials: one line (exception type and message)
+    superseded     FAIL trials whose config was queued again (killed worker, Ctrl-C)
+    requeued_from  the trial number a re-queued trial replaces
+    duplicate_of   PRUNED trials: a grid config that was already COMPLETE
+
+A trial whose evaluation raises (NonFiniteLogits, MemoryError, anything) is told FAIL with its
+reason and the study goes on. SIGINT / SIGTERM: the worker fails its running trial with reason
+"interrupted", queues its params again and exits 130; finished trials are never lost (each is
+told as soon as it ends). Samplers: a new trial is asked only under the queue's guard while the
+budget (`n_trials`, counting every trial that is not superseded) has room.
+
+`serve` is the whole life of a worker process: `python -m sweep.study worker` (started by
+`sweep run`) and `sweep worker` (joining a study from any host) both end there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from engine.config import ModelConfig
+from sweep.equivalence import numerics_digest
+from sweep.records import TrialRecord
+from sweep.space import StudySpec
+from sweep.study import identity, locks
+from sweep.study.prepare import make_sampler
+from sweep.study.queue import TrialQueue, queue_for, storage_for_queue
+from sweep.study.recovery import fail_and_requeue
+from sweep.study.storage import heartbeat_s, redact
+from sweep.study.trials import Tally
+
+FATAL_EXIT = 3  # worker exit status: cannot work at all (model cannot load, ...)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class FatalWorkerError(RuntimeError):
+    """The worker cannot evaluate anything (its evaluator cannot be built)."""
+
+
+def one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+class Worker:
+    """One worker: claims trials of a study and evaluates them until none are left."""
+
+    def __init__(self, study: optuna.Study, spec: StudySpec, index: int = 0, queue: TrialQueue | None = None,
+                 torch_device: str | None = None):
+        self.study = study
+        self.spec = spec
+        self.index = index
+        self.queue = queue or queue_for(spec, getattr(study._storage, "_backend", study._storage))  # noqa: SLF001
+        self.torch_device = torch_device
+        self.evaluator = None
+        self.stop = False
+        self.in_eval = False
+        self.current: optuna.Trial | None = None
+        self.host = identity.host_info()
+        self._hb_stop = threading.Event()
+        self._hb = None
+
+    # --- claiming --------------------------------------------------------------------------
+    def claim(self) -> optuna.Trial | None:
+        if self.spec.is_grid:
+            return self.queue.claim(self.study)
+        with self.queue.guard():
+            trial = self.queue.claim(self.study)
+            if trial is not None:
+                return trial
+            tally = Tally.of(self.study.get_trials(deepcopy=False))
+            if tally.slots >= int(self.spec.sampler.n_trials or 0):
+                return None
+            with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": we beat ourselves
+                warnings.simplefilter("ignore")
+                return self.study.ask()
+
+    def _wait_for_others(self) -> bool:
+        """Nothing to claim: on shared storage, while other workers' trials run, wait a heartbeat and
+        recover the trials of dead workers (they come back to the queue); True to claim again."""
+        if not self.queue.waits_for_others or not self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            return False
+        deadline = time.time() + heartbeat_s()
+        while not self.stop and time.time() < deadline:
+            time.sleep(0.1)
+        if self.stop:
+            return False
+        with self.queue.guard():
+            self.queue.recover(self.study)
+        return True
+
+    # --- heartbeat ---------------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        while not self._hb_stop.wait(heartbeat_s()):
+            t = self.current
+            if t is None:
+                continue
+            try:
+                self.queue.beat(self.study, t._trial_id)  # noqa: SLF001
+            except Exception:  # noqa: BLE001 - the trial just finished, or a transient storage error
+                pass
+
+    # --- one trial ---------------------------------------------------------------------------
+    def _evaluator(self):
+        if self.evaluator is None:
+            from engine.accuracy import Evaluator
+
+            kw = {"torch_device": self.torch_device} if self.torch_device else {}  # CPU runs: the engine's default
+            with locks.study_lock(self.spec, "evaluator"):
+                self.evaluator = Evaluator(self.spec.model, prefill=self.spec.eval["prefill"],
+                                           decode=self.spec.eval["decode"], **kw)
+        return self.evaluator
+
+    def _find_equal(self, digest: str, number: int) -> FrozenTrial | None:
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.number != number and t.user_attrs.get("numerics_key") == digest and "top1" in t.user_attrs:
+                return t
+        return None
+
+    def process(self, trial: optuna.Trial) -> str:
+        """Evaluate one claimed trial; returns its final state name."""
+        t_start = time.time()
+        self.current = trial
+        params = None
+        try:
+            self.queue.beat(self.study, trial._trial_id)  # noqa: SLF001 - at once: a trial never lacks a heartbeat for long
+            trial.set_user_attr("worker", identity.worker_identity())
+            fixed = self.study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")  # noqa: SLF001
+            missing = [p.name for p in self.spec.space.params if fixed and p.name not in fixed]
+            if missing:  # the sampler would fill them at random: another config than the one queued
+                raise ValueError(f"trial was queued without params {', '.join(missing)}; "
+                                 "re-run `sweep run --retry-failed` to queue its config again")
+            params = self.spec.space.suggest(trial)
+            mc = self.spec.space.config(params)
+            cfg = str(mc)
+            digest = numerics_digest(mc)
+            trial.set_user_attr("config", cfg)
+            trial.set_user_attr("numerics_key", digest)
+            if self.spec.is_grid:
+                for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                    if t.user_attrs.get("config") == cfg and t.number != trial.number:
+                        trial.set_user_attr("duplicate_of", t.number)
+                        self.study.tell(trial, state=TrialState.PRUNED)
+                        return "PRUNED"
+            rec = self._record(trial, mc, cfg, digest)
+            for k, v in rec.to_user_attrs().items():
+                trial.set_user_attr(k, v)
+            trial.set_user_attr("trial_s", round(time.time() - t_start, 3))
+            for c in self.spec.constraints:
+                trial.set_constraint(c.key, c.violation(rec.objective(c.metric)))
+            values = [rec.objective(o) for o in self.spec.objectives]
+            bad = [o for o, v in zip(self.spec.objectives, values) if not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"objective {bad[0]} is not finite ({values[self.spec.objectives.index(bad[0])]})")
+            self.study.tell(trial, values)
+            return "COMPLETE"
+        except (KeyboardInterrupt, _Interrupted):
+            self.in_eval = False
+            self.stop = True
+            ft = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+            if not ft.state.is_finished():
+                fail_and_requeue(self.study, ft, "interrupted (Ctrl-C or SIGTERM) during the trial; re-queued", death=False)
+            return "INTERRUPTED"
+        except FatalWorkerError:
+            ft = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+            if not ft.state.is_finished():
+                fail_and_requeue(self.study, ft, "worker could not start its evaluator; re-queued", death=False)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of one trial fails that trial only
+            reason = one_line(exc)
+            try:
+                trial.set_user_attr("fail_reason", reason)
+                trial.set_user_attr("trial_s", round(time.time() - t_start, 3))
+                self.study.tell(trial, state=TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                pass
+            return "FAIL"
+        finally:
+            self.in_eval = False
+            self.current = None
+
+    def _record(self, trial: optuna.Trial, mc: ModelConfig, cfg: str, digest: str) -> TrialRecord:
+        src = self._find_equal(digest, trial.number)
+        if src is not None:
+            a = src.user_attrs
+            acc = {k: a[k] for k in ("top1", "top5", "top1_ci", "top5_ci", "kld", "ppl", "ref_ppl", "tokens")}
+            acc["top1_ci"], acc["top5_ci"] = tuple(acc["top1_ci"]), tuple(acc["top5_ci"])
+            reused_from = a.get("reused_from") or a["config"]
+            wall = 0.0
+        else:
+            try:
+                ev = self._evaluator()
+            except Exception as exc:  # noqa: BLE001
+                raise FatalWorkerError(one_line(exc)) from exc
+            t0 = time.perf_counter()
+            self.in_eval = True  # from here SIGINT / SIGTERM interrupt the evaluation
+            if self.stop:
+                raise _Interrupted()
+            _test_hook(cfg)
+            res = ev.evaluate(mc)
+            self.in_eval = False
+            wall = time.perf_counter() - t0
+            acc = dict(top1=res.top1, top5=res.top5, top1_ci=tuple(res.top1_ci), top5_ci=tuple(res.top5_ci),
+                       kld=res.kld, ppl=res.ppl, ref_ppl=res.ref_ppl, tokens=res.tokens)
+            reused_from = None
+        from engine import perf
+
+        speed, ttft = {}, {}
+        for d in self.spec.devices:
+            r = perf.predict(self.spec.model, d, mc, **self.spec.perf)
+            speed[d], ttft[d] = float(r.speed_tsu), float(r.ttft_ms)
+        try:
+            dj = mc.to_decoder_json()
+        except Exception:  # noqa: BLE001 - e.g. hifi3 / fp32 have no tt-metal equivalent
+            dj = None
+        return TrialRecord(config=cfg, model=self.spec.model, speed=speed, ttft=ttft, wall_s=round(wall, 4),
+                           host=self.host, reused_from=reused_from, decoder_json=dj, **acc)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self, max_trials: int | None = None) -> dict[str, int]:
+        done: dict[str, int] = {}
+        self._hb = threading.Thread(target=self._heartbeat, daemon=True)
+        self._hb.start()
+        try:
+            with locks.worker_presence(self.spec):
+                n = 0
+                while not self.stop and (max_trials is None or n < max_trials):
+                    trial = self.claim()
+                    if trial is None:
+                        if self._wait_for_others():
+                            continue
+                        break
+                    state = self.process(trial)
+                    done[state] = done.get(state, 0) + 1
+                    n += 1
+        finally:
+            self._hb_stop.set()
+        return done
+
+
+def _test_hook(cfg: str) -> None:
+    """Test hooks (environment variables read by workers; used by tests/test_study.py only):
+
+    SWEEP_TEST_HANG=PATH   the first trial to evaluate (whoever creates PATH) writes its pid
+                           there and sleeps, so a test can SIGKILL a worker mid-trial;
+    SWEEP_TEST_FAIL=TEXT   trials whose config string contains TEXT raise NonFiniteLogits.
+    """
+    hang = os.environ.get("SWEEP_TEST_HANG")
+    if hang:
+        try:
+            fd = os.open(hang, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            fd = None
+        if fd is not None:
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            while True:
+                time.sleep(0.2)
+    fail = os.environ.get("SWEEP_TEST_FAIL")
+    if fail and fail in cfg:
+        try:
+            from engine.accuracy import NonFiniteLogits
+        except ImportError:  # pragma: no cover
+            NonFiniteLogits = RuntimeError  # noqa: N806
+        raise NonFiniteLogits("non-finite logits at decode position 3 (test hook SWEEP_TEST_FAIL)")
+
+
+
+
+def open_worker_study(storage_url: str, study_name: str, lock_dir: str | None = None):
+    """(spec, storage) of a study that already exists in `storage_url`; the spec is read back
+    from the study with this host's storage URL (and, for a worker joining from another host,
+    `lock_dir` for its local lock files and logs)."""
+    storage = storage_for_queue(storage_url, create=False)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise ValueError(f"study {study_name!r} is not in {redact(storage_url)}; start it with `sweep run STUDY_FILE "
+                         "--storage URL` (or give `sweep worker` the study file)") from None
+    if "spec" not in study.user_attrs:
+        raise ValueError(f"study {study_name!r} in {redact(storage_url)} was not made by `sweep run` (no spec)")
+    spec = StudySpec.from_dict(study.user_attrs["spec"])
+    spec = dataclasses.replace(spec, storage=storage_url, _lock_dir=lock_dir)
+    return spec, storage
+
+
+def serve(spec: StudySpec, storage, index: int, torch_device: str | None = None, threads: int | None = None) -> int:
+    """The life of a worker process: claim and evaluate trials until none are left. Exit status:
+    0 done, 130 interrupted (SIGINT / SIGTERM; the running trial is re-queued), FATAL_EXIT when
+    the evaluator cannot be built."""
+    state: dict = {"worker": None}
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        w = state["worker"]
+        if w is None:  # still starting (maybe inside torch's C++): remember, stop before the first claim
+            state["stop"] = True
+            return
+        if w.stop and not w.in_eval:
+            return
+        w.stop = True
+        if w.in_eval:
+            w.in_eval = False
+            raise _Interrupted()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        n_existing = len(study.get_trials(deepcopy=False))
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, index, n_existing))
+        worker = Worker(study, spec, index, queue_for(spec, storage), torch_device)
+        worker.stop = bool(state.get("stop"))
+        state["worker"] = worker
+        worker.run()
+    except FatalWorkerError as exc:
+        print(f"worker {index} ({identity.host_name()}, pid {os.getpid()}): cannot evaluate: {exc}", file=sys.stderr)
+        return FATAL_EXIT
+    except (KeyboardInterrupt, _Interrupted):
+        return 130
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 130 if worker.stop else 0
+
+
+def worker_main(storage_url: str, study_name: str, index: int, threads: int | None = None,
+                torch_device: str | None = None) -> int:
+    """Entry point of a worker process started by `sweep run` (`python -m sweep.study worker`)."""
+    spec, storage = open_worker_study(storage_url, study_name)
+    return serve(spec, storage, index, torch_device, threads)
