@@ -307,8 +307,8 @@ def note_text(analysis: Analysis, point: Point, config_text: str | None = None) 
 
 def rows_for(point: Point, devices: Sequence[str]) -> list[list[str]]:
     r, name = point.record, display_name(point.record.model)
-    return [[name, d, fmt_percent(r.top1), fmt_percent(r.top5), fmt_speed(r.speed.get(d)), fmt_ms(r.ttft.get(d))]
-            for d in devices]
+    return [[name, d, fmt_percent(r.on(d)["top1"]), fmt_percent(r.on(d)["top5"]), fmt_speed(r.speed.get(d)),
+             fmt_ms(r.ttft.get(d))] for d in devices]  # each device's own accuracy (tensor-parallel rounding)
 
 
 PRESET_INTRO = {

@@ -139,7 +139,8 @@ WEIGHT_COUPLING = {
     "wo": ("li_o_decode", "li_o_prefill"),
 }
 
-TOP_KEYS = ("study", "eval", "perf", "sampler", "constraints", "space")
+TOP_KEYS = ("study", "eval", "perf", "sampler", "constraints", "space", "numerics")
+NUMERICS_KEYS = ("silu", "lm_head")  # version switches and model-level numerics (engine.accuracy.Evaluator)
 STUDY_KEYS = ("name", "model", "devices", "objectives", "storage", "description")
 EVAL_KEYS = ("prefill", "decode")
 PERF_KEYS = ("batch", "prefill", "decode", "dp")
@@ -351,6 +352,7 @@ class StudySpec:
     path: str | None = None
     description: str = ""
     n_layers: int = 0
+    numerics: dict = field(default_factory=dict)  # [numerics]: silu mode, lm_head (format, fidelity)
     _lock_dir: str | None = field(default=None, repr=False)
 
     @property
@@ -397,7 +399,7 @@ class StudySpec:
             "file": self.path,
             "n_layers": self.n_layers,
             "space_size": self.space.size,
-        }
+        } | ({"numerics": dict(self.numerics)} if self.numerics else {})
 
     @classmethod
     def from_dict(cls, d: Mapping, n_layers: int | None = None) -> "StudySpec":
@@ -411,6 +413,7 @@ class StudySpec:
             "sampler": d["sampler"],
             "constraints": d.get("constraints", []),
             "space": d["space"],
+            "numerics": d.get("numerics", {}),
         }
         where = d.get("file") or f"study {d['name']!r}"
         return parse_spec(doc, where=where, path=d.get("file"), n_layers=n_layers or d.get("n_layers") or None)
@@ -492,9 +495,11 @@ def _legal_devices() -> tuple[str, ...]:
     return DEFAULT_DEVICES
 
 
-def _model_layers(where: str, model: str, runs: Mapping[str, Mapping[str, int]] = {}) -> int:  # noqa: B006 - read only
+def _model_layers(where: str, model: str, runs: Mapping[str, Mapping[str, int]] = {},  # noqa: B006 - read only
+                  devices: Sequence[str] = ()) -> int:
     """The model's decoder-layer count from the engine's registry; unknown names list the legal ones.
-    The weights must be readable and each of `runs` ([eval], [perf]) fit in the model's context."""
+    The weights must be readable, each of `runs` ([eval], [perf]) fit in the model's context, and
+    tt_transformers must be able to lay the model out on each device (accuracy is per device)."""
     try:
         from engine import loaders
     except ImportError as exc:
@@ -508,6 +513,16 @@ def _model_layers(where: str, model: str, runs: Mapping[str, Mapping[str, int]] 
                                "(or a path to a .gguf file or a Hugging Face model directory)") from None
         legal = f"; registry names: {', '.join(names)}" if names else ""
         raise _fail(where, f"study.model {model!r} cannot be used ({type(exc).__name__}: {exc}){legal}") from None
+    from engine.accuracy import device_layout
+    from engine.programs import Unsupported, check_tp
+
+    for d in devices:
+        try:
+            check_tp(spec, device_layout(d)[0])
+        except Unsupported as exc:
+            raise _fail(where, f"study.devices: {d}: {exc}") from None
+        except ValueError:  # a layout whose accuracy is not emulated (TG): its cells use the primary's
+            pass
     for table, run in runs.items():
         if run["prefill"] + run["decode"] > spec.max_seq:
             raise _fail(where, f"{table}.prefill + {table}.decode = {run['prefill'] + run['decode']} tokens exceeds "
@@ -619,15 +634,35 @@ def parse_spec(doc: Mapping, where: str = "<study>", path: str | None = None, n_
 
     if "space" not in doc:
         raise _fail(where, f"missing [space] table: the search space is empty (legal keys: {', '.join(SPACE_KEYS)})")
+    numerics = _parse_numerics(where, doc.get("numerics", {}))
     if n_layers is None:
-        n_layers = _model_layers(where, model, {"eval": ev, "perf": pf})
+        n_layers = _model_layers(where, model, {"eval": ev, "perf": pf}, devices)
     space, space_doc = _parse_space(where, doc["space"], model, n_layers, sampler)
 
     return StudySpec(
         name=name, model=model, devices=devices, objectives=objectives, storage=storage, eval=ev, perf=pf,
         sampler=sampler, constraints=constraints, space=space, space_doc=space_doc, path=path,
-        description=description, n_layers=n_layers,
+        description=description, n_layers=n_layers, numerics=numerics,
     )
+
+
+def _parse_numerics(where: str, d: Any) -> dict:
+    """[numerics]: `silu = "sfpu-piecewise" | "exact"`, `lm_head = ["bfp8", "hifi2fp16"]`."""
+    from engine import fidelity, formats
+
+    d = _check_keys(where, "numerics", d, NUMERICS_KEYS)
+    out: dict[str, Any] = {}
+    if "silu" in d:
+        if d["silu"] not in fidelity.SILU:
+            raise _fail(where, f"numerics.silu {d['silu']!r}; legal values: {', '.join(fidelity.SILU)}")
+        out["silu"] = d["silu"]
+    if "lm_head" in d:
+        v = d["lm_head"]
+        if not (isinstance(v, list) and len(v) == 2 and v[0] in formats.FORMATS and v[1] in fidelity.SETTINGS):
+            raise _fail(where, f"numerics.lm_head {v!r} must be [FORMAT, FIDELITY], e.g. [\"bfp8\", \"hifi2fp16\"]; "
+                               f"formats: {', '.join(formats.FORMATS)}; fidelities: {', '.join(fidelity.SETTINGS)}")
+        out["lm_head"] = list(v)
+    return out
 
 
 def _parse_sampler(where: str, d: Any) -> SamplerSpec:

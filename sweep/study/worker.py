@@ -78,7 +78,9 @@ class Worker:
         self.index = index
         self.queue = queue or queue_for(spec, getattr(study._storage, "_backend", study._storage))  # noqa: SLF001
         self.torch_device = torch_device
-        self.evaluator = None
+        self.evaluator = None  # the last one used
+        self.evaluators: dict = {}  # numerics layout -> Evaluator
+        self._layout_map: dict | None = None
         self.stop = False
         self.in_eval = False
         self.current: optuna.Trial | None = None
@@ -127,15 +129,43 @@ class Worker:
                 pass
 
     # --- one trial ---------------------------------------------------------------------------
-    def _evaluator(self):
-        if self.evaluator is None:
-            from engine.accuracy import Evaluator
+    def _evaluator(self, device: str | None = None):
+        """The evaluator for `device`'s numerics (default the primary device), one per layout."""
+        from engine.accuracy import Evaluator
 
+        device = device or self.spec.primary
+        lay = self._layouts()[device] or self._layouts()[self.spec.primary] or ("N150",)
+        if lay not in self.evaluators:
             kw = {"torch_device": self.torch_device} if self.torch_device else {}  # CPU runs: the engine's default
+            num = self.spec.numerics
+            if "silu" in num:
+                kw["silu"] = num["silu"]
+            if "lm_head" in num:
+                kw["lm_head"] = tuple(num["lm_head"])
+            emulated = device if self._layouts()[device] else self.spec.primary if self._layouts()[self.spec.primary] else "N150"
             with locks.study_lock(self.spec, "evaluator"):
-                self.evaluator = Evaluator(self.spec.model, prefill=self.spec.eval["prefill"],
-                                           decode=self.spec.eval["decode"], **kw)
+                self.evaluators[lay] = Evaluator(self.spec.model, prefill=self.spec.eval["prefill"],
+                                                 decode=self.spec.eval["decode"], device=emulated, **kw)
+        self.evaluator = self.evaluators[lay]
         return self.evaluator
+
+    def _layouts(self) -> dict[str, tuple | None]:
+        """device -> (tensor-parallel chips, wo split) of its numerics, None where not emulated (TG)."""
+        if self._layout_map is None:
+            from engine.accuracy import device_layout
+            from engine.loaders import model_spec
+            from engine.programs import wo_fused
+
+            spec = model_spec(self.spec.model)
+            out = {}
+            for d in self.spec.devices:
+                try:
+                    tp, topo = device_layout(d)
+                    out[d] = (tp, 1 if wo_fused(spec, tp, topo) else tp)
+                except ValueError:
+                    out[d] = None
+            self._layout_map = out
+        return self._layout_map
 
     def _find_equal(self, digest: str, number: int) -> FrozenTrial | None:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -159,7 +189,7 @@ class Worker:
             params = self.spec.space.suggest(trial)
             mc = self.spec.space.config(params)
             cfg = str(mc)
-            digest = numerics_digest(mc)
+            digest = numerics_digest(mc, layout=self._layouts()[self.spec.primary] or (1, 1))
             trial.set_user_attr("config", cfg)
             trial.set_user_attr("numerics_key", digest)
             if self.spec.is_grid:
@@ -211,11 +241,19 @@ class Worker:
             a = src.user_attrs
             acc = {k: a[k] for k in ("top1", "top5", "top1_ci", "top5_ci", "kld", "ppl", "ref_ppl", "tokens")}
             acc["top1_ci"], acc["top5_ci"] = tuple(acc["top1_ci"]), tuple(acc["top5_ci"])
+            acc["accuracy"] = dict(a.get("accuracy") or {})
             reused_from = a.get("reused_from") or a["config"]
             wall = 0.0
         else:
+            primary = self._layouts()[self.spec.primary]
+            others = {}  # a layout other than the primary's -> its devices
+            for d in self.spec.devices[1:]:
+                lay = self._layouts()[d]
+                if lay is not None and lay != primary:
+                    others.setdefault(lay, []).append(d)
             try:
                 ev = self._evaluator()
+                extra = {lay: self._evaluator(devs[0]) for lay, devs in others.items()}
             except Exception as exc:  # noqa: BLE001
                 raise FatalWorkerError(one_line(exc)) from exc
             t0 = time.perf_counter()
@@ -224,10 +262,15 @@ class Worker:
                 raise _Interrupted()
             _test_hook(cfg)
             res = ev.evaluate(mc)
+            per_device = {}
+            for lay, devs in others.items():  # once per distinct numerics, not per device
+                r = extra[lay].evaluate(mc)
+                for d in devs:
+                    per_device[d] = dict(top1=r.top1, top5=r.top5, top1_ci=list(r.top1_ci), top5_ci=list(r.top5_ci), kld=r.kld)
             self.in_eval = False
             wall = time.perf_counter() - t0
             acc = dict(top1=res.top1, top5=res.top5, top1_ci=tuple(res.top1_ci), top5_ci=tuple(res.top5_ci),
-                       kld=res.kld, ppl=res.ppl, ref_ppl=res.ref_ppl, tokens=res.tokens)
+                       kld=res.kld, ppl=res.ppl, ref_ppl=res.ref_ppl, tokens=res.tokens, accuracy=per_device)
             reused_from = None
         from engine import perf
 
