@@ -37,6 +37,7 @@ def tiny_lt_pareto(tmp_path: Path, name: str = "lt.toml") -> Path:
     assert '\n  "accuracy",\n' in text
     text = text.replace('\n  "accuracy",\n', "\n")
     text = text.replace('model = "smollm2-135m"', 'model = "tiny-llama"')
+    text = text.replace('devices = ["N150"]', 'devices = ["N150", "N300"]')  # tiny-llama splits over 2 chips
     text = text.replace("prefill = 512", "prefill = 16").replace("decode = 511", "decode = 15")
     p = tmp_path / name
     p.write_text(text)
@@ -134,6 +135,8 @@ def test_two_workers_run_a_12_config_grid_exactly_once(tmp_path, capsys):
         assert rec.model == "tiny-llama" and rec.tokens == 15
         assert set(rec.speed) == set(rec.ttft) == {"N150", "N300"}
         assert rec.top1_ci[0] <= rec.top1 <= rec.top1_ci[1]
+        assert set(rec.accuracy) == {"N300"}  # N300's tensor-parallel numerics evaluated too
+        assert rec.on("N150")["top1"] == rec.top1 and rec.objective("top1:N300") == rec.accuracy["N300"]["top1"]
         assert rec.host and rec.wall_s > 0 and rec.reused_from is None
         assert rec.decoder_json and "decoders" in rec.decoder_json
         assert t.values == [rec.objective(o) for o in spec.objectives]
@@ -141,6 +144,7 @@ def test_two_workers_run_a_12_config_grid_exactly_once(tmp_path, capsys):
     attrs = study.user_attrs
     assert attrs["model"] == "tiny-llama" and attrs["devices"] == ["N150", "N300"]
     assert attrs["objectives"] == spec.objectives and attrs["spec"]["name"] == "lt-pareto"
+    assert any(r.accuracy["N300"]["kld"] != r.kld for _, r in recs)  # the device changes the numbers
     assert attrs["perf_calibration"] and attrs["skipped_equivalent"] == 0 and attrs["grid_planned"] == 12
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE", "MAXIMIZE", "MINIMIZE"]
 
