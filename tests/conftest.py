@@ -92,3 +92,15 @@ def pg_server():
 def pg_url(pg_server) -> str:
     """The URL of a new, empty database on the session's PostgreSQL server."""
     return pg_server.new_database()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one torch thread avoids OpenMP spin-waits when the cores are shared (30x faster).
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

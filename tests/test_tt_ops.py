@@ -19,12 +19,7 @@ def bf16(t):
     return torch.as_tensor(t, dtype=torch.float32).bfloat16().float()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- program configs: in0_block_w per linear (model_config.py) --------------------------------------
