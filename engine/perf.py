@@ -477,7 +477,7 @@ class _Cost:
         comp = (mm_tiles * self.cyc * PHASES[cfg.sdpa_prefill] / (cores * self.clk * p.compute_eff)
                 + score_tiles * p.softmax_cycles / (cores * self.clk))
         kvb = bytes_per_element(cfg.kv_cache)
-        prefix = C * C * nch * (nch - 1) / 2 * 2 * self.kv_loc * hd * kvb  # cached K and V read back by later chunks
+        prefix = C * nch * (nch - 1) / 2 * 2 * self.kv_loc * hd * kvb  # cached K and V read back by later chunks
         io = nch * rows * (2 * self.h_loc + 2 * self.kv_loc) * hd * self._act(cfg, bfp8) + prefix
         acc.add("sdpa", "prefill", io / (self.bw * p.dram_eff), comp, nch * p.prefill_op_us,
                 nbytes=io, flops=2.0 * 2 * self.h_loc * hd * T * (T + 1) / 2)
