@@ -104,17 +104,18 @@ def layer_plan(rep: Replica, *, hidden: int, attn_width: int, qkv_out: int, inte
         return _mesh2d_plan(rep, hidden, attn_width, qkv_out, intermediate, rows, phase)
     n, ring, links = rep.tp, rep.layout == "ring", rep.links[1]
     full = rows * hidden * BF16
-    plan = []
-    for norm in ("attn_norm", "ff_norm"):
+
+    def norm(name: str) -> list[Collective]:
+        out = []
         if phase == "prefill" and hidden >= 8192:  # distributed norm: statistics, then the output
-            plan.append(Collective(f"{norm}.stats_all_gather", "all_gather", n, 1, ring, rows * 32 * n * BF16))
-        plan.append(Collective(f"{norm}.all_gather", "all_gather", n, 1, ring, full))
+            out.append(Collective(f"{name}.stats_all_gather", "all_gather", n, 1, ring, rows * 32 * n * BF16))
+        return out + [Collective(f"{name}.all_gather", "all_gather", n, 1, ring, full)]
+
     if phase == "decode" and fused_wo(rep, hidden):
-        plan.insert(1, Collective("wo.all_gather_matmul", "all_gather_matmul", n, 1, ring, rows * attn_width * BF16))
+        wo = Collective("wo.all_gather_matmul", "all_gather_matmul", n, 1, ring, rows * attn_width * BF16)
     else:
-        plan.insert(1, Collective("wo.reduce_scatter", "reduce_scatter", n, links, ring, full))
-    plan.append(Collective("w2.reduce_scatter", "reduce_scatter", n, links, ring, full))
-    return plan
+        wo = Collective("wo.reduce_scatter", "reduce_scatter", n, links, ring, full)
+    return [*norm("attn_norm"), wo, *norm("ff_norm"), Collective("w2.reduce_scatter", "reduce_scatter", n, links, ring, full)]
 
 
 def _mesh2d_plan(rep: Replica, hidden: int, attn_width: int, qkv_out: int, intermediate: int,

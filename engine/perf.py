@@ -221,6 +221,10 @@ def interval(metric: str, value: float, device: str | Device, model: str, path: 
     if not iv or metric not in iv:
         return None
     q = iv[metric]
+    try:
+        model = shape_for(model).name
+    except (ValueError, TypeError):
+        pass
     base = q["in_sample"] if model in set(meta.get("models", ())) else max(q["in_sample"], q["lomo"])
     d = device_distance(device, meta.get("devices", ()))
     h = base + max(0.0, q["lodo"] - q["in_sample"]) * d / max(iv.get("lodo_distance", 1.0), 1e-9)
