@@ -173,7 +173,8 @@ def calibration_note(path: str | Path | None = None) -> str:
     )
     lodo = meta.get("lodo") or {}
     if lodo:
-        parts = [f"{d} {v['speed_mape']:.0f}%/{v['ttft_mape']:.0f}%" for d, v in lodo.items()]
+        parts = [f"{d} {v['speed_mape']:.0f}%/{v['ttft_mape']:.0f}%" for d, v in lodo.items()
+                 if v.get("speed_mape") is not None and v.get("ttft_mape") is not None]
         text += f"; leave-one-device-out speed/TTFT error {', '.join(parts)}"
     iv = (params_metadata(path).get("intervals") or {})
     if iv:

@@ -147,7 +147,8 @@ def run_calibrate(args) -> int:
         if meta.get(key):
             print(f"{title} (refit without the group, predict it): speed / TTFT mean abs. error")
             for g, e in meta[key].items():
-                print(f"  {g:26s} {e['speed_mape']:6.1f}% / {e['ttft_mape']:6.1f}%   ({e['n']} rows)")
+                f = lambda v: "   n/a" if v is None else f"{v:5.1f}%"
+                print(f"  {g:26s} {f(e['speed_mape'])} / {f(e['ttft_mape'])}   ({e['n']} rows)")
     iv = data.get("intervals")
     if iv:
         print(f"{100 * iv['level']:.0f}% interval half-widths (log): " + "; ".join(
