@@ -277,3 +277,21 @@ def test_sweep_perf_json_carries_intervals_and_collectives(capsys):
     assert "vision pipeline" in capsys.readouterr().err
     assert main(["perf", "devices"]) == 0
     assert "UNCALIBRATED" in capsys.readouterr().out
+
+
+def test_plots_and_report_notes_carry_the_speed_interval():
+    from types import SimpleNamespace
+
+    from sweep import plots, report
+
+    res = predict("Llama3.1-8B", "TG")
+    rec = SimpleNamespace(model="Llama3.1-8B", speed={"TG": res.speed_tsu, "N300": 40.0},
+                          ttft={"TG": res.ttft_ms, "N300": 70.0})
+    point = SimpleNamespace(record=rec, value=lambda obj: getattr(rec, obj.partition(":")[0])[obj.partition(":")[2]])
+    assert plots._ci(point, "speed:TG") == pytest.approx(res.speed_interval)
+    assert plots._ci(point, "ttft:TG") == pytest.approx(res.ttft_interval)
+    lo, hi = plots._ci(point, "speed:N300")
+    assert lo < 40.0 < hi and (hi / lo) < (res.speed_interval[1] / res.speed_interval[0])  # TG is farther out
+    assert plots._err_label("top1", "speed:TG", [[1], [1]], [[1], [1]]) == "95% Wilson interval / 90% prediction interval"
+    text = report.interval_text(point, ["N300", "TG"])
+    assert text.startswith("90% prediction intervals") and f"TG {res.speed_interval[0]:.1f}-" in text
