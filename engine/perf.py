@@ -1,4 +1,4 @@
-"""Analytic performance model for Llama-family decoders on Tenstorrent Wormhole systems.
+"""Analytic performance model for Llama-family decoders on Tenstorrent systems (docs/PERF-MODEL.md).
 
 `predict(model, device, config)` returns decode speed (tokens/s/user) and time to first token
 (ms) from first principles (tt-numerics.md sections 5 and 7), with every op's share in
@@ -9,9 +9,9 @@ Decode (one step: every user of the replica advances one token). Per decoder lay
     time = max(DRAM time, compute time) + per-op dispatch overhead
 
 * matmuls (qkv, wo, w1+w3, w2): weights are read once per step in their storage format
-  (bfp4 0.5625, bfp8 1.0625, bf16 2 bytes/element) at `dram_eff` x 288 GB/s per chip; compute pads
+  (bfp4 0.5625, bfp8 1.0625, bf16 2 bytes/element) at `dram_eff` x the chip's DRAM spec; compute pads
   the decode rows to 32 (batch 1..32 cost the same): 1 x K/32 x N/32 tiles, 16 cycles per tile per
-  fidelity phase (LoFi 1, HiFi2 2, HiFi3 3, HiFi4 4), on the 12 DRAM-bank worker cores of a
+  fidelity phase (LoFi 1, HiFi2 2, HiFi3 3, HiFi4 4), on the DRAM-bank worker cores (12 on Wormhole) of a
   DRAM-sharded matmul, at `compute_eff` of peak;
 * SDPA decode: reads each user's K and V cache up to the current position in the kv_cache format
   (an interleaved paged cache: at `kv_dram_eff` of the DRAM spec),
@@ -21,8 +21,8 @@ Decode (one step: every user of the replica advances one token). Per decoder lay
   chips that hold the user's kv heads;
 * KV-cache update, norms, rotary, head reshapes, residual adds and SiLU*w3: dispatch + bytes;
 * tensor-parallel collectives (below); LM head (bfp8 weights, HiFi2) once per step;
-* per step: `token_us` (host loop, trace launch, output readback) + `user_step_us` per user of
-  the replica (sampling and per-user output handling, done by each replica in parallel).
+* per step: `token_us` (host loop, trace launch, output readback) + `user_step_us` per user
+  (sampling and per-user output handling on the host) + `replica_us` per extra DP replica.
 
 Prefill (TTFT) of one prompt of T tokens: compute-bound at long T and weight-streaming /
 dispatch-bound at short T. Matmul tiles ceil(T/32) x K/32 x N/32 at the op's prefill fidelity over
