@@ -7,7 +7,7 @@
   unread): its time against a full `loaders.load` of the same file. Target: < 10%.
 - `perf.predict` runs once per device for every trial: its time per call (Llama3.1-70B on TG with
   80 per-layer configs, batch 32, 4096-token prompt; Llama3.1-8B on N300 with the performance
-  preset) against one accuracy trial of the same model (512 + 511 tokens, defaults). Target: < 1%.
+  preset; a chunked 64K prompt and a DP=32 Galaxy, both with prediction intervals) against one accuracy trial of the same model (512 + 511 tokens, defaults). Target: < 1%.
 Minima over repeats after a warm-up call on both sides, so a busy shared machine disturbs both alike.
 """
 from __future__ import annotations
@@ -46,7 +46,11 @@ def main(argv=None) -> int:
     big = ModelConfig(tuple(Config(ff2=("bfp4" if i % 2 else "bfp8")) for i in range(80)))
     cases = [("Llama3.1-70B TG, 80 layer configs, batch 32, prefill 4096",
               lambda: perf.predict("Llama3.1-70B", "TG", big, batch=32, prefill=4096)),
-             ("Llama3.1-8B N300 performance", lambda: perf.predict("Llama3.1-8B", "N300", "performance"))]
+             ("Llama3.1-8B N300 performance", lambda: perf.predict("Llama3.1-8B", "N300", "performance")),
+             ("Llama3.1-8B N150 64K prompt in 16 chunks, with intervals",
+              lambda: perf.predict("Llama3.1-8B", "N150", "performance", prefill=65536)),
+             ("Llama3.2-1B TG DP=32 batch 32, with intervals",
+              lambda: perf.predict("Llama3.2-1B", "TG", "performance", dp=32, batch=32))]
     ev = Evaluator(args.model, prefill=args.prefill, decode=args.decode)
     mc = ev.model_config("defaults")
     trial = best(lambda: ev.evaluate(mc), 2)

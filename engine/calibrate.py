@@ -8,10 +8,16 @@ text (`Batch_size=32`, `prefill_length is 64k tokens`, `(32K Tokens)` in the hea
 columns (extra columns such as Top-1 are read and ignored). Cells left empty are skipped; a device
 written `150` is read as N150; `(DP=N)` in the Model or Device cell sets data-parallel replicas.
 
-`fit(rows)` fits the global parameters by least squares on log(predicted / published) over every
-speed and TTFT figure (deterministic: scipy's trust-region solver from fixed starting points, or
-a damped Gauss-Newton in numpy if scipy is missing). Rows on T3K or TG are refused: those systems
-are the performance model's validation set and must be predicted from physics alone.
+`fit(rows)` fits the global parameters (one set for every model and system: no constant per
+system) by robust least squares on log(predicted / published) over every speed and TTFT figure
+of the N150, N300 and T3K rows (scipy.optimize.least_squares from fixed starting points:
+deterministic). Rows on TG are refused: TG is the performance model's validation set and must be
+predicted from physics alone; so are rows on systems marked uncalibrated (Blackhole). Rows of a
+model the performance model does not cover (Llama3.2-90B: the vision pipeline) are left out.
+
+`cross_validate(rows, "device" | "model")` refits without each device's (model's) rows and
+predicts them: the leave-one-device-out and leave-one-model-out errors, whose residuals set the
+prediction intervals (`intervals_from`, split-conformal quantiles of |log residual|).
 
 TTFT figures from the config-string sections (the `lt pareto` export) are read but not fitted by
 default: that harness's TTFT is not comparable with the demo's (the seed's row for the very config
@@ -28,18 +34,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from engine.devices import normalise_device
-from engine.perf import PARAMS_FILE, Params, predict
+from engine.devices import DEVICES, normalise_device
+from engine.perf import PARAMS_FILE, NotCovered, Params, predict
+from engine.shapes import shape_for
 
-HELD_BACK = ("T3K", "TG")
+# systems never fitted: TG (the model's validation set) and those without published rows (Blackhole)
+HELD_BACK = tuple(name for name, d in DEVICES.items() if not d.calibrated)
 LOSS, F_SCALE = "soft_l1", 0.1  # robust least squares: residuals beyond ~10% count linearly, not squared
 FIT_PARAMS = ("dram_eff", "kv_dram_eff", "prefill_dram_eff", "compute_eff", "softmax_cycles", "decode_op_us", "prefill_op_us",
-              "token_us", "user_layer_us", "user_step_us", "prefill_user_ms")
+              "token_us", "user_layer_us", "user_step_us", "prefill_user_ms", "eth_eff", "ccl_us", "ccl_step_us",
+              "ccl_prefill_us", "replica_us", "sdpa_pos_ns")
 BOUNDS = {  # physical ranges the fit may not leave
     "dram_eff": (0.2, 1.0), "kv_dram_eff": (0.1, 1.0), "prefill_dram_eff": (0.05, 1.0), "compute_eff": (0.05, 1.0),
     "softmax_cycles": (1.0, 20000.0), "decode_op_us": (0.1, 200.0), "prefill_op_us": (0.5, 2000.0),
     "token_us": (1.0, 50000.0), "user_layer_us": (0.01, 200.0), "user_step_us": (0.1, 5000.0),
     "prefill_user_ms": (0.01, 500.0), "eth_eff": (0.05, 1.0),
+    # collectives: public TG Llama-70B decode CCL targets are 8-12 us per all-gather and 25-30 us per
+    # all-reduce (tt-metal tests/ttnn/unit_tests/operations/ccl/perf/test_ccl_async_perf_TG_llama.py)
+    "ccl_us": (1.0, 200.0), "ccl_step_us": (0.01, 50.0), "ccl_prefill_us": (0.5, 1000.0),
+    "replica_us": (1.0, 5000.0), "sdpa_pos_ns": (0.01, 100.0),
 }
 
 
@@ -225,9 +238,15 @@ def check_calibration_rows(rows: Iterable[Row]) -> None:
     if held:
         raise ValueError(
             f"refusing to fit on {len(held)} row(s) from {'/'.join(sorted({r.device for r in held}))} "
-            f"(first: {held[0].label}); T3K and TG rows are the performance model's validation set and "
-            "are predicted from physics only - fit on N150/N300 rows"
+            f"(first: {held[0].label}); TG rows are the performance model's validation set and systems "
+            "without published rows are uncalibrated - fit on N150/N300/T3K rows (or mark a system "
+            "\"calibrated\" in engine/data/devices.json once it has measurements)"
         )
+
+
+def covered(row: Row) -> bool:
+    """False for rows of a model the performance model refuses (engine.perf.NotCovered)."""
+    return not shape_for(row.model).not_covered
 
 
 def _residuals(x, rows: Sequence[Row], base: Params, names: Sequence[str], fit_pareto_ttft: bool):
@@ -243,8 +262,9 @@ def _residuals(x, rows: Sequence[Row], base: Params, names: Sequence[str], fit_p
 
 
 def fit(rows: Sequence[Row], start: Params | None = None, names: Sequence[str] = FIT_PARAMS,
-        fit_pareto_ttft: bool = False, loss: str = LOSS) -> Params:
-    """Least-squares fit of the named global parameters (log space, bounded, deterministic).
+        fit_pareto_ttft: bool = False, loss: str = LOSS, starts: int = 2, max_nfev: int = 300) -> Params:
+    """Least-squares fit of the named global parameters (log space, bounded, deterministic:
+    scipy.optimize.least_squares, trust-region reflective, from `starts` fixed starting points).
 
     `loss` "soft_l1" (default) is robust least squares: a residual beyond ~10% (F_SCALE) counts
     linearly, so a few inconsistent published figures cannot drag every global parameter;
@@ -252,9 +272,11 @@ def fit(rows: Sequence[Row], start: Params | None = None, names: Sequence[str] =
     if loss not in ("soft_l1", "linear"):
         raise ValueError(f"unknown loss {loss!r}; legal: soft_l1, linear")
     check_calibration_rows(rows)
+    rows = [r for r in rows if covered(r)]
     if not rows:
         raise ValueError("no calibration rows to fit")
     import numpy as np
+    from scipy.optimize import least_squares
 
     base = start or Params()
     names = list(names)
@@ -265,66 +287,84 @@ def fit(rows: Sequence[Row], start: Params | None = None, names: Sequence[str] =
     def fun(x):
         return np.asarray(_residuals(x, rows, base, names, fit_pareto_ttft))
 
-    try:
-        from scipy.optimize import least_squares
-    except ImportError:  # pragma: no cover - numpy fallback
-        least_squares = None
-    best_x, best_cost = None, math.inf
-    starts = [x0, np.clip(x0 - 0.5, lo, hi)]
-    for xs in starts:
-        if least_squares is not None:
-            sol = least_squares(fun, xs, bounds=(lo, hi), method="trf", x_scale=1.0, diff_step=1e-4,
-                                loss=loss, f_scale=F_SCALE, xtol=1e-8, ftol=1e-8, gtol=1e-8, max_nfev=300)
-            x, cost = sol.x, float(sol.cost)
-        else:  # same robust objective: residuals mapped so that 0.5 * sum(r'^2) is the soft-L1 cost
-            def robust(x):
-                r = fun(x)
-                if loss == "linear":
-                    return r
-                r = r / F_SCALE
-                return np.sign(r) * F_SCALE * np.sqrt(2.0 * (np.sqrt(1.0 + r * r) - 1.0))
-
-            x, cost = _gauss_newton(robust, xs, lo, hi)
-        if cost < best_cost - 1e-12:
-            best_x, best_cost = x, cost
+    best_x, best_cost = x0, math.inf
+    for xs in [x0, np.clip(x0 - 0.5, lo + 1e-9, hi - 1e-9)][:starts]:
+        sol = least_squares(fun, xs, bounds=(lo, hi), method="trf", x_scale=1.0, diff_step=1e-4,
+                            loss=loss, f_scale=F_SCALE, xtol=1e-8, ftol=1e-8, gtol=1e-8, max_nfev=max_nfev)
+        if float(sol.cost) < best_cost - 1e-12:
+            best_x, best_cost = sol.x, float(sol.cost)
     return base.replace(**{n: float(math.exp(v)) for n, v in zip(names, best_x)})
 
 
-def _gauss_newton(fun, x, lo, hi, iters: int = 200):
-    import numpy as np
+# --- cross-validation and prediction intervals -------------------------------------------------
+LEVEL = 0.9  # coverage of the prediction intervals
+MAIN_STARTS = 1  # the full fit starts from the defaults (a second start 0.5 lower in log space found no better fit)
+CV_NFEV = 40  # evaluations per cross-validation refit (one start, from the defaults: no leakage)
 
-    lam = 1e-2
-    r = fun(x)
-    cost = 0.5 * float(r @ r)
-    for _ in range(iters):
-        J = np.empty((r.size, x.size))
-        for j in range(x.size):
-            dx = np.zeros_like(x)
-            dx[j] = 1e-4
-            J[:, j] = (fun(x + dx) - r) / 1e-4
-        A = J.T @ J
-        g = J.T @ r
-        step = -np.linalg.solve(A + lam * np.diag(np.diag(A) + 1e-12), g)
-        xn = np.clip(x + step, lo, hi)
-        rn = fun(xn)
-        cn = 0.5 * float(rn @ rn)
-        if cn < cost:
-            x, r, lam = xn, rn, lam / 3
-            if cost - cn < 1e-12:
-                cost = cn
-                break
-            cost = cn
-        else:
-            lam *= 5
-            if lam > 1e8:
-                break
-    return x, cost
+
+def _log_residuals(rows: Sequence[Row], params: Params, fit_pareto_ttft: bool) -> list[tuple[Row, float | None, float | None]]:
+    out = []
+    for r in rows:
+        res = _predict(r, params)
+        s = math.log(res.speed_tsu / r.speed) if r.speed else None
+        t = math.log(res.ttft_ms / r.ttft) if r.ttft and (fit_pareto_ttft or r.harness != "pareto") else None
+        out.append((r, s, t))
+    return out
+
+
+def cross_validate(rows: Sequence[Row], by: str, fit_pareto_ttft: bool = False, loss: str = LOSS,
+                   start: Params | None = None) -> dict[str, dict]:
+    """Leave-one-`by`-out ("device" or "model"): refit without each group's rows and predict
+    them. Returns group -> {speed_mape, ttft_mape, n, residuals: [(speed log-res, ttft log-res)]}."""
+    rows = [r for r in rows if covered(r)]
+    groups = list(dict.fromkeys(getattr(r, by) for r in rows))
+    out = {}
+    for g in groups:
+        train = [r for r in rows if getattr(r, by) != g]
+        test = [r for r in rows if getattr(r, by) == g]
+        prm = fit(train, start=start or Params(), fit_pareto_ttft=fit_pareto_ttft, loss=loss, starts=1, max_nfev=CV_NFEV)
+        res = _log_residuals(test, prm, fit_pareto_ttft)
+        sp = [100 * abs(math.exp(s) - 1) for _, s, _ in res if s is not None]
+        tt = [100 * abs(math.exp(t) - 1) for _, _, t in res if t is not None]
+        out[g] = {"speed_mape": sum(sp) / len(sp) if sp else None,
+                  "ttft_mape": sum(tt) / len(tt) if tt else None, "n": len(test),
+                  "residuals": [[s, t] for _, s, t in res]}
+    return out
+
+
+def conformal_quantile(values: Sequence[float], level: float = LEVEL) -> float:
+    """Split-conformal quantile of |values|: the ceil((n+1) level)-th smallest (the largest when
+    that exceeds n)."""
+    v = sorted(abs(x) for x in values)
+    if not v:
+        return float("nan")
+    k = min(len(v), math.ceil((len(v) + 1) * level))
+    return v[k - 1]
+
+
+def intervals_from(in_sample: Sequence[tuple], lomo: dict, lodo: dict, level: float = LEVEL) -> dict:
+    """Log-space half-widths per metric from the in-sample, leave-one-model-out and
+    leave-one-device-out residuals, and the mean distance (engine.perf.device_distance) of the
+    left-out devices from the remaining ones."""
+    from engine.perf import device_distance
+
+    out: dict = {"level": level}
+    for i, metric in enumerate(("speed", "ttft")):
+        pools = {"in_sample": [x[i + 1] for x in in_sample],
+                 "lomo": [r[i] for g in lomo.values() for r in g["residuals"]],
+                 "lodo": [r[i] for g in lodo.values() for r in g["residuals"]]}
+        out[metric] = {k: conformal_quantile([x for x in v if x is not None], level) for k, v in pools.items()}
+    devs = list(lodo)
+    out["lodo_distance"] = (sum(device_distance(d, [o for o in devs if o != d]) for d in devs) / len(devs)
+                            if len(devs) > 1 else 1.0)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE, fit_pareto_ttft: bool = False,
-              start: Params | None = None, loss: str = LOSS) -> dict:
-    """Parse tables, drop held-back systems, fit, and (if `out`) write the parameter file."""
+              start: Params | None = None, loss: str = LOSS, cross_validation: bool = True) -> dict:
+    """Parse tables, drop held-back systems and models the model does not cover, fit, cross-validate
+    (leave one device out, leave one model out), and (if `out`) write the parameter file."""
     rows: list[Row] = []
     skipped: list[str] = []
     notes: list[str] = []
@@ -337,42 +377,60 @@ def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE,
         notes += [f"{Path(p).name}: {n}" for n in parsed.notes]
         sources.append({"file": _display_path(p), "sha256": hashlib.sha256(text.encode()).hexdigest()})
     held = [r for r in rows if r.device in HELD_BACK]
-    used = [r for r in rows if r.device not in HELD_BACK]
     if held:
-        notes.append(f"ignored {len(held)} row(s) on held-back systems {'/'.join(HELD_BACK)} (validation only)")
+        notes.append(f"ignored {len(held)} row(s) on never-fitted systems "
+                     f"{'/'.join(sorted({r.device for r in held}))} (validation only)")
+    refused = [r for r in rows if r.device not in HELD_BACK and not covered(r)]
+    for m in dict.fromkeys(r.model for r in refused):
+        notes.append(f"left out {sum(r.model == m for r in refused)} {m} row(s): {shape_for(m).not_covered}")
+    used = [r for r in rows if r.device not in HELD_BACK and covered(r)]
     if start is None:
         start = Params()
-    params = fit(used, start=start, fit_pareto_ttft=fit_pareto_ttft, loss=loss)
+    params = fit(used, start=start, fit_pareto_ttft=fit_pareto_ttft, loss=loss, starts=MAIN_STARTS)
     rep = errors(used, params, fit_pareto_ttft)
+    by_device = {d: errors([r for r in used if r.device == d], params, fit_pareto_ttft)["mape"]
+                 for d in dict.fromkeys(r.device for r in used)}
     meta = {
         "source": ", ".join(s["file"] for s in sources),
         "sources": sources,
         "date": _dt.date.today().isoformat(),
         "rows_used": len(used),
+        "devices": list(dict.fromkeys(r.device for r in used)),
+        "models": list(dict.fromkeys(r.model for r in used)),
         "speed_figures": rep["counts"]["speed"],
         "ttft_figures": rep["counts"]["ttft"],
         "ttft_figures_read": rep["counts"]["ttft_all_rows"],
         "fit_pareto_ttft": fit_pareto_ttft,
         "mape": rep["mape"],
+        "mape_by_device": by_device,
         "worst": rep["worst"],
         "ignored_held_back": len(held),
+        "refused": len(refused),
         "skipped_empty": skipped,
         "notes": notes,
         "loss": loss,
         "method": f"{'robust (soft-L1, scale 0.1) ' if loss == 'soft_l1' else ''}least squares on "
                   "log(predicted/published) of every speed and TTFT figure; scipy.optimize.least_squares "
-                  "(trf, bounded, log-space parameters) from 2 fixed starts; deterministic",
+                  "(trf, bounded, log-space parameters) from the defaults; deterministic",
     }
     data = {
         "params": params.to_dict(),
         "fitted": list(FIT_PARAMS),
         "fixed": {k: v for k, v in params.to_dict().items() if k not in FIT_PARAMS},
         "calibration": meta,
-        "rows": [r.to_dict() for r in used],
     }
+    if cross_validation:
+        lodo = cross_validate(used, "device", fit_pareto_ttft, loss)
+        lomo = cross_validate(used, "model", fit_pareto_ttft, loss)
+        strip = lambda cv: {g: {k: v for k, v in e.items() if k != "residuals"} for g, e in cv.items()}
+        meta["lodo"], meta["lomo"] = strip(lodo), strip(lomo)
+        meta["cv_method"] = (f"each group's rows predicted by a refit without them (one start from the defaults, "
+                             f"at most {CV_NFEV} evaluations)")
+        data["intervals"] = intervals_from(_log_residuals(used, params, fit_pareto_ttft), lomo, lodo)
+    data["rows"] = [r.to_dict() for r in used]
     if out:
         Path(out).write_text(json.dumps(data, indent=1) + "\n")
-    return {"data": data, "report": rep, "held_back": held}
+    return {"data": data, "report": rep, "held_back": held, "refused": refused}
 
 
 def _display_path(p: str | Path) -> str:
@@ -399,20 +457,22 @@ class TableRow:
     model: str
     device: str
     dp: int
-    speed_pred: float
-    ttft_pred: float
+    speed_pred: float | None
+    ttft_pred: float | None
     speed_pub: float | None = None
     ttft_pub: float | None = None
-    kind: str = "calibration"  # calibration | validation (published T3K/TG) | prediction (no published figure)
+    kind: str = "calibration"  # calibration | validation (TG: never fitted) | prediction (no published figure) | refused
     fits: bool = True
+    speed_pi: tuple[float, float] | None = None
+    note: str = ""  # why a refused row has no prediction
 
     @property
     def device_label(self) -> str:
         return f"{self.device} (DP={self.dp})" if self.dp > 1 else self.device
 
     @staticmethod
-    def _err(pred: float, pub: float | None) -> float | None:
-        return None if not pub else 100.0 * (pred - pub) / pub
+    def _err(pred: float | None, pub: float | None) -> float | None:
+        return None if not pub or pred is None else 100.0 * (pred - pub) / pub
 
     @property
     def speed_err(self) -> float | None:
@@ -443,10 +503,21 @@ def published_rows(seed: str | Path | None = None) -> list[Row]:
     return rows_from_params()
 
 
+def _table_row(model: str, device: str, dp: int, sec: TableSection, params: Params | None, kind: str,
+               speed: float | None = None, ttft: float | None = None) -> TableRow:
+    try:
+        res = predict(model, device, sec.config, batch=sec.batch, prefill=sec.prefill, decode=sec.decode,
+                      dp=dp, params=params)
+    except NotCovered as exc:
+        return TableRow(model, device, dp, None, None, speed, ttft, "refused", note=str(exc))
+    return TableRow(model, device, dp, res.speed_tsu, res.ttft_ms, speed, ttft, kind, res.fits, res.speed_interval)
+
+
 def prediction_table(rows: Sequence[Row] | None = None, params: Params | None = None,
                      extras: bool = True) -> list[TableSection]:
-    """Every published model x device row with its prediction, section by section; with `extras`,
-    pure predictions for the 70B-class models on T3K and TG and data-parallel (DP=N) rows."""
+    """Every published model x device row with its prediction, section by section (TG rows, if a
+    file has them, are predicted and compared, never fitted); with `extras`, pure predictions for
+    the 70B-class models on T3K and TG and data-parallel (DP=N) rows."""
     rows = list(rows) if rows is not None else published_rows()
     single_chip = {r.model for r in rows if r.device == "N150" and r.dp == 1}
     sections: dict[tuple, TableSection] = {}
@@ -455,10 +526,8 @@ def prediction_table(rows: Sequence[Row] | None = None, params: Params | None = 
         sec = sections.get(key)
         if sec is None:
             sec = sections[key] = TableSection(r.section, r.config, r.batch, r.prefill, r.decode, r.harness)
-        res = predict(r.model, r.device, r.config, batch=r.batch, prefill=r.prefill, decode=r.decode,
-                      dp=r.dp, params=params)
         kind = "validation" if r.device in HELD_BACK else "calibration"
-        sec.rows.append(TableRow(r.model, r.device, r.dp, res.speed_tsu, res.ttft_ms, r.speed, r.ttft, kind, res.fits))
+        sec.rows.append(_table_row(r.model, r.device, r.dp, sec, params, kind, r.speed, r.ttft))
     if extras:
         for sec in sections.values():
             if sec.harness != "demo" or sec.prefill < 128 or "32k" in sec.title.lower():
@@ -471,11 +540,8 @@ def prediction_table(rows: Sequence[Row] | None = None, params: Params | None = 
                 replica = 1 if m in single_chip else 2
                 wanted += [(m, "T3K", 8 // replica), (m, "TG", 32 // replica)]
             for m, dev, dp in wanted:
-                if (m, dev, dp) in have:
-                    continue
-                res = predict(m, dev, sec.config, batch=sec.batch, prefill=sec.prefill, decode=sec.decode,
-                              dp=dp, params=params)
-                sec.rows.append(TableRow(m, dev, dp, res.speed_tsu, res.ttft_ms, kind="prediction", fits=res.fits))
+                if (m, dev, dp) not in have:
+                    sec.rows.append(_table_row(m, dev, dp, sec, params, "prediction"))
     return list(sections.values())
 
 
@@ -487,22 +553,47 @@ def _fmt_err(v: float | None) -> str:
     return "" if v is None else f"{v:+.1f}"
 
 
+def table_summary(sections: Sequence[TableSection]) -> str:
+    """Mean absolute error of the published rows by system and kind (calibration / validation)."""
+    by: dict[tuple[str, str], list] = {}
+    for sec in sections:
+        for t in sec.rows:
+            if t.kind in ("calibration", "validation") and (t.speed_err is not None or t.ttft_err is not None):
+                e = by.setdefault((t.kind, t.device), [[], []])
+                if t.speed_err is not None:
+                    e[0].append(abs(t.speed_err))
+                if t.ttft_err is not None and sec.harness == "demo":
+                    e[1].append(abs(t.ttft_err))
+    parts = []
+    for (kind, dev), (sp, tt) in by.items():
+        m = lambda v: f"{sum(v) / len(v):.1f}%" if v else "n/a"
+        parts.append(f"{dev} ({kind}, {len(sp)} speed / {len(tt)} TTFT figures): speed {m(sp)}, TTFT {m(tt)}")
+    return "Mean absolute error of the rows above (TTFT of the demo sections): " + "; ".join(parts) + "." if parts else ""
+
+
 def format_prediction_table(sections: Sequence[TableSection], markdown: bool = True, note: str = "") -> str:
-    head = ["Model", "Device", "Speed (t/s/u)", "Published", "Err (%)", "TTFT (ms)", "Published", "Err (%)"]
+    head = ["Model", "Device", "Speed (t/s/u)", "90% PI", "Published", "Err (%)", "TTFT (ms)", "Published", "Err (%)"]
     out: list[str] = ["# Predicted performance (engine/perf.py) beside the published figures", ""]
+    refused: dict[str, str] = {}
     for sec in sections:
         out.append(f"## {sec.title}")
         out.append("")
         dp_note = " (per DP group)" if any(t.dp > 1 for t in sec.rows) else ""
         out.append(f"Batch {sec.batch}{dp_note}, prefill {sec.prefill} tokens, {sec.decode} decode iterations. "
-                   "Rows without a published figure are pure predictions; T3K and TG are never fitted.")
+                   "Rows without a published figure are pure predictions; TG is never fitted.")
         out.append("")
         body = []
         for t in sec.rows:
             flag = "" if t.fits else " (does not fit in DRAM)"
-            body.append([t.model, t.device_label + flag, _fmt(t.speed_pred, 1), _fmt(t.speed_pub, 1),
-                         _fmt_err(t.speed_err), _fmt(t.ttft_pred, 0), _fmt(t.ttft_pub, 1 if t.ttft_pub and t.ttft_pub % 1 else 0),
-                         _fmt_err(t.ttft_err)])
+            if t.kind == "refused":
+                refused.setdefault(t.model, t.note)
+                body.append([t.model, t.device_label, "not covered", "", _fmt(t.speed_pub, 1), "", "",
+                             _fmt(t.ttft_pub, 1 if t.ttft_pub and t.ttft_pub % 1 else 0), ""])
+                continue
+            pi = f"{t.speed_pi[0]:.1f}-{t.speed_pi[1]:.1f}" if t.speed_pi else ""
+            body.append([t.model, t.device_label + flag, _fmt(t.speed_pred, 1), pi, _fmt(t.speed_pub, 1),
+                         _fmt_err(t.speed_err), _fmt(t.ttft_pred, 0),
+                         _fmt(t.ttft_pub, 1 if t.ttft_pub and t.ttft_pub % 1 else 0), _fmt_err(t.ttft_err)])
         widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(head)]
         if markdown:
             out.append("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
@@ -514,6 +605,11 @@ def format_prediction_table(sections: Sequence[TableSection], markdown: bool = T
             for r in body:
                 out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         out.append("")
+    for why in refused.values():
+        out += [f"Not covered: {why}", ""]
+    summary = table_summary(sections)
+    if summary:
+        out += [summary, ""]
     if note:
         out.append(note)
     return "\n".join(out).rstrip() + "\n"

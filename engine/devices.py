@@ -1,32 +1,35 @@
-"""Wormhole systems for the performance model: N150, N300, T3K, TG (data in data/devices.json).
+"""Systems for the performance model and every other consumer (data in data/devices.json).
 
-A system of `chips` Wormhole chips runs `dp` data-parallel replicas; each replica is tensor
-parallel over `chips // dp` chips. How a replica is laid out decides the collectives:
+`DEVICES` (name -> `Device`) is the one table: the performance model, `sweep/space.py`'s legal
+devices and the accuracy code's tensor-parallel rounding all derive from it; adding a system is
+one JSON entry. A system of `chips` chips runs `dp` data-parallel replicas; each replica is
+tensor parallel over `chips // dp` chips, laid out as tt_transformers lays it out:
 
 * `single`  one chip, no collectives.
-* `line`    1-D tensor parallel over a line of chips (N300, sub-meshes of T3K/TG): column-parallel
-            qkv / w1 / w3, row-parallel wo / w2, an all-reduce (reduce-scatter + all-gather) after
-            wo and after w2, as tt_transformers does on N300 (`Topology.Linear`).
-* `ring`    the same over the 8 chips of a T3K closed into a ring (`Topology.Ring`): each
-            collective moves half the data per direction.
-* `mesh2d`  the 32-chip Galaxy (TG) as an 8 x 4 mesh: every matmul is 2-D sharded, the reduction
-            dimension K over one mesh axis and the output dimension N over the other, as
-            tt_transformers' TG path does (w1/w3: K over the 4-chip axis, N over the 8-chip axis;
-            w2: K over 8, N over 4; attention heads over the 8-chip axis). After each matmul the
-            partial sums are all-reduced along its K axis.
+* `line`    1-D tensor parallel over a line of chips (`Topology.Linear`: N300, 4-chip meshes).
+* `ring`    the same over 8 chips closed into a ring (`Topology.Ring`: T3K).
+* `mesh2d`  the 32-chip Galaxy (TG) as an 8 x 4 mesh: every matmul is 2-D sharded, K over one
+            mesh axis and N over the other, with collectives along mesh rows and columns.
+
+A data-parallel sub-mesh of `tp` chips is run like the system of that size in the table
+(tt_transformers names a mesh by its chip count: `determine_device_name`), so its links and
+topology come from that row (a TG pair is an N300; 8 TG chips are a T3K ring).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Mapping
 
 DATA = Path(__file__).resolve().parent / "data" / "devices.json"
 
 
 @dataclass(frozen=True)
 class Chip:
+    name: str
+    arch: str
     cores: int
     cores_on_die: int
     dram_banks: int
@@ -35,9 +38,9 @@ class Chip:
     clock_ghz: float
     cycles_per_tile_phase: int
     eth_links: int
-    eth_raw_gbs: float
     eth_payload_gbs: float
     hop_us: float
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -46,28 +49,42 @@ class Device:
     chips: int
     mesh: tuple[int, int]  # (axis 0, axis 1) chip counts
     topology: str  # single | line | ring | mesh2d
-    ccl_links: tuple[int, int]  # links per neighbour used by a collective along axis 0 / axis 1
+    ccl_links: tuple[int, int]  # links per neighbour a collective uses along axis 0 / axis 1
     chip: Chip
+    calibrated: bool = False  # the performance model's parameters are fitted on this system's rows
     notes: str = ""
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def tp(self) -> int:
+        """Tensor-parallel width of one replica at dp=1 (every chip of the system)."""
+        return self.chips
+
+    @property
+    def arch(self) -> str:
+        return self.chip.arch
 
     @property
     def dram_bw_gbs(self) -> float:
         return self.chips * self.chip.dram_bw_gbs
 
+    def legal_dp(self) -> list[int]:
+        return [d for d in range(1, self.chips + 1) if self.chips % d == 0]
+
     def replica(self, dp: int = 1) -> "Replica":
         """The layout of one of `dp` data-parallel replicas."""
         if dp < 1 or self.chips % dp:
-            legal = [d for d in range(1, self.chips + 1) if self.chips % d == 0]
-            raise ValueError(f"dp={dp} does not divide the {self.chips} chips of {self.name}; legal dp: {legal}")
+            raise ValueError(f"dp={dp} does not divide the {self.chips} chips of {self.name}; legal dp: {self.legal_dp()}")
         tp = self.chips // dp
-        if tp == 1:
-            return Replica(self, dp, 1, "single", (1, 1), (0, 0))
-        if tp == self.chips and self.topology == "mesh2d":
-            return Replica(self, dp, tp, "mesh2d", self.mesh, self.ccl_links)
-        if tp == self.chips and self.topology == "ring":
-            return Replica(self, dp, tp, "ring", (1, tp), (self.ccl_links[0], self.ccl_links[0]))
-        # a line of tp chips (N300, or a sub-mesh of T3K / TG along its long axis)
-        return Replica(self, dp, tp, "line", (1, tp), (self.ccl_links[0], self.ccl_links[0]))
+        if tp == self.chips:
+            if self.topology in ("single", "mesh2d"):
+                return Replica(self, dp, tp, self.topology, self.mesh, self.ccl_links, self.name)
+            return Replica(self, dp, tp, self.topology, (1, tp), (self.ccl_links[1],) * 2, self.name)
+        same = [d for d in DEVICES.values() if d.chips == tp and d.chip == self.chip and d.topology != "mesh2d"]
+        if same:  # a sub-mesh runs as the system of its size (links and topology from the table)
+            return replace(same[0].replica(1), device=self, dp=dp)
+        # tt_transformers' fallback for a size it has no row for: 1 link, Topology.Linear
+        return Replica(self, dp, tp, "single" if tp == 1 else "line", (1, tp), (1, 1) if tp > 1 else (0, 0), self.name)
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,7 @@ class Replica:
     layout: str  # single | line | ring | mesh2d
     mesh: tuple[int, int]
     links: tuple[int, int]
+    system: str = ""  # the table row this replica runs as (a TG pair runs as an N300)
 
     @property
     def chip(self) -> Chip:
@@ -85,21 +103,53 @@ class Replica:
 
     @property
     def mesh_kn(self) -> tuple[int, int]:
-        """(K split, N split) of a column-parallel matmul: 2-D only on the Galaxy mesh."""
+        """(K split, N split) of a column-parallel matmul (qkv, w1, w3): 2-D only on the Galaxy mesh."""
         if self.layout == "mesh2d":
             return self.mesh[1], self.mesh[0]  # K over the 4-chip axis, N over the 8-chip axis
         return 1, self.tp
 
+    def k_split(self, op: str) -> int:
+        """How many chips hold partial sums of one output of `op` (qkv, wo, ff1_3, ff2, lm_head):
+        the ways a tensor-parallel matmul's reduction dimension is split, hence how many partials
+        are rounded and added by a collective."""
+        if self.layout == "single":
+            return 1
+        if self.layout == "mesh2d":
+            return self.mesh[0] if op in ("wo", "ff2") else self.mesh[1]
+        return self.tp if op in ("wo", "ff2") else 1
+
+
+def _load_table() -> dict[str, Device]:
+    data = json.loads(DATA.read_text())
+    chips = {name: Chip(name=name, **spec) for name, spec in data["chips"].items()}
+    out: dict[str, Device] = {}
+    for name, s in data["systems"].items():
+        chip = chips.get(s["chip"])
+        if chip is None:
+            raise ValueError(f"{DATA.name}: system {name} names unknown chip {s['chip']!r}; known: {', '.join(chips)}")
+        out[name] = Device(name=name, chips=int(s["chips"]), mesh=tuple(s["mesh"]), topology=s["topology"],
+                           ccl_links=tuple(s["ccl_links"]), chip=chip, calibrated=bool(s.get("calibrated", False)),
+                           notes=s.get("notes", ""), aliases=tuple(s.get("aliases", ())))
+        if out[name].mesh[0] * out[name].mesh[1] != out[name].chips:
+            raise ValueError(f"{DATA.name}: system {name}: mesh {s['mesh']} does not hold {s['chips']} chips")
+    return out
+
+
+DEVICES: Mapping[str, Device] = _load_table()
+
+
+def device_names() -> tuple[str, ...]:
+    """Every system of the table, in table order."""
+    return tuple(DEVICES)
+
 
 @lru_cache(maxsize=1)
-def _load() -> dict[str, Device]:
-    data = json.loads(DATA.read_text())
-    chip = Chip(**data["chip"])
-    out = {}
-    for name, s in data["systems"].items():
-        out[name] = Device(name=name, chips=s["chips"], mesh=tuple(s["mesh"]), topology=s["topology"],
-                           ccl_links=tuple(s["ccl_links"]), chip=chip, notes=s.get("notes", ""))
-    return out
+def _index() -> dict[str, str]:
+    idx = {}
+    for d in DEVICES.values():
+        for key in (d.name, *d.aliases):
+            idx[key.lower().replace(" ", "")] = d.name
+    return idx
 
 
 def system_names() -> list[str]:
@@ -109,21 +159,16 @@ def system_names() -> list[str]:
 
 def normalise_device(name: str) -> str:
     """Canonical device name; `150` (a typo in the seed's batch-32 table) reads as N150."""
-    text = str(name).strip()
-    table = {n.lower(): n for n in _load()}
-    key = text.lower().replace(" ", "")
-    if key in table:
-        return table[key]
-    if key.isdigit() and f"n{key}" in table:
-        return table[f"n{key}"]
-    if key in ("galaxy", "wh-galaxy"):
-        return "TG"
-    if key in ("t3000", "t3k", "quietbox", "loudbox"):
-        return "T3K"
-    raise ValueError(f"unknown device {name!r}; legal devices: {', '.join(_load())}")
+    key = str(name).strip().lower().replace(" ", "")
+    idx = _index()
+    if key in idx:
+        return idx[key]
+    if key.isdigit() and f"n{key}" in idx:
+        return idx[f"n{key}"]
+    raise ValueError(f"unknown device {name!r}; legal devices: {', '.join(DEVICES)}")
 
 
 def device_for(name: str | Device) -> Device:
     if isinstance(name, Device):
         return name
-    return _load()[normalise_device(name)]
+    return DEVICES[normalise_device(name)]

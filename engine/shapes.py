@@ -34,6 +34,8 @@ class ModelShape:
     cross_attention_layers: int = 0  # Llama 3.2 Vision: held in memory, not run for text prompts
     source: str = ""
     context: int = field(default=0, compare=False)  # max_position_embeddings (0 = unknown); no bytes or FLOPs
+    prefill_chunk_k: tuple[tuple[str, int | None], ...] = ()  # (device, chunk / 1024 tokens) from tt_transformers
+    not_covered: str = ""  # why the performance model refuses this model ("" = covered)
 
     # --- per-layer weight element counts (full model, before tensor parallelism) ------------
     @property
@@ -60,8 +62,20 @@ class ModelShape:
         emb = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         return self.n_layers * per_layer + emb + self.hidden
 
+    def prefill_chunk(self, device: str) -> int | None:
+        """Tokens per prefill chunk on `device` (tt_transformers' MAX_PREFILL_CHUNK_SIZES_DIV1024;
+        4K, its compatibility fallback, for a model or device that table lacks; None = too big)."""
+        table = dict(self.prefill_chunk_k)
+        if device not in table:
+            return DEFAULT_CHUNK_K * 1024
+        k = table[device]
+        return None if k is None else int(k) * 1024
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+DEFAULT_CHUNK_K = 4
 
 
 def _norm(name: str) -> str:
@@ -76,6 +90,7 @@ def _table() -> tuple[dict[str, ModelShape], dict[str, str]]:
     fields = set(ModelShape.__dataclass_fields__)
     for entry in data["models"]:
         values = {k: v for k, v in entry.items() if k in fields}
+        values["prefill_chunk_k"] = tuple(sorted((entry.get("prefill_chunk_k") or {}).items()))
         shape = ModelShape(**values, source=f"config.json of {entry.get('hf', entry['name'])}")
         shapes[shape.name] = shape
         for alias in [shape.name, entry.get("hf", ""), entry.get("hf", "").split("/")[-1], *entry.get("aliases", [])]:

@@ -54,7 +54,19 @@ def _ci(p: Point, objective: str) -> tuple[float, float] | None:
         return tuple(p.record.top1_ci)
     if objective == "top5":
         return tuple(p.record.top5_ci)
+    metric, _, device = objective.partition(":")
+    if metric in ("speed", "ttft") and device:  # the performance model's prediction interval
+        from engine.perf import interval
+
+        iv = interval(metric, p.value(objective), device, p.record.model)
+        return None if iv is None else iv[:2]
     return None
+
+
+def _err_label(x: str, y: str, xerr, yerr) -> str | None:
+    kinds = [("90% prediction interval" if o.partition(":")[0] in ("speed", "ttft") else "95% Wilson interval")
+             for o, e in ((x, xerr), (y, yerr)) if e]
+    return " / ".join(dict.fromkeys(kinds)) or None
 
 
 def _err(points: Sequence[Point], objective: str):
@@ -202,7 +214,7 @@ def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, 
     many = len(pts) > MAX_NUMBERED
     ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="#9aa7b8", elinewidth=0.8, capsize=0 if many else 2,
                 alpha=0.35 if many else 1.0, zorder=1,
-                label="95% Wilson interval" if (xerr or yerr) else None)
+                label=_err_label(x, y, xerr, yerr))
     bad = [i for i, p in enumerate(pts) if not p.feasible]
     if bad:
         ax.scatter([xs[i] for i in bad], [ys[i] for i in bad], s=26, marker="x", color="#888888", zorder=3,

@@ -300,9 +300,35 @@ def note_text(analysis: Analysis, point: Point, config_text: str | None = None) 
         f" ({r.tokens} scored; Top-1 95% CI {r.top1_ci[0]:.1f}-{r.top1_ci[1]:.1f}%).",
         f"Study {analysis.info.name}, trial {point.number}.",
     ]
+    iv = interval_text(point, analysis.info.devices)
+    if iv:
+        parts.insert(1, iv)
     if config_text:
         parts.append(f"Config: {config_text}.")
     return " ".join(parts)
+
+
+def interval_text(point: Point, devices: Sequence[str]) -> str:
+    """The performance model's prediction interval of each device's speed and TTFT ("" without one)."""
+    try:
+        from engine.perf import interval, params_metadata
+    except ImportError:
+        return ""
+    level = (params_metadata().get("intervals") or {}).get("level")
+    parts = []
+    for d in devices:
+        r = point.record
+        sp, tt = r.speed.get(d), r.ttft.get(d)
+        try:
+            s_iv = interval("speed", sp, d, r.model) if sp else None
+            t_iv = interval("ttft", tt, d, r.model) if tt else None
+        except ValueError:  # a device the table no longer knows
+            continue
+        if s_iv and t_iv:
+            parts.append(f"{d} {s_iv[0]:.1f}-{s_iv[1]:.1f} t/s/u, {t_iv[0]:.0f}-{t_iv[1]:.0f} ms")
+    if not parts or not level:
+        return ""
+    return f"{100 * level:.0f}% prediction intervals (calibration residuals): " + "; ".join(parts) + "."
 
 
 def rows_for(point: Point, devices: Sequence[str]) -> list[list[str]]:

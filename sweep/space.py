@@ -483,16 +483,12 @@ def _str_list(where: str, key: str, v: Any, allow_str: bool = True) -> list[str]
 
 
 def _legal_devices() -> tuple[str, ...]:
+    """The systems of the engine's device table (engine/data/devices.json): one source of truth."""
     try:
-        from engine import devices as _dev  # type: ignore
-
-        for attr in ("DEVICES", "SYSTEMS"):
-            table = getattr(_dev, attr, None)
-            if table:
-                return tuple(str(k) for k in table)
-    except Exception:  # noqa: BLE001 - the engine's device table is optional here
-        pass
-    return DEFAULT_DEVICES
+        from engine.devices import device_names
+    except ImportError:  # the engine's device table is optional here
+        return DEFAULT_DEVICES
+    return device_names()
 
 
 def _model_layers(where: str, model: str, runs: Mapping[str, Mapping[str, int]] = {},  # noqa: B006 - read only

@@ -10,7 +10,7 @@ import pytest
 from engine import calibrate as cal
 from engine.config import Config, ModelConfig
 from engine.devices import device_for, normalise_device
-from engine.perf import PARAMS_FILE, calibration_note, load_params, params_metadata, predict
+from engine.perf import CCL_PREFIX, PARAMS_FILE, NotCovered, calibration_note, load_params, params_metadata, predict
 from engine.shapes import ModelShape, shape_for
 from engine.spec import ModelSpec
 
@@ -90,28 +90,29 @@ def test_ttft_grows_faster_than_linearly_at_64k(model, device):
     ("Llama3.2-1B", "TG", 32, "N150"), ("Llama3.2-11B", "TG", 16, "N300"),
 ])
 @pytest.mark.parametrize("batch", [1, 32])
-def test_dp_keeps_per_user_speed_within_the_single_replica_figure(model, device, dp, single, batch):
+def test_dp_replicas_run_as_the_single_system_and_share_one_host(model, device, dp, single, batch):
     many = predict(model, device, dp=dp, batch=batch)
     rep = predict(model, single, batch=batch)
-    assert many.tp == device_for(device).chips // dp == device_for(single).chips
+    assert many.tp == device_for(device).chips // dp == device_for(single).chips and many.system == single
     assert many.throughput_tps == pytest.approx(dp * batch * many.speed_tsu)
-    if device == "T3K":  # replicas on the same hardware as the single system (1 link per neighbour)
-        assert many.speed_tsu == pytest.approx(rep.speed_tsu, rel=1e-9)
-        assert many.ttft_ms == pytest.approx(rep.ttft_ms, rel=1e-9)
-    else:  # a TG pair has 4 links where an N300 has 1: cheaper collectives, nothing else changes
-        assert rep.speed_tsu <= many.speed_tsu <= 1.05 * rep.speed_tsu
-        assert 0.9 * rep.ttft_ms <= many.ttft_ms <= rep.ttft_ms
+    host = lambda r: r.breakdown["host"]["decode_us"]
+    # everything but the host's loop is the lone replica's; the host adds each extra replica's work
+    assert many.decode_step_ms * 1e3 - host(many) == pytest.approx(rep.decode_step_ms * 1e3 - host(rep))
+    assert host(many) > host(rep) and many.speed_tsu < rep.speed_tsu
+    assert many.ttft_ms <= rep.ttft_ms
 
 
 @pytest.mark.parametrize("model", ["Llama3.2-1B", "Llama3.1-8B", "Qwen2.5-7B", "Phi-3-mini-128k-instruct", "Llama3.1-70B"])
 @pytest.mark.parametrize("kw", [{}, {"batch": 32}, {"prefill": 32768}])
 def test_more_chips_never_slower_by_more_than_the_collective_cost(model, kw):
     chain = [predict(model, d, **kw) for d in ("N150", "N300", "T3K", "TG")]
+    ccl = lambda r, k: sum(e[k] for op, e in r.breakdown.items() if op.startswith(CCL_PREFIX))
     for fewer, more in zip(chain, chain[1:]):
-        ccl = more.breakdown.get("ccl", {"decode_us": 0.0, "prefill_us": 0.0})
-        assert more.decode_step_ms * 1e3 <= fewer.decode_step_ms * 1e3 + ccl["decode_us"] + 1e-6
-        assert more.prefill_ms * 1e3 <= fewer.prefill_ms * 1e3 + ccl["prefill_us"] + 1e-6
-    assert "ccl" not in chain[0].breakdown
+        # chunks per prompt may differ by system (tt_transformers' chunk table): compare per chunk
+        per = fewer.prefill_chunks / more.prefill_chunks if kw.get("prefill") else 1.0
+        assert more.decode_step_ms * 1e3 <= fewer.decode_step_ms * 1e3 + ccl(more, "decode_us") + 1e-6
+        assert more.prefill_ms * 1e3 <= max(1.0, 1 / per) * fewer.prefill_ms * 1e3 + ccl(more, "prefill_us") + 1e-6
+    assert ccl(chain[0], "decode_us") == 0.0
 
 
 def test_batch_costs_per_user_work_but_not_padded_compute():
@@ -128,7 +129,7 @@ def test_breakdown_adds_up_and_is_inspectable():
     assert sum(e["decode_us"] for e in res.breakdown.values()) == pytest.approx(res.decode_step_ms * 1e3)
     assert sum(e["prefill_us"] for e in res.breakdown.values()) == pytest.approx(res.prefill_ms * 1e3)
     assert res.speed_tsu == pytest.approx(1e3 / res.decode_step_ms)
-    for op in ("qkv", "wo", "ff1_3", "ff2", "sdpa", "ccl", "lm_head", "host"):
+    for op in ("qkv", "wo", "ff1_3", "ff2", "sdpa", "ccl:wo.all_reduce", "ccl:qkv.all_reduce", "lm_head", "host"):
         assert {"decode_us", "prefill_us", "bytes", "flops"} <= set(res.breakdown[op]), op
     d = res.to_dict()
     assert json.loads(json.dumps(d))["speed_tsu"] == pytest.approx(res.speed_tsu)
@@ -161,9 +162,9 @@ def test_config_strings_and_presets_resolve_like_engine_config():
 
 def test_devices_are_case_insensitive_and_unknown_names_list_the_legal_ones():
     assert device_for("n300").chips == 2 and device_for("t3k").chips == 8 and device_for("Tg").chips == 32
-    assert normalise_device("150") == "N150"
-    with pytest.raises(ValueError, match="N150, N300, T3K, TG"):
-        predict("Llama3.1-8B", "P150")
+    assert normalise_device("150") == "N150" and normalise_device("galaxy") == "TG"
+    with pytest.raises(ValueError, match="N150, N300, T3K, TG, P100, P150"):
+        predict("Llama3.1-8B", "X9")
     with pytest.raises(ValueError, match="legal dp"):
         predict("Llama3.1-8B", "T3K", dp=3)
 
@@ -175,7 +176,11 @@ def test_devices_are_case_insensitive_and_unknown_names_list_the_legal_ones():
 def test_every_seed_model_has_a_shape(name):
     s = shape_for(name)
     assert s.n_heads % s.n_kv_heads == 0 and s.head_dim * s.n_heads >= s.hidden // 2
-    assert predict(name, "T3K").speed_tsu > 0
+    if s.not_covered:
+        with pytest.raises(NotCovered, match=s.name):
+            predict(name, "T3K")
+    else:
+        assert predict(name, "T3K").speed_tsu > 0
 
 
 def test_shape_parameter_counts_match_the_public_sizes():
@@ -208,19 +213,21 @@ def test_shape_from_hf_directory_spec_and_registry(tmp_path, monkeypatch):
 
 
 # --- calibration -----------------------------------------------------------------------------
-def test_parser_reads_every_n150_and_n300_row_of_the_seed():
+def test_parser_reads_every_n150_n300_and_t3k_row_of_the_seed():
     parsed = cal.parse_file(SEED)
     rows = parsed.rows
-    assert len(rows) == 53
-    assert sum(r.device == "N150" for r in rows) == 17 and sum(r.device == "N300" for r in rows) == 36
-    assert sum(r.speed is not None for r in rows) == 53 and sum(r.ttft is not None for r in rows) == 51
-    assert len(parsed.skipped_empty) == 2  # Qwen2.5-7B long-context and batch-32 rows are empty
+    assert len(rows) == 83
+    assert [sum(r.device == d for r in rows) for d in ("N150", "N300", "T3K", "TG")] == [17, 36, 30, 0]
+    assert sum(r.speed is not None for r in rows) == 83 and sum(r.ttft is not None for r in rows) == 79
+    assert len(parsed.skipped_empty) == 4  # Qwen2.5-7B / -72B long-context and batch-32 rows are empty
+    assert sorted((r.model, r.dp) for r in rows if r.dp > 1) == [
+        ("Llama3.1-8B", 4), ("Llama3.1-8B", 8), ("Llama3.2-1B", 4), ("Llama3.2-1B", 8)]
     by_section = {}
     for r in rows:
         by_section.setdefault((r.config if r.harness == "demo" else "config-string", r.batch, r.prefill), []).append(r)
     assert {k: len(v) for k, v in by_section.items()} == {
-        ("performance", 1, 128): 12, ("accuracy", 1, 128): 12, ("performance", 1, 65536): 7,
-        ("performance", 1, 32768): 1, ("performance", 32, 128): 9, ("config-string", 1, 128): 12}
+        ("performance", 1, 128): 24, ("accuracy", 1, 128): 20, ("performance", 1, 65536): 12,
+        ("performance", 1, 32768): 1, ("performance", 32, 128): 14, ("config-string", 1, 128): 12}
     phi = [r for r in rows if r.batch == 32 and r.model.startswith("Phi-3") and r.device == "N150"]
     assert len(phi) == 1 and "150" in phi[0].note
     assert all(r.decode == 200 for r in rows)
@@ -229,10 +236,7 @@ def test_parser_reads_every_n150_and_n300_row_of_the_seed():
             Config.parse(r.config)  # the section header is the config
 
 
-def test_calibration_refuses_t3k_and_tg_rows(tmp_path):
-    held = cal.Row(model="Llama3.1-70B", device="T3K", config="performance", speed=15.0, ttft=100.0)
-    with pytest.raises(ValueError, match="T3K"):
-        cal.fit([held])
+def test_calibration_refuses_tg_rows_and_fits_t3k(tmp_path):
     with pytest.raises(ValueError, match="TG"):
         cal.fit([cal.Row(model="Llama3.1-8B", device="TG", config="performance", dp=32, speed=20.0)])
     md = tmp_path / "mine.md"
@@ -240,31 +244,35 @@ def test_calibration_refuses_t3k_and_tg_rows(tmp_path):
         "## Performance\n\n**Batch_size=1 and prefill_length is 128 tokens.**\n\n"
         "| Model | Device | Speed (t/s/u) | TTFT (ms) |\n|---|---|---|---|\n"
         "| Llama3.2-1B | N150 | 84.5 | 26 |\n| Llama3.1-8B | N150 | 27.8 | 107 |\n"
-        "| Llama3.1-8B | N300 | 43.3 | 68 |\n| Llama3.1-70B | T3K | 15.0 | 150 |\n"
-        "| Llama3.1-8B | TG (DP=32) | 20.0 | 100 |\n"
+        "| Llama3.1-8B | N300 | 43.3 | 68 |\n| Llama3.1-8B | T3K | 62.3 | 52 |\n"
+        "| Llama3.2-90B | T3K | 6 | 5535 |\n| Llama3.1-8B | TG (DP=32) | 20.0 | 100 |\n"
     )
     out = tmp_path / "params.json"
-    result = cal.calibrate([md], out=out)
-    assert len(result["held_back"]) == 2
+    result = cal.calibrate([md], out=out, cross_validation=False)
+    assert len(result["held_back"]) == 1 and len(result["refused"]) == 1
     data = json.loads(out.read_text())
-    assert data["calibration"]["rows_used"] == 3
-    assert {r["device"] for r in data["rows"]} == {"N150", "N300"}
+    assert data["calibration"]["rows_used"] == 4
+    assert {r["device"] for r in data["rows"]} == {"N150", "N300", "T3K"}
+    assert any("Llama3.2-90B" in n for n in data["calibration"]["notes"])
 
 
 def test_committed_parameter_file_reproduces_the_printed_mape():
     meta = params_metadata()["calibration"]
     rows = cal.rows_from_params()
-    assert len(rows) == meta["rows_used"] == 53
+    assert len(rows) == meta["rows_used"] == 81  # 83 seed rows less the two Llama3.2-90B rows (not covered)
+    assert meta["devices"] == ["N150", "N300", "T3K"]
     assert not [r for r in rows if r.device in cal.HELD_BACK]
     rep = cal.errors(rows, load_params(), fit_pareto_ttft=meta["fit_pareto_ttft"])
     for k in ("speed", "ttft", "ttft_all_rows"):
         assert rep["mape"][k] == pytest.approx(meta["mape"][k], abs=1e-6), k
     assert rep["worst"]["speed"]["row"] == meta["worst"]["speed"]["row"]
-    # the issue's targets on the calibration rows
-    assert meta["mape"]["speed"] < 10.0 and meta["mape"]["ttft"] < 20.0
+    # the issue's targets on the calibration rows (N150 + N300 + T3K): speed <= 8%, TTFT <= 15%
+    assert meta["mape"]["speed"] <= 8.0 and meta["mape"]["ttft"] <= 15.0
+    assert set(meta["lodo"]) == {"N150", "N300", "T3K"} and len(meta["lomo"]) == 9
     assert meta["source"].endswith("PERF-seed.md")
     note = calibration_note()
-    assert "53" in note and "T3K/TG" in note and f"{meta['mape']['speed']:.1f}%" in note
+    assert "81" in note and "N150/N300/T3K" in note and f"{meta['mape']['speed']:.1f}%" in note
+    assert "leave-one-device-out" in note and "TG" in note
 
 
 def test_parameter_file_is_what_calibrate_writes():
@@ -293,10 +301,12 @@ def test_sweep_perf_table_lists_seed_rows_and_held_back_predictions(capsys):
     text = capsys.readouterr().out
     assert "## Performance" in text and "## Short-Context, Batch-32" in text
     assert "| Llama3.1-70B" in text and "TG (DP=32)" in text and "T3K (DP=8)" in text
-    line = next(l for l in text.splitlines() if l.startswith("| Llama3.1-8B") and "| N300 " in l)
+    line = next(l for l in text.splitlines() if l.startswith("| Llama3.1-8B") and "| T3K " in l)
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[3] == "43.3" and cells[4].startswith(("+", "-"))
-    assert calibration_note().split(",")[0] in text
+    lo, hi = map(float, cells[3].split("-"))
+    assert lo < float(cells[2]) < hi and cells[4] == "62.3" and cells[5].startswith(("+", "-"))
+    assert "| Llama3.2-90B" in text and "not covered" in text
+    assert "T3K (calibration" in text and calibration_note().split(",")[0] in text
 
 
 def test_sweep_bench_passes_flags_to_the_scripts(monkeypatch):

@@ -148,7 +148,7 @@ def test_regenerating_over_the_seed_keeps_foreign_sections_and_rows():
     assert [r[0] for r in sec.table().rows] == ["Llama3.2-1B", "SmolLM2-135M", "SmolLM2-135M"]
     # the Performance table keeps the seed's column widths
     perf = report.find_section(once, "Performance")
-    assert "| SmolLM2-135M             | N300       |" in "".join(perf.lines)
+    assert "| SmolLM2-135M             | N300        |" in "".join(perf.lines)  # the seed's Device column (T3K  (DP=4))
     # regenerating is idempotent
     assert build_report(study, once) == once
 
@@ -298,7 +298,7 @@ def test_check_skips_dp_rows_other_models_and_non_config_sections():
 
     verdicts = report.check_report(text, model="Llama3.2-1B", evaluator_factory=_factory(measured), emit=lambda s: None)
     assert {v.model for v in verdicts} == {"Llama3.2-1B"}
-    assert len(verdicts) == 4 + 12  # Performance + Accuracy (N150, N300) + 12 config rows
+    assert len(verdicts) == 6 + 12  # Performance + Accuracy (N150, N300, T3K; DP rows skipped) + 12 config rows
     assert all(v.ok for v in verdicts)
     dp = "## Performance\n\n| Model | Device | Top-1 (%) | Top-5 (%) |\n|---|---|---|---|\n| Llama3.2-1B (DP=4) | N300 | 90 | 98 |\n"
     assert report.check_report(dp, evaluator_factory=_factory(measured), emit=lambda s: None) == []
