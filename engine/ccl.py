@@ -38,10 +38,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from engine import formats
 from engine.devices import Replica
 
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_reduce_rs_ag", "all_gather_matmul")
-BF16, BFP8 = 2.0, 1.0625
+BF16, BFP8 = formats.bytes_per_element("bf16"), formats.bytes_per_element("bfp8")
 
 
 @dataclass(frozen=True)

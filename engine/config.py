@@ -78,6 +78,10 @@ TT_FIDELITIES = tuple(f for f in FidelitySetting if fidelity.SETTINGS[f.value].t
 
 MIXED = "mixed"
 
+#: The LM head: a model-level setting outside the config vocabulary (tt/lm_head.py): bfp8 weights,
+#: HiFi2 with a 16-bit dest and packer L1 acc (`hifi2fp16`), bfp8 logits. A study may override it.
+LM_HEAD = ("bfp8", "hifi2fp16")
+
 
 def _legal(enum_cls: type[Enum], extra: Iterable[str] = ()) -> str:
     return ", ".join([m.value for m in enum_cls] + list(extra))
@@ -340,13 +344,12 @@ PRESETS = {"performance": performance, "accuracy": accuracy}
 
 def decoder_preset(preset: str, model_name: str) -> dict | None:
     """The per-layer decoder JSON tt_transformers ships for this model and preset, or None
-    (engine/data/decoder_presets.json, keyed by seed model name)."""
+    (engine/data/decoder_presets.json, keyed by the model_params directory name, matched exactly)."""
     from importlib.resources import files
 
     table = json.loads(files("engine").joinpath("data/decoder_presets.json").read_text())
-    base = base_model_name(model_name)
     for name, presets in table.items():
-        if not name.startswith("_") and _norm(name) == base and preset in presets:
+        if not name.startswith("_") and _norm(name) == _norm(model_name) and preset in presets:
             return presets[preset]
     return None
 

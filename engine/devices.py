@@ -152,11 +152,6 @@ def _index() -> dict[str, str]:
     return idx
 
 
-def system_names() -> list[str]:
-    """Every system in the device table (N150, N300, T3K, TG), smallest first."""
-    return list(_load())
-
-
 def normalise_device(name: str) -> str:
     """Canonical device name; `150` (a typo in the seed's batch-32 table) reads as N150."""
     key = str(name).strip().lower().replace(" ", "")

@@ -66,12 +66,11 @@ import torch
 import torch.nn.functional as F
 
 from engine import fidelity, formats, programs
-from engine.config import Config, ConfigError, FidelitySetting, ModelConfig, Precision, fidelity_of
+from engine.config import LM_HEAD, Config, ConfigError, FidelitySetting, ModelConfig, Precision, fidelity_of
 from engine.spec import ModelSpec
 
 ROWS = 32  # tile height: decode and LM-head activations are padded to a multiple of it
 FULL = "fp32"  # the no-rounding format name
-LM_HEAD = ("bfp8", "hifi2fp16")  # tt/lm_head.py: bfp8 weights, HiFi2 / bf16 dest / packer L1 acc
 DEFAULT_SILU = "sfpu-piecewise"  # the seed era's SFPU SiLU
 
 

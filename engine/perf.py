@@ -68,23 +68,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine import ccl
-from engine.config import Config, FidelitySetting, ModelConfig, Precision, resolve
+from engine import ccl, formats
+from engine.config import LM_HEAD, Config, FidelitySetting, ModelConfig, Precision, fidelity_of
 from engine.devices import DEVICES, Device, Replica, device_for
 from engine.shapes import ModelShape, shape_for
 
 PARAMS_FILE = Path(__file__).resolve().parent / "data" / "perf_params.json"
 
-PHASES = {
-    FidelitySetting.LOFI: 1,
-    FidelitySetting.HIFI2: 2,
-    FidelitySetting.HIFI2_NA: 2,
-    FidelitySetting.HIFI2_FP16: 2,
-    FidelitySetting.HIFI3: 3,
-    FidelitySetting.HIFI4: 4,
-    FidelitySetting.HIFI4_FP32: 4,
-    FidelitySetting.EXACT: 4,  # emulator-only reference: costed as HiFi4
-}
+#: Fidelity phases per setting, from the one setting table (FidelitySetting.kernel); the emulator's
+#: `exact` reference is costed as HiFi4.
+PHASES = {f: f.kernel.phases or 4 for f in FidelitySetting}
+BF16, BFP8 = formats.bytes_per_element("bf16"), formats.bytes_per_element("bfp8")
+LM_HEAD_BYTES, LM_HEAD_FID = formats.bytes_per_element(LM_HEAD[0]), fidelity_of(LM_HEAD[1])  # tt/lm_head.py
 
 PREFILL_BLOCK_ROWS = 1024  # tt_transformers' Wormhole prefill_len_cutoff: weights re-read per block
 ELTWISE_OPS = ("attn_norm", "create_heads", "rotary", "concat_heads", "residual_1", "ff_norm", "silu_mul", "residual_2")
@@ -425,7 +420,7 @@ class _Cost:
         """The four linears of one layer: weight bytes in their formats, the op groups' fidelity,
         activation bytes in and out (`mixed`: bf16, except the bfp8 SiLU product feeding w2 and,
         in prefill, wo's bfp8 input and output)."""
-        bf16, bfp8 = 2.0, 1.0625
+        bf16, bfp8 = BF16, BFP8
         prefill = phase == "prefill"
         wo_io = (self._act(cfg, bfp8), self._act(cfg, bfp8)) if prefill else (bf16, self._act(cfg, bf16))
         for op, mm, fmt, fid, io, n_mm in (
@@ -439,7 +434,7 @@ class _Cost:
 
     def _layer_decode(self, acc: _Acc, cfg: Config) -> None:
         s, p, rows = self.s, self.p, self.m_dec
-        bf16 = 2.0
+        bf16 = BF16
         n1 = self.mm["ff1"][1]
         self._linears(acc, cfg, "decode", rows)
         # attention over the KV cache
@@ -471,7 +466,7 @@ class _Cost:
         s, p = self.s, self.p
         T, C, nch = self.prefill, self.chunk, self.n_chunks
         rows = 32 * _ceil(C, 32)
-        bf16, bfp8 = 2.0, 1.0625
+        bf16, bfp8 = BF16, BFP8
         nq, n1 = self.mm["qkv"][1], self.mm["ff1"][1]
         self._linears(acc, cfg, "prefill", rows, count=nch)
         # causal attention: ~T^2/2 score tiles per local head
@@ -500,14 +495,14 @@ class _Cost:
     def model_level(self) -> _Acc:
         acc, p, rep, s = _Acc(), self.p, self.rep, self.s
         k, n = self.mm["lm"]
-        self._matmul(acc, "lm_head", "decode", k, n, 1.0625, FidelitySetting.HIFI2, 2.0, 2.0, self.m_dec)
+        self._matmul(acc, "lm_head", "decode", k, n, LM_HEAD_BYTES, LM_HEAD_FID, BF16, BF16, self.m_dec)
         acc.add("embed_norm_sample", "decode", 0.0, 0.0, 3 * p.decode_op_us)
         # one host drives every replica: its loop, one dispatch per extra replica, every user's sampling
         users = rep.dp * self.batch
         acc.add("host", "decode", 0.0, 0.0, p.token_us + (rep.dp - 1) * p.replica_us + users * p.user_step_us)
         self._collectives(acc, "decode", ccl.model_plan(rep, hidden=s.hidden, vocab=s.vocab, rows=self.m_dec))
         if self.prefill > 0:
-            self._matmul(acc, "lm_head", "prefill", k, n, 1.0625, FidelitySetting.HIFI2, 2.0, 2.0, 32)
+            self._matmul(acc, "lm_head", "prefill", k, n, LM_HEAD_BYTES, LM_HEAD_FID, BF16, BF16, 32)
             acc.add("embed_norm_sample", "prefill", 0.0, 0.0, 3 * p.prefill_op_us)
             self._collectives(acc, "prefill", ccl.model_plan(rep, hidden=s.hidden, vocab=s.vocab, rows=32))
         return acc
@@ -526,7 +521,7 @@ class _Cost:
                            * bytes_per_element(cfg.kv_cache))
         if s.cross_attention_layers:
             w += w / n * s.cross_attention_layers
-        w += s.vocab * s.hidden * (1.0625 + 2.0)  # LM head (bfp8) + embedding table (bf16)
+        w += s.vocab * s.hidden * (LM_HEAD_BYTES + BF16)  # LM head (bfp8) + embedding table (bf16)
         w /= self.rep.tp
         return w / 1e9, kv / 1e9
 
@@ -538,9 +533,8 @@ def _model_name(model: Any, shape: ModelShape) -> str:
 
 @lru_cache(maxsize=512)
 def _layers_from_text(config: str, n_layers: int, model_name: str) -> tuple[Config, ...]:
-    if "decoders = {" in config:
-        return ModelConfig.parse(config, n_layers, model_name).layers
-    return (resolve(config, model_name),) * n_layers
+    """Per-layer configs as the accuracy side reads them (shipped per-layer presets included)."""
+    return ModelConfig.parse(config, n_layers, model_name).layers
 
 
 def _layers(config: Any, shape: ModelShape, model_name: str) -> list[Config]:

@@ -116,7 +116,7 @@ def test_study_longer_than_the_models_context(capsys, work):
 
 def test_perf_for_a_model_that_does_not_fit(capsys, work):
     line = fails(capsys, ["perf", "--model", "Llama3.1-70B", "--device", "N150"], work,
-                 "Llama3.1-70B does not fit on N150", "KV cache per chip > 12 GB", "use --device T3K / TG or a smaller --batch")
+                 "Llama3.1-70B does not fit on N150", "KV cache per chip > 12 GB", "use --device T3K / TG", "or a smaller --batch")
     assert "--config performance" not in line  # already the performance preset
     fails(capsys, ["perf", "--model", "Llama3.1-70B", "--device", "N300", "--config", "accuracy"], work,
           "does not fit on N300", "--config performance")

@@ -40,7 +40,7 @@ def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
 def test_lt_pareto_is_the_seed_sweep():
     spec = load_spec(STUDIES / "lt-pareto.toml", n_layers=30)
     assert spec.name == "lt-pareto" and spec.model == "smollm2-135m"
-    assert spec.devices == ["N150", "N300"] and spec.primary == "N150"
+    assert spec.devices == ["N150"] and spec.primary == "N150"  # SmolLM2's 9 heads do not split over 2 chips
     assert spec.eval == {"prefill": 512, "decode": 511}
     assert spec.perf == {"batch": 1, "prefill": 128, "decode": 200, "dp": 1}
     assert spec.is_grid and spec.space.size == 13  # the seed's 12 + the accuracy preset (by name)
@@ -264,3 +264,12 @@ def test_parse_spec_accepts_a_dict():
     spec = parse_spec({"study": {"model": "tiny-llama"}, "space": {"ff2": ["bfp4", "bf16"]}}, n_layers=2)
     assert spec.space.size == 2 and spec.devices == ["N150"]
     assert math.prod(len(p.choices) for p in spec.space.params) == 2
+
+
+def test_a_device_the_model_cannot_be_split_over_is_refused(tmp_path):
+    text = (STUDIES / "lt-pareto.toml").read_text().replace('devices = ["N150"]', 'devices = ["N150", "N300"]')
+    p = tmp_path / "lt.toml"
+    p.write_text(text)
+    with pytest.raises(StudyFileError, match=r"N300: tt_transformers cannot split smollm2-135m over 2 chips"):
+        load_spec(p)
+    assert not (tmp_path / ".runs").exists()

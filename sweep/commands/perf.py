@@ -103,7 +103,7 @@ def run_predict(args) -> int:
               f"{e['decode_compute_us']:9.1f} {e['decode_overhead_us']:9.1f} {e['bytes'] / 1e6:9.2f} "
               f"{e['prefill_us']:11.1f} {100 * e['prefill_share']:5.1f}%")
     if res.collectives:
-        print(f"  collectives per decoder layer (decode payload; us per issue):")
+        print("  collectives per decoder layer (decode payload; us per issue):")
         for c in res.collectives:
             axis = "" if c["axis"] is None else f" axis {c['axis']}"
             print(f"    {c['name']:28s} {c['kind']:18s} {c['chips']} chips{axis} {c['topology']:4s} {c['links']} link(s) "
@@ -113,12 +113,12 @@ def run_predict(args) -> int:
 
 def _does_not_fit(res, args) -> None:
     """A prediction for a model that does not fit in DRAM is no prediction: one line, exit 2."""
-    from engine.devices import device_for, system_names
+    from engine.devices import device_for, device_names
     from engine.perf import predict
     from sweep.cli import UserError
 
     cap = device_for(res.device).chip.dram_gb
-    bigger = [d for d in system_names() if d != res.device and predict(
+    bigger = [d for d in device_names() if d != res.device and predict(
         args.model, d, args.config, batch=args.batch, prefill=args.prefill, decode=args.decode, params=args.params).fits]
     fixes = [f"--device {' / '.join(bigger)}" if bigger else "a system with more chips"]
     if args.config.strip().lower() != "performance":
