@@ -73,7 +73,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from engine.config import ModelConfig
 from sweep.equivalence import numerics_digest, representatives
-from sweep.records import TrialRecord
+from sweep.records import TrialRecord, accuracy_attrs
 from sweep.space import StudySpec
 
 HEARTBEAT_S = float(os.environ.get("SWEEP_HEARTBEAT_S", "15"))
@@ -609,7 +609,7 @@ class Worker:
             from engine.accuracy import Evaluator
 
             with study_lock(self.spec, "evaluator"):
-                self.evaluator = Evaluator(self.spec.model, prefill=self.spec.eval["prefill"], decode=self.spec.eval["decode"])
+                self.evaluator = Evaluator(self.spec.model, **self.spec.eval)  # prefill, decode, windows
         return self.evaluator
 
     def _find_equal(self, digest: str, number: int) -> FrozenTrial | None:
@@ -684,8 +684,7 @@ class Worker:
         src = self._find_equal(digest, trial.number)
         if src is not None:
             a = src.user_attrs
-            acc = {k: a[k] for k in ("top1", "top5", "top1_ci", "top5_ci", "kld", "ppl", "ref_ppl", "tokens")}
-            acc["top1_ci"], acc["top5_ci"] = tuple(acc["top1_ci"]), tuple(acc["top5_ci"])
+            acc = accuracy_attrs(a)  # with its per-token record: the numerics are equal
             reused_from = a.get("reused_from") or a["config"]
             wall = 0.0
         else:
@@ -701,8 +700,7 @@ class Worker:
             res = ev.evaluate(mc)
             self.in_eval = False
             wall = time.perf_counter() - t0
-            acc = dict(top1=res.top1, top5=res.top5, top1_ci=tuple(res.top1_ci), top5_ci=tuple(res.top5_ci),
-                       kld=res.kld, ppl=res.ppl, ref_ppl=res.ref_ppl, tokens=res.tokens)
+            acc = accuracy_attrs(res)
             reused_from = None
         from engine import perf
 

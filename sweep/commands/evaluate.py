@@ -1,46 +1,71 @@
-"""`sweep eval --model NAME --config CONFIG [--prefill 512 --decode 511] [--json]`: one accuracy
-trial (engine.accuracy.Evaluator) of a preset or config string against the fp32 reference."""
+"""`sweep eval --model NAME --config CONFIG [--prefill 512 --decode 511] [--windows N] [--json]`: one
+accuracy trial (engine.accuracy.Evaluator) of a preset or config string against the fp32 reference,
+with llama.cpp-style KLD statistics and, for N windows, each window's Top-1."""
 from __future__ import annotations
 
 import json
 
 
+def add_eval_args(p, windows_help: str = "disjoint 1024-token windows scored (default 1: tt-metal's method)") -> None:
+    """--model, --prefill, --decode, --windows and --cache-dir (shared with `sweep compare`)."""
+    p.add_argument("--model", default="smollm2-135m",
+                   help="registry name (smollm2-135m, tiny-llama, tiny-qwen2, tiny-phi3) or a path to an HF directory / .gguf")
+    p.add_argument("--prefill", type=int, default=512, help="prefill tokens (default 512)")
+    p.add_argument("--decode", type=int, default=511, help="teacher-forced decode steps scored (default 511)")
+    p.add_argument("--windows", type=int, default=1, help=windows_help)
+    p.add_argument("--cache-dir", default=None, help="cache root (default $TTSWEEP_CACHE or ~/.cache/ttsweep)")
+
+
+def evaluator_for(args, configs):
+    """Validate model, configs and --windows cheaply (bad input fails before any model loads),
+    then build the Evaluator."""
+    from engine.accuracy import Evaluator
+    from engine.config import ModelConfig
+    from engine.loaders import model_spec
+    from sweep.cli import UserError
+
+    if args.windows < 1:
+        raise UserError(f"--windows must be >= 1, not {args.windows}")
+    spec = model_spec(args.model, cache=args.cache_dir)  # cheap: unknown models and bad configs fail fast
+    for c in configs:
+        ModelConfig.parse(c, spec.n_layers, spec.name)
+    return Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir, windows=args.windows)
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="evaluate one config's accuracy (Top-1/Top-5, KLD, perplexity) against the fp32 reference",
+        help="evaluate one config's accuracy (Top-1/Top-5, KLD statistics, perplexity) against the fp32 reference",
         description=__doc__,
     )
-    p.add_argument("--model", default="smollm2-135m",
-                   help="registry name (smollm2-135m, tiny-llama, tiny-qwen2, tiny-phi3) or a path to an HF directory / .gguf")
+    add_eval_args(p)
     p.add_argument("--config", default="defaults",
                    help="preset (performance, accuracy, reference, defaults) or config string "
                         "'precision_cfg = {...}, fidelity_cfg = {...}' (optionally '; decoders = {i: ...}')")
-    p.add_argument("--prefill", type=int, default=512, help="prefill tokens (default 512)")
-    p.add_argument("--decode", type=int, default=511, help="teacher-forced decode steps scored (default 511)")
-    p.add_argument("--cache-dir", default=None, help="cache root (default $TTSWEEP_CACHE or ~/.cache/ttsweep)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from engine.accuracy import Evaluator
-    from engine.config import ModelConfig
-    from engine.loaders import model_spec
-
-    spec = model_spec(args.model, cache=args.cache_dir)  # cheap: unknown models and bad configs fail fast
-    ModelConfig.parse(args.config, spec.n_layers, spec.name)
-    ev = Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir)
-    mc = ev.model_config(args.config)
-    r = ev.evaluate(mc)
+    ev = evaluator_for(args, [args.config])
+    r = ev.evaluate(ev.model_config(args.config))
     if args.json:
         d = r.to_dict()
         d |= {"prefill": args.prefill, "decode": args.decode}
         print(json.dumps(d))
         return 0
-    print(f"{r.model}: {r.tokens} teacher-forced decode steps after a {args.prefill}-token prefill")
+    s = r.stats
+    windows = f" in each of {r.windows} windows" if r.windows > 1 else ""
+    print(f"{r.model}: {r.tokens} teacher-forced decode steps after a {args.prefill}-token prefill{windows}")
     print(f"  config  {r.config}")
     print(f"  Top-1 {r.top1:.1f}% [{r.top1_ci[0]:.1f}, {r.top1_ci[1]:.1f}]   "
           f"Top-5 {r.top5:.1f}% [{r.top5_ci[0]:.1f}, {r.top5_ci[1]:.1f}]  (95% Wilson)")
-    print(f"  KLD {r.kld:.5f} nats   perplexity {r.ppl:.3f} (reference {r.ref_ppl:.3f})   {r.seconds:.1f} s")
+    if r.windows > 1:
+        w = r.top1_windows
+        print(f"  Top-1 per window {', '.join(f'{x:.1f}' for x in w)}  (range {min(w):.1f}-{max(w):.1f}, "
+              f"sd {r.top1_window_sd:.2f})")
+    print(f"  KLD mean {s['kld_mean']:.5f} +- {s['kld_se']:.5f}  median {s['kld_p50']:.5f}  p90 {s['kld_p90']:.5f}  "
+          f"p99 {s['kld_p99']:.4f}  p99.9 {s['kld_p999']:.4f}  max {s['kld_max']:.4f} nats")
+    print(f"  RMS dp {s['rms_dp']:.3f} +- {s['rms_dp_se']:.3f} %   same top p {s['same_top_p']:.2f} +- "
+          f"{s['same_top_p_se']:.2f} %   perplexity {r.ppl:.3f} (reference {r.ref_ppl:.3f})   {r.seconds:.1f} s")
     return 0
