@@ -528,4 +528,5 @@ class Evaluator:
         per = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         rec = token_record(parts, self.eval_key)
         return EvalResult(**summarize(per), seconds=time.perf_counter() - t0, config=str(mc), model=self.spec.name,
-                          windows=self.windows, top1_windows=rec.top1_by_window(), stats=kld_stats(rec), record=rec)
+                          windows=self.windows, top1_windows=rec.top1_by_window(), record=rec,
+                          stats=kld_stats(kld=per["kld"].numpy(), dp=per["dp"].numpy(), top1=per["top1"].numpy()))

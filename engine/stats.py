@@ -69,10 +69,14 @@ def mean_se(x: np.ndarray) -> tuple[float, float]:
     return m, (math.sqrt(var / (n - 1)) if n > 1 and var > 0 else 0.0)
 
 
-def kld_stats(rec: TokenRecord) -> dict[str, float]:
-    """KLD mean/SE/percentiles/max (nats), RMS delta-p and same-top-p (percent) of one record."""
-    kld = rec.kld.astype(np.float64)
-    dp = rec.dp.astype(np.float64)
+def kld_stats(rec: TokenRecord | None = None, *, kld=None, dp=None, top1=None) -> dict[str, float]:
+    """KLD mean/SE/percentiles/max (nats), RMS delta-p and same-top-p (percent) of a record, or of
+    full-precision per-position arrays `kld`, `dp`, `top1` (what the evaluator passes)."""
+    if rec is not None:
+        kld, dp, top1 = rec.kld, rec.dp, rec.top1
+    kld = np.asarray(kld, dtype=np.float64)
+    dp = np.asarray(dp, dtype=np.float64)
+    top1 = np.asarray(top1, dtype=bool)
     n = kld.size
     if n == 0:
         raise ValueError("no scored positions")
@@ -87,7 +91,7 @@ def kld_stats(rec: TokenRecord) -> dict[str, float]:
     out["rms_dp_se"] = 100.0 * (msd_se / (2.0 * rms) if rms > 0 else 0.0)  # delta method, as llama.cpp
     out["mean_dp"], se = mean_se(dp)
     out["mean_dp"], out["mean_dp_se"] = 100.0 * out["mean_dp"], 100.0 * se
-    p = float(rec.top1.mean())
+    p = float(top1.mean())
     out["same_top_p"] = 100.0 * p
     out["same_top_p_se"] = 100.0 * (math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else 0.0)
     return out

@@ -4,7 +4,7 @@ Per scored position (all windows, window after window, `decode` positions each):
 
   top1   bool     the trial argmax equals the reference argmax (llama.cpp's "same top")
   top5   bool     the trial argmax is inside the reference top-5
-  kld    float32  KL(reference || trial) in nats over the full vocabulary
+  kld    float16  KL(reference || trial) in nats over the full vocabulary
   p_top  float16  the probability the trial gives the reference's argmax token
   dp     float16  trial minus reference probability of the true next token (llama.cpp's delta-p)
 
@@ -12,23 +12,28 @@ Paired tests (`engine.stats.compare`) need these per position: two configs score
 tokens disagree on only a few of them. `eval_key` names what the positions are (model weights,
 text, prefill, decode), so records of different evaluations are never paired.
 
-Serialised form (`to_bytes` / `to_base64`): a compressed numpy .npz, never pickle; booleans are
-bit-packed. 511 positions take ~3.5 KB (base64 ~4.7 KB), small enough for an Optuna trial user
-attribute, so a study on any storage (journal, PostgreSQL) carries its records to every host.
+Precision: float16 keeps 11 significant bits (relative error <= 2^-11 ~ 5e-4 per value), far
+below the token-to-token spread the paired statistics work with; the trial's own summary
+statistics (`EvalResult.stats`, the trial's `kld_stats`) are computed in float64 before rounding,
+so `engine.stats.kld_stats` of a decoded record can differ from them in the 4th digit.
+
+Serialised form (`to_bytes` / `to_base64`): safetensors (never pickle) with four tensors:
+`bits` uint8 [2, ceil(N/8)] (top1, top5 bit-packed), `values` float16 [3, N] (kld, p_top, dp),
+`meta` int64 [format, N, windows] and `eval_key` (its UTF-8 bytes). 511 positions take ~3.5 KB
+(base64 ~4.6 KB), small enough for an Optuna trial user attribute, so a study on any storage
+(journal, PostgreSQL) carries its records to every host.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import io
-import zipfile
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 FORMAT = 1  # bump when the serialised layout changes
-_ARRAYS = {"kld": np.float32, "p_top": np.float16, "dp": np.float16}
+_ARRAYS = {"kld": np.float16, "p_top": np.float16, "dp": np.float16}
 _BITS = ("top1", "top5")
 
 
@@ -40,7 +45,7 @@ class RecordError(ValueError):
 class TokenRecord:
     top1: np.ndarray  # bool [N]
     top5: np.ndarray  # bool [N]
-    kld: np.ndarray  # float32 [N]
+    kld: np.ndarray  # float16 [N]
     p_top: np.ndarray  # float16 [N]
     dp: np.ndarray  # float16 [N]
     windows: int = 1  # N = windows * positions per window
@@ -90,26 +95,30 @@ class TokenRecord:
 
     # --- serialisation ---------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        arrays = {k: np.packbits(getattr(self, k)) for k in _BITS}
-        arrays |= {k: getattr(self, k) for k in _ARRAYS}
-        arrays |= {"format": np.array(FORMAT, dtype=np.int32), "n": np.array(len(self), dtype=np.int64),
-                   "windows": np.array(self.windows, dtype=np.int32), "eval_key": np.array(self.eval_key)}
-        np.savez_compressed(buf, **arrays)
-        return buf.getvalue()
+        from safetensors.numpy import save
+
+        return save({
+            "bits": np.stack([np.packbits(getattr(self, k)) for k in _BITS]),
+            "values": np.stack([getattr(self, k) for k in _ARRAYS]),
+            "meta": np.array([FORMAT, len(self), self.windows], dtype=np.int64),
+            "eval_key": np.frombuffer(self.eval_key.encode("utf-8"), dtype=np.uint8),
+        })
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "TokenRecord":
+        from safetensors.numpy import load
+
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                if int(z["format"]) != FORMAT:
-                    raise RecordError(f"per-token record of format {int(z['format'])}; this version reads format {FORMAT}")
-                n = int(z["n"])
-                bits = {k: np.unpackbits(z[k], count=n).astype(bool) for k in _BITS}
-                return cls(**bits, **{k: z[k] for k in _ARRAYS}, windows=int(z["windows"]), eval_key=str(z["eval_key"]))
+            t = load(bytes(data))
+            fmt, n, windows = (int(x) for x in t["meta"])
+            if fmt != FORMAT:
+                raise RecordError(f"per-token record of format {fmt}; this version reads format {FORMAT}")
+            bits = {k: np.unpackbits(t["bits"][i], count=n).astype(bool) for i, k in enumerate(_BITS)}
+            values = {k: t["values"][i] for i, k in enumerate(_ARRAYS)}
+            return cls(**bits, **values, windows=windows, eval_key=t["eval_key"].tobytes().decode("utf-8"))
         except RecordError:
             raise
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on corrupt input
             raise RecordError(f"not a per-token record ({type(exc).__name__}: {exc})") from exc
 
     def to_base64(self) -> str:
