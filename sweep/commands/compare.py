@@ -13,6 +13,7 @@ B right A wrong]), delta_top1 and delta_kld ([estimate, lo, hi]), verdict, kld_v
 """
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 
@@ -21,7 +22,8 @@ from sweep.commands.evaluate import add_eval_args
 
 def register(sub) -> None:
     p = sub.add_parser("compare", help="paired test of two configs (or two trials of a study): McNemar + block bootstrap",
-                       description=__doc__, formatter_class=_raw())
+                       description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", nargs="*", metavar="STUDY A B",
                    help="a study (file, journal or URL) and two trial numbers; omit to evaluate --config A --config B")
     add_eval_args(p, "disjoint 1024-token windows scored per config (default 1: tt-metal's method)")
@@ -31,12 +33,6 @@ def register(sub) -> None:
     p.add_argument("--study-name", help="which study, when the storage holds several")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
-
-
-def _raw():
-    import argparse
-
-    return argparse.RawDescriptionHelpFormatter
 
 
 def run(args) -> int:
