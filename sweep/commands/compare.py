@@ -8,13 +8,12 @@ per-token records of two trials of a study. Both print the exact McNemar test on
 discordant positions, moving-block paired-bootstrap 95% intervals of delta-Top-1 and delta-KLD
 (A minus B; engine.stats says how and why) and a verdict: A better / B better / not
 distinguishable at 95% (on Top-1; the KLD verdict beside it). `--device D` adds each config's
-predicted speed on D. `--json` prints one object with p_value, discordant ([A right B wrong,
+predicted speed on D (and is passed to the engine where it emulates per device). `--json` prints one object with p_value, discordant ([A right B wrong,
 B right A wrong]), delta_top1 and delta_kld ([estimate, lo, hi]), verdict, kld_verdict, tokens.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 
 from sweep.commands.evaluate import add_eval_args
@@ -72,12 +71,11 @@ def _speed(model: str, device: str | None, config, perf: dict | None = None) -> 
 def _from_model(args) -> tuple[dict, dict]:
     from sweep.commands.evaluate import evaluator_for
 
-    ev = evaluator_for(args, args.config)
-    if args.device and "device" in inspect.signature(type(ev).__init__).parameters:  # engines that emulate per device
-        from engine.accuracy import Evaluator
+    if args.device:
+        from engine.devices import normalise_device
 
-        ev = Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir,
-                       windows=args.windows, device=args.device)
+        args.device = normalise_device(args.device)  # an unknown device fails here, before any evaluation
+    ev = evaluator_for(args, args.config, device=args.device)
     sides = []
     for label, text in zip("AB", args.config):
         mc = ev.model_config(text)
@@ -100,7 +98,11 @@ def _from_study(args) -> tuple[dict, dict]:
         raise UserError(f"trial numbers must be integers, got {' '.join(numbers)}") from None
     study = open_study(target, args.study_name, args.storage)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    device = args.device or (list(study.user_attrs.get("devices") or []) or [None])[0]
+    devices = list(study.user_attrs.get("devices") or [])
+    if args.device and args.device not in devices:
+        raise UserError(f"study {study.study_name!r} predicts speed for {', '.join(devices) or 'no device'}, "
+                        f"not {args.device!r}; pick one of those with --device")
+    device = args.device or (devices or [None])[0]
     sides = []
     for label, n in zip("AB", nums):
         t = trials.get(n)

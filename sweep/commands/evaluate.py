@@ -16,9 +16,11 @@ def add_eval_args(p, windows_help: str = "disjoint 1024-token windows scored (de
     p.add_argument("--cache-dir", default=None, help="cache root (default $TTSWEEP_CACHE or ~/.cache/ttsweep)")
 
 
-def evaluator_for(args, configs):
+def evaluator_for(args, configs, device: str | None = None):
     """Validate model, configs and --windows cheaply (bad input fails before any model loads),
-    then build the Evaluator."""
+    then build the Evaluator (given `device` when the engine emulates per device)."""
+    import inspect
+
     from engine.accuracy import Evaluator
     from engine.config import ModelConfig
     from engine.loaders import model_spec
@@ -29,7 +31,9 @@ def evaluator_for(args, configs):
     spec = model_spec(args.model, cache=args.cache_dir)  # cheap: unknown models and bad configs fail fast
     for c in configs:
         ModelConfig.parse(c, spec.n_layers, spec.name)
-    return Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir, windows=args.windows)
+    extra = {"device": device} if device and "device" in inspect.signature(Evaluator).parameters else {}
+    return Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir,
+                     windows=args.windows, **extra)
 
 
 def register(sub) -> None:
