@@ -59,8 +59,11 @@ def run(args) -> int:
         print(json.dumps(d))
         return 0
     s = r.stats
-    windows = f" in each of {r.windows} windows" if r.windows > 1 else ""
-    print(f"{r.model}: {r.tokens} teacher-forced decode steps after a {args.prefill}-token prefill{windows}")
+    if r.windows > 1:
+        print(f"{r.model}: {r.tokens} scored positions: {args.decode} teacher-forced decode steps after a "
+              f"{args.prefill}-token prefill in each of {r.windows} windows")
+    else:
+        print(f"{r.model}: {r.tokens} teacher-forced decode steps after a {args.prefill}-token prefill")
     print(f"  config  {r.config}")
     print(f"  Top-1 {r.top1:.1f}% [{r.top1_ci[0]:.1f}, {r.top1_ci[1]:.1f}]   "
           f"Top-5 {r.top5:.1f}% [{r.top5_ci[0]:.1f}, {r.top5_ci[1]:.1f}]  (95% Wilson)")
