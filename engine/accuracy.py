@@ -24,9 +24,23 @@ Metrics over the D scored positions:
 - ppl / ref_ppl: perplexity of the true next tokens under the trial / the reference.
 Any NaN or Inf in the trial's logits raises `NonFiniteLogits` (never a number).
 
+Per-token record and llama.cpp statistics: every trial also returns an
+`engine.token_record.TokenRecord` (Top-1 / Top-5 hit, KLD, the trial's probability of the
+reference argmax and delta-p per scored position) and `engine.stats.kld_stats` of it (mean KLD
+with its standard error, percentiles, RMS delta-p, same-top-p), as `llama-perplexity
+--kl-divergence` prints them.
+
+Windows (`windows = N`): window w is tokens w*L .. (w+1)*L-1 of the evaluation text
+(L = reference_length(P, D) = 1024 by default), disjoint and consecutive; a tokenizer that adds
+a BOS gets it as the first token of every window (replacing the text token there, as
+llama-perplexity does per chunk), so every window starts like window 0. Each window is prefilled
+and decoded from scratch and scored against its own cached fp32 reference; the metrics are over
+all N*D positions and `top1_windows` gives each window's Top-1. Window 0 is exactly the
+single-window tt-metal method, so 1-window figures compare with the seed.
+
 Reference cache (what is stored and why)
 ----------------------------------------
-One safetensors file per (model fingerprint: weights and config, text hash, reference length, P, D) under
+One safetensors file per (model fingerprint: weights and config, text hash, reference length, P, D, window) under
 `<cache>/reference/` (`$TTSWEEP_CACHE` or ~/.cache/ttsweep; never pickle):
   tokens       int32 [L]            the evaluation tokens (L = max(1024, P + D + 1))
   top5         int32 [L-1, 5]       reference top-5 next-token ids at every position, best first
@@ -48,7 +62,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +71,9 @@ import torch
 from engine import loaders
 from engine.config import Config, ModelConfig
 from engine.spec import ModelSpec
+from engine.stats import kld_stats
 from engine.text import text_sha256, text_tokens
+from engine.token_record import TokenRecord
 
 REF_TOKENS = 1024  # tokens the reference runs over (tt-metal's method)
 DEFAULT_PREFILL = 512
@@ -126,6 +142,7 @@ class Reference:
     prefill: int
     decode: int
     path: Path | None = None
+    window: int = 0
 
     @property
     def scored(self) -> slice:
@@ -154,11 +171,35 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:48] or "model"
 
 
-def reference_path(loaded: loaders.LoadedModel, prefill: int, decode: int, cache: Path) -> Path:
+def reference_path(loaded: loaders.LoadedModel, prefill: int, decode: int, cache: Path, window: int = 0) -> Path:
     length = reference_length(prefill, decode)
+    w = f"-W{window}" if window else ""  # window 0 keeps the single-window file name
     return cache / "reference" / (
-        f"{_slug(loaded.spec.name)}-{loaded.fingerprint}-{text_sha256()[:12]}-L{length}-P{prefill}-D{decode}.safetensors"
+        f"{_slug(loaded.spec.name)}-{loaded.fingerprint}-{text_sha256()[:12]}-L{length}-P{prefill}-D{decode}{w}.safetensors"
     )
+
+
+def eval_key(loaded: loaders.LoadedModel, prefill: int, decode: int) -> str:
+    """What a scored position is: model, weights fingerprint, text, prefill and decode (records of
+    equal keys score the same tokens window by window)."""
+    return f"{loaded.spec.name}/{loaded.fingerprint}/{text_sha256()[:12]}/P{prefill}/D{decode}"
+
+
+def window_tokens(tokenizer, length: int, window: int) -> list[int]:
+    """Tokens of window `window`: text tokens window*length .. (window+1)*length-1, with the
+    tokenizer's BOS as the first token when it adds one (window 0 = `text_tokens(tok, length)`)."""
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    try:
+        stream = text_tokens(tokenizer, (window + 1) * length)
+    except ValueError as exc:
+        raise ValueError(f"window {window} of {length} tokens does not fit in the evaluation text ({exc}); "
+                         "use fewer windows") from exc
+    out = stream[window * length:]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if window and bos is not None and stream[0] == bos:
+        out[0] = bos
+    return out
 
 
 def hf_config_from_spec(spec: ModelSpec):
@@ -228,13 +269,13 @@ def reference_length(prefill: int, decode: int) -> int:
     return max(REF_TOKENS, prefill + decode + 1)
 
 
-def compute_reference(loaded: loaders.LoadedModel, prefill: int, decode: int) -> Reference:
-    """Run the fp32 transformers reference over the first reference_length(P, D) tokens."""
+def compute_reference(loaded: loaders.LoadedModel, prefill: int, decode: int, window: int = 0) -> Reference:
+    """Run the fp32 transformers reference over window `window` (reference_length(P, D) tokens)."""
     length = reference_length(prefill, decode)
     tok = loaded.tokenizer
     if tok is None:
         raise FileNotFoundError(f"model {loaded.spec.name!r} ({loaded.source}) has no tokenizer files; cannot tokenize the text")
-    tokens = text_tokens(tok, length)
+    tokens = window_tokens(tok, length, window)
     if max(tokens) >= loaded.spec.vocab:
         raise ValueError(f"tokenizer produced id {max(tokens)} >= vocab {loaded.spec.vocab}")
     logits = reference_logits(loaded, tokens)
@@ -247,15 +288,18 @@ def compute_reference(loaded: loaders.LoadedModel, prefill: int, decode: int) ->
         top5=logp.topk(5, dim=-1).indices.to(torch.int32).numpy(),
         target_logp=logp.gather(1, targets[:, None])[:, 0].numpy().astype(np.float32),
         logp=logp[prefill:prefill + decode].to(torch.float16).numpy(),
-        prefill=prefill, decode=decode,
+        prefill=prefill, decode=decode, window=window,
     )
 
 
-def _meta(loaded: loaders.LoadedModel, prefill: int, decode: int) -> dict[str, str]:
-    return {"format": REF_FORMAT, "model": loaded.spec.name, "fingerprint": loaded.fingerprint,
+def _meta(loaded: loaders.LoadedModel, prefill: int, decode: int, window: int = 0) -> dict[str, str]:
+    meta = {"format": REF_FORMAT, "model": loaded.spec.name, "fingerprint": loaded.fingerprint,
             "text_sha256": text_sha256(), "length": str(reference_length(prefill, decode)),
             "prefill": str(prefill), "decode": str(decode), "vocab": str(loaded.spec.vocab),
             "special_tokens": "none"}  # the text is encoded without BOS (engine.text)
+    if window:  # window 0 keeps the single-window metadata: its cache files stay valid
+        meta["window"] = str(window)
+    return meta
 
 
 def save_reference(ref: Reference, path: Path, meta: dict[str, str]) -> None:
@@ -290,16 +334,18 @@ def read_reference(path: Path, meta: dict[str, str]) -> Reference | None:
     if (arrays["tokens"].shape != (length,) or arrays["top5"].shape != (length - 1, 5)
             or arrays["target_logp"].shape != (length - 1,) or arrays["logp"].shape != (d, vocab)):
         return None
-    return Reference(arrays["tokens"], arrays["top5"], arrays["target_logp"], arrays["logp"], p, d, path)
+    return Reference(arrays["tokens"], arrays["top5"], arrays["target_logp"], arrays["logp"], p, d, path,
+                     int(meta.get("window", 0)))
 
 
-def load_reference(loaded: loaders.LoadedModel, prefill: int, decode: int, cache: str | os.PathLike | None = None) -> Reference:
-    """The cached reference, computed (and cached) on first use."""
-    path = reference_path(loaded, prefill, decode, loaders.cache_dir(cache))
-    meta = _meta(loaded, prefill, decode)
+def load_reference(loaded: loaders.LoadedModel, prefill: int, decode: int, cache: str | os.PathLike | None = None,
+                   window: int = 0) -> Reference:
+    """The cached reference of one window, computed (and cached) on first use."""
+    path = reference_path(loaded, prefill, decode, loaders.cache_dir(cache), window)
+    meta = _meta(loaded, prefill, decode, window)
     ref = read_reference(path, meta)
     if ref is None:
-        ref = compute_reference(loaded, prefill, decode)
+        ref = compute_reference(loaded, prefill, decode, window)
         save_reference(ref, path, meta)
     return ref
 
@@ -320,16 +366,32 @@ class EvalResult:
     model: str = ""
     device: str = "N150"  # the system whose numerics were emulated (tensor-parallel rounding)
     lm_head: tuple[str, str] = ("bfp8", "hifi2fp16")  # model-level: LM head weight format, fidelity
+    windows: int = 1  # disjoint windows scored (tokens = windows * decode)
+    top1_windows: list[float] = field(default_factory=list)  # Top-1 (%) of each window
+    stats: dict[str, float] = field(default_factory=dict)  # engine.stats.kld_stats (llama.cpp style)
+    record: TokenRecord | None = field(default=None, repr=False)  # per-token record
+
+    @property
+    def top1_window_sd(self) -> float:
+        """Sample standard deviation of the per-window Top-1 (NaN with one window)."""
+        return float(np.std(self.top1_windows, ddof=1)) if len(self.top1_windows) > 1 else math.nan
 
     def to_dict(self) -> dict:
+        """JSON-able: every field but the record, with the KLD statistics at the top level."""
         d = asdict(self)
+        d.pop("record", None)
+        d |= d.pop("stats")
         d["top1_ci"], d["top5_ci"] = list(self.top1_ci), list(self.top5_ci)
         d["lm_head"] = list(self.lm_head)
+        sd = self.top1_window_sd
+        d["top1_window_sd"] = None if math.isnan(sd) else sd
         return d
 
 
-def score(logits: torch.Tensor, ref: Reference) -> dict:
-    """Metrics of decode logits [D, vocab] (positions ref.prefill..) against the reference.
+def score_tokens(logits: torch.Tensor, ref: Reference) -> dict[str, torch.Tensor]:
+    """Per-position metrics of decode logits [D, vocab] (positions ref.prefill..) against the
+    reference: top1 / top5 (bool), kld, p_top (trial probability of the reference argmax), dp
+    (trial minus reference probability of the true next token), nll and ref_nll (float64).
 
     A handful of passes over the logits (row sums as the NaN/Inf screen, log-softmax, argmax, one
     row-wise dot product); everything about the reference is precomputed (`Reference.prepared`):
@@ -343,18 +405,42 @@ def score(logits: torch.Tensor, ref: Reference) -> dict:
     pre = ref.prepared()
     logq = torch.log_softmax(logits, dim=-1)
     argmax = logits.argmax(dim=-1)
-    hit1 = int((argmax == pre["top5"][:, 0]).sum())
-    hit5 = int((argmax[:, None] == pre["top5"]).any(dim=-1).sum())
     cross = torch.linalg.vecdot(pre["p"], logq).double()  # sum_v p log q (fp32 einsum/bmm is too coarse here)
-    kld = (pre["neg_entropy"] - cross).clamp_min(0.0)
     nll = -logq.gather(1, pre["targets"][:, None])[:, 0].double()
-    ci1, ci5 = wilson_interval(hit1, d), wilson_interval(hit5, d)
     return dict(
-        top1=100.0 * hit1 / d, top5=100.0 * hit5 / d,
-        top1_ci=(100.0 * ci1[0], 100.0 * ci1[1]), top5_ci=(100.0 * ci5[0], 100.0 * ci5[1]),
-        kld=float(kld.mean()), ppl=float(torch.exp(nll.mean())), ref_ppl=float(torch.exp(pre["ref_nll"].mean())),
-        tokens=d,
+        top1=argmax == pre["top5"][:, 0],
+        top5=(argmax[:, None] == pre["top5"]).any(dim=-1),
+        kld=(pre["neg_entropy"] - cross).clamp_min(0.0),
+        p_top=logq.gather(1, pre["top5"][:, :1])[:, 0].double().exp(),
+        dp=torch.exp(-nll) - torch.exp(-pre["ref_nll"]),
+        nll=nll, ref_nll=pre["ref_nll"],
     )
+
+
+def summarize(per: dict[str, torch.Tensor]) -> dict:
+    """Top-1 / Top-5 (%) with 95% Wilson intervals, mean KLD and perplexities of `score_tokens` output."""
+    n = int(per["top1"].numel())
+    hit1, hit5 = int(per["top1"].sum()), int(per["top5"].sum())
+    ci1, ci5 = wilson_interval(hit1, n), wilson_interval(hit5, n)
+    return dict(
+        top1=100.0 * hit1 / n, top5=100.0 * hit5 / n,
+        top1_ci=(100.0 * ci1[0], 100.0 * ci1[1]), top5_ci=(100.0 * ci5[0], 100.0 * ci5[1]),
+        kld=float(per["kld"].mean()), ppl=float(torch.exp(per["nll"].mean())),
+        ref_ppl=float(torch.exp(per["ref_nll"].mean())), tokens=n,
+    )
+
+
+def score(logits: torch.Tensor, ref: Reference) -> dict:
+    """Metrics of decode logits [D, vocab] against the reference (one window; `summarize`)."""
+    return summarize(score_tokens(logits, ref))
+
+
+def token_record(parts: list[dict[str, torch.Tensor]], key: str = "") -> TokenRecord:
+    """The per-token record of `score_tokens` outputs, one per window, in window order."""
+    return TokenRecord.concat([
+        TokenRecord(*(p[k].cpu().numpy() for k in ("top1", "top5", "kld", "p_top", "dp")), windows=1, eval_key=key)
+        for p in parts
+    ])
 
 
 # --- the evaluator -------------------------------------------------------------------------------
@@ -377,14 +463,18 @@ class Evaluator:
     `device` (default N150) decides the tensor-parallel layout whose rounding is emulated; `lm_head`
     (optional) overrides the model-level LM head (default bfp8 + hifi2fp16 as tt/lm_head.py);
     `silu` the SFPU SiLU (`sfpu-piecewise`, the seed era's, or `exact`); `torch_device` where the
-    engine runs (cpu, cuda:0).
+    engine runs (cpu, cuda:0). `windows` disjoint windows are scored (see the module docstring);
+    their references are computed once and cached like window 0's.
     """
 
     def __init__(self, model_name: str, prefill: int = DEFAULT_PREFILL, decode: int = DEFAULT_DECODE,
                  cache_dir: str | os.PathLike | None = None, *, lm_head: tuple[str, str] | None = None,
-                 device: str = "N150", silu: str | None = None, torch_device: str | None = None):
+                 device: str = "N150", silu: str | None = None, torch_device: str | None = None,
+                 windows: int = 1):
         if prefill < 1 or decode < 1:
             raise ValueError(f"prefill and decode must be >= 1 (got {prefill}, {decode})")
+        if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
+            raise ValueError(f"windows must be an integer >= 1 (got {windows!r})")
         self.model_name = str(model_name)
         self.prefill, self.decode = int(prefill), int(decode)
         self.cache_dir = loaders.cache_dir(cache_dir)
@@ -392,15 +482,20 @@ class Evaluator:
         self.spec: ModelSpec = self.loaded.spec
         if prefill + decode > self.spec.max_seq:
             raise ValueError(f"prefill + decode = {prefill + decode} exceeds {self.spec.name}'s context of {self.spec.max_seq}")
-        self.reference = load_reference(self.loaded, self.prefill, self.decode, self.cache_dir)
-        self.reference.prepared()
-        self.tokens = torch.from_numpy(self.reference.tokens[: prefill + decode].astype(np.int64))
         from engine.devices import normalise_device
         from engine.programs import check_tp
 
         self.device = normalise_device(device)
         self.tp, self.topology = device_layout(self.device)
         check_tp(self.spec, self.tp)  # tt_transformers' own layout asserts, before any trial
+        self.windows = windows
+        self.references = [load_reference(self.loaded, self.prefill, self.decode, self.cache_dir, w) for w in range(windows)]
+        for ref in self.references:
+            ref.prepared()
+        self.reference = self.references[0]
+        self.window_tokens = [torch.from_numpy(r.tokens[: prefill + decode].astype(np.int64)) for r in self.references]
+        self.tokens = self.window_tokens[0]
+        self.eval_key = eval_key(self.loaded, self.prefill, self.decode)
         self._lm_head = tuple(lm_head) if lm_head else None
         self._silu = silu
         self.torch_device = torch_device
@@ -442,25 +537,35 @@ class Evaluator:
             return ModelConfig.parse(config, n, self.spec.name)
         raise TypeError(f"config must be a ModelConfig, Config or string, not {type(config).__name__}")
 
-    def run(self, config: ModelConfig | Config | str) -> torch.Tensor:
-        """Prefill + one batched teacher-forced decode pass; the decode logits [D, vocab]."""
+    def run(self, config: ModelConfig | Config | str, window: int = 0) -> torch.Tensor:
+        """Prefill + one batched teacher-forced decode pass over one window; the decode logits [D, vocab]."""
         mc = self.model_config(config)
         model = self.model
         p, d = self.prefill, self.decode
+        tokens = self.window_tokens[window]
         kwargs = {}
         if "capacity" in inspect.signature(model.prefill).parameters:
             kwargs["capacity"] = p + d
         with torch.inference_mode():
-            last, cache = model.prefill(self.tokens[:p], mc, logits_for="last", **kwargs)
+            last, cache = model.prefill(tokens[:p], mc, logits_for="last", **kwargs)
             check_finite(last, "prefill", p - 1)
-            return model.decode_batched(self.tokens[p:p + d], cache, mc)
+            return model.decode_batched(tokens[p:p + d], cache, mc)
 
     def evaluate(self, config: ModelConfig | Config | str) -> EvalResult:
+        """One trial over every window: metrics over all scored positions, per-window Top-1,
+        llama.cpp-style KLD statistics and the per-token record."""
         mc = self.model_config(config)
         t0 = time.perf_counter()
-        logits = self.run(mc)
-        with torch.inference_mode():
-            metrics = score(logits, self.reference)
+        parts = []
+        for w, ref in enumerate(self.references):
+            logits = self.run(mc, w)
+            with torch.inference_mode():
+                parts.append(score_tokens(logits.cpu(), ref))
+            del logits
+        per = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        rec = token_record(parts, self.eval_key)
         m = self.model
-        return EvalResult(**metrics, seconds=time.perf_counter() - t0, config=str(mc), model=self.spec.name,
-                          device=self.device, lm_head=(m.lm_head_format, m.lm_head_setting.value))
+        return EvalResult(**summarize(per), seconds=time.perf_counter() - t0, config=str(mc), model=self.spec.name,
+                          device=self.device, lm_head=(m.lm_head_format, m.lm_head_setting.value),
+                          windows=self.windows, top1_windows=rec.top1_by_window(), record=rec,
+                          stats=kld_stats(kld=per["kld"].numpy(), dp=per["dp"].numpy(), top1=per["top1"].numpy()))

@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each entry is a module under sweep.commands that defines register(subparsers).
-COMMAND_MODULES = ("evaluate", "perf", "run", "worker", "status", "report", "pareto", "check", "bench")
+COMMAND_MODULES = ("evaluate", "compare", "perf", "run", "worker", "status", "report", "pareto", "check", "bench")
 
 
 class UserError(Exception):

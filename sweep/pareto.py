@@ -18,10 +18,16 @@ Definitions (stated here once, used by the report, the plots and the notebook):
   adds volume. Reports print the reference point next to the number.
 * Knee: the front point closest (Euclidean) to the ideal point after scaling each objective to
   [0, 1] over the front (1 = best); a single-point front is its own knee.
-* Within noise: a point off the front whose Top-1 95% Wilson interval overlaps the interval of
-  some front point that it matches or beats on every other objective considered (for the 2-D
-  Top-1 / speed front: a point at equal or better speed). Such a point cannot be told apart from
-  the front with this many scored tokens.
+* Within noise (`NOISE_PAIRED`): a point off the front is within noise unless a front point
+  dominates it at 95%. The front points compared with it are those at equal or better value on
+  every other objective considered (for the 2-D Top-1 / speed front: at equal or better speed);
+  each is tested against it with the exact McNemar test on the per-token Top-1 hits
+  (`engine.stats`: same tokens, so only the discordant ones count), a front point counting only
+  when it wins more discordant tokens, and the p-values are Holm-corrected over those front
+  points. A point no front point beats significantly cannot be told apart from the front.
+  Studies whose trials lack per-token records fall back to the unpaired rule (`NOISE_WILSON`):
+  the point's Top-1 95% Wilson interval overlaps such a front point's. `DeviceFront.noise_rule`
+  says which rule was used.
 """
 from __future__ import annotations
 
@@ -34,6 +40,11 @@ import moocore
 import numpy as np
 
 from sweep.records import TrialRecord, direction
+
+NOISE_PAIRED = ("no front point at equal or better speed has a significantly higher Top-1: exact McNemar test on "
+                "the per-token Top-1 hits, Holm-corrected over those front points, 95%")
+NOISE_WILSON = ("Top-1 95% Wilson interval overlaps that of a front point at equal or better speed (unpaired: "
+                "the trials have no per-token records)")
 
 MAXIMIZE, MINIMIZE = "maximize", "minimize"
 
@@ -161,6 +172,32 @@ def within_noise_mask(
     return out
 
 
+def within_noise_paired(
+    records: Sequence,
+    others: np.ndarray | Sequence,
+    other_directions: Sequence[str],
+    front: np.ndarray,
+    alpha: float = 0.05,
+) -> np.ndarray:
+    """Points off `front` that no front point at equal or better value on every column of
+    `others` beats on Top-1 at level `alpha` (exact McNemar on the per-token records,
+    `engine.stats.TokenRecord`, Holm-corrected over the front points compared)."""
+    from engine.stats import holm, significantly_better
+
+    front = np.asarray(front, dtype=bool)
+    n = front.size
+    o = _as_max(others, other_directions) if len(other_directions) else np.zeros((n, 0))
+    out = np.zeros(n, dtype=bool)
+    f_idx = np.flatnonzero(front)
+    for i in np.flatnonzero(~front):
+        cand = f_idx[(o[f_idx] >= o[i][None, :]).all(axis=1)]
+        if not cand.size:
+            continue
+        reject, _ = holm([significantly_better(records[j], records[i]) for j in cand], alpha)
+        out[i] = not bool(reject.any())
+    return out
+
+
 def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """95% Wilson score interval for a proportion, in percent."""
     if n <= 0:
@@ -185,6 +222,12 @@ class Point:
     @property
     def config(self) -> str:
         return self.record.config
+
+    def tokens(self):
+        """The trial's per-token record (decoded once), or None."""
+        if not hasattr(self, "_tokens"):
+            self._tokens = self.record.tokens_record()
+        return self._tokens
 
     def value(self, objective: str) -> float:
         return self.record.objective(objective)
@@ -268,6 +311,7 @@ class DeviceFront:
     knee: int | None
     hypervolume: float
     reference: list[float]
+    noise_rule: str = NOISE_PAIRED  # the test behind within_noise (NOISE_PAIRED or NOISE_WILSON)
 
 
 @dataclass
@@ -310,7 +354,9 @@ class Analysis:
                 "trial": p.number, "model": r.model, "config": r.config,
                 "top1": r.top1, "top1_lo": r.top1_ci[0], "top1_hi": r.top1_ci[1],
                 "top5": r.top5, "top5_lo": r.top5_ci[0], "top5_hi": r.top5_ci[1],
-                "kld": r.kld, "ppl": r.ppl, "ref_ppl": r.ref_ppl, "tokens": r.tokens,
+                "kld": r.kld, "ppl": r.ppl, "ref_ppl": r.ref_ppl, "tokens": r.tokens, "windows": r.windows,
+                "kld_se": r.kld_stats.get("kld_se", math.nan), "kld_p99": r.kld_stats.get("kld_p99", math.nan),
+                "rms_dp": r.kld_stats.get("rms_dp", math.nan),
             }
             for d in self.info.devices:
                 row[f"speed:{d}"] = r.speed.get(d, math.nan)
@@ -354,14 +400,18 @@ def device_front(points: Sequence[Point], device: str) -> DeviceFront:
     dirs = directions_of(objs)
     v = values_of(pts, objs)
     m = pareto_mask(v, dirs)
-    ci = np.array([p.record.top1_ci for p in pts], dtype=float)
-    noise = within_noise_mask(ci, v[:, 1:], dirs[1:], m)
+    records = [p.tokens() for p in pts]
+    if all(r is not None for r in records):
+        noise, rule = within_noise_paired(records, v[:, 1:], dirs[1:], m), NOISE_PAIRED
+    else:
+        ci = np.array([p.record.top1_ci for p in pts], dtype=float)
+        noise, rule = within_noise_mask(ci, v[:, 1:], dirs[1:], m), NOISE_WILSON
     k = knee_index(v, dirs, m)
     ref = default_reference(v, dirs)
     order = sorted(np.flatnonzero(m), key=lambda i: (-v[i, 1], -v[i, 0], pts[i].number))
     return DeviceFront(
         device, objs, [pts[i].number for i in order], [pts[i].number for i in np.flatnonzero(noise)],
-        None if k is None else pts[k].number, hypervolume(v[m], dirs, ref), [float(x) for x in ref],
+        None if k is None else pts[k].number, hypervolume(v[m], dirs, ref), [float(x) for x in ref], rule,
     )
 
 
@@ -445,6 +495,7 @@ __all__ = [
     "Analysis", "DeviceFront", "Point", "StudyInfo", "analyze", "complete_points", "default_reference",
     "device_front", "directions_of", "front_2d", "front_indices", "front_of", "hypervolume",
     "intervals_overlap", "knee_index", "nondominated_ranks", "open_storage", "open_study", "optuna_front_numbers", "pareto_mask",
-    "records_by_config", "study_info", "values_of", "wilson_interval", "within_noise_mask",
+    "records_by_config", "study_info", "values_of", "wilson_interval", "within_noise_mask", "within_noise_paired",
+    "NOISE_PAIRED", "NOISE_WILSON",
 ]
 

@@ -3,7 +3,9 @@
 Per model and device: Speed (t/s/u) vs Top-1 (%) (lt's plot: points numbered by trial, the front
 as a red line, each front point's config in a footnote), TTFT (ms) vs Top-1 (%); per model:
 Top-1 vs Top-5 (accuracy does not depend on the device). Accuracy error bars are the 95% Wilson
-intervals. Fronts are the 2-D fronts of each projection (sweep.pareto), not Optuna's plot.
+intervals. Fronts are the 2-D fronts of each projection (sweep.pareto), not Optuna's plot. Points
+"within noise of the front" follow sweep.pareto's rule (a paired test on the per-token records;
+the footnote and the index page name the test used).
 """
 from __future__ import annotations
 
@@ -295,7 +297,8 @@ def write_plots(analysis: Analysis, out: str | Path) -> PlotResult:
             knee = df.knee if df else None
             f1 = plot_front(pts, "top1", f"speed:{dev}", sdir / f"{_slug(model)}_{dev}_speed_vs_top1",
                             f"{name} on {dev}: Speed vs Top-1 ({analysis.info.name}, {ntr})",
-                            noise=noise, knee=knee, footer=speed_note)
+                            noise=noise, knee=knee,
+                            footer=speed_note + (f" Hollow orange: within noise of the front ({df.noise_rule})." if df else ""))
             f2 = plot_front(pts, "top1", f"ttft:{dev}", sdir / f"{_slug(model)}_{dev}_ttft_vs_top1",
                             f"{name} on {dev}: TTFT vs Top-1 ({analysis.info.name}, {ntr})",
                             footer=speed_note)
@@ -364,8 +367,8 @@ def write_index(analysis: Analysis, sdir: Path, sections) -> Path:
             df = analysis.devices[dev]
             lines += [f"### {dev}: Top-1 / speed front", ""]
             lines += front_table(analysis, dev)
-            lines += ["", f"Within noise of the front (Top-1 interval overlaps a front point's at equal or better "
-                      f"speed): {', '.join(map(str, df.within_noise)) or 'none'}. Knee: {df.knee}. Hypervolume "
+            lines += ["", f"Within noise of the front ({df.noise_rule}): "
+                      f"{', '.join(map(str, df.within_noise)) or 'none'}. Knee: {df.knee}. Hypervolume "
                       f"{df.hypervolume:.5g} with reference point (Top-1 {df.reference[0]:.2f} %, speed "
                       f"{df.reference[1]:.2f} t/s/u)." if df.reference else "", ""]
             for d, f in figs:

@@ -3,12 +3,23 @@
 This is the contract between the runner (`sweep.study`, which writes it) and everything that
 reads studies (`sweep.pareto`, `sweep.report`, `sweep.plots`, the notebook). The canonical config
 string is the join key for reports.
+
+The per-token record (`engine.token_record.TokenRecord`) travels with the trial as the user
+attribute `token_record`: base64 text of its compressed .npz (a few KB per window), so studies on
+any storage, on any host, can run paired tests (`sweep compare STUDY 3 7`, the within-noise rule
+of `sweep.pareto`). `TrialRecord.tokens_record()` / `token_record_of(attrs)` decode it.
+`accuracy_attrs` is the one place that turns an evaluation (or a numerically equal trial's
+attributes) into the accuracy part of a TrialRecord.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+#: Accuracy fields of a TrialRecord: what an evaluation fills and a numerically equal trial reuses.
+ACCURACY_FIELDS = ("top1", "top5", "top1_ci", "top5_ci", "kld", "ppl", "ref_ppl", "tokens",
+                   "windows", "top1_windows", "kld_stats", "token_record")
 
 
 @dataclass
@@ -29,6 +40,10 @@ class TrialRecord:
     host: str = ""
     reused_from: str | None = None  # config string whose accuracy was reused (numerically equal)
     decoder_json: dict | None = None  # tt-metal decoder JSON of the config
+    windows: int = 1  # disjoint evaluation windows (tokens = windows x decode)
+    top1_windows: list[float] = field(default_factory=list)  # Top-1 (%) per window
+    kld_stats: dict[str, float] = field(default_factory=dict)  # engine.stats.kld_stats (llama.cpp style)
+    token_record: str | None = None  # base64 per-token record (engine.token_record); None in old studies
     # device -> {top1, top5, top1_ci, top5_ci, kld} where the device's numerics differ from the primary
     # device's (tensor-parallel rounding); other devices' accuracy is the top-level one
     accuracy: dict[str, dict] = field(default_factory=dict)
@@ -51,6 +66,10 @@ class TrialRecord:
         d["top1_ci"], d["top5_ci"] = tuple(d["top1_ci"]), tuple(d["top5_ci"])
         return cls(**d)
 
+    def tokens_record(self):
+        """The decoded per-token record (`engine.token_record.TokenRecord`), or None when the trial has none."""
+        return token_record_of({"token_record": self.token_record})
+
     def objective(self, name: str) -> float:
         """Value of an objective named `top1`, `top5`, `kld`, `speed:N150` or `ttft:N300`."""
         kind, _, device = name.partition(":")
@@ -72,3 +91,27 @@ DIRECTIONS = {"top1": "maximize", "top5": "maximize", "speed": "maximize", "ttft
 
 def direction(objective: str) -> str:
     return DIRECTIONS[objective.partition(":")[0]]
+
+
+def token_record_of(attrs: Mapping[str, Any]):
+    """Decode the `token_record` user attribute of a trial (None when absent; RecordError when corrupt)."""
+    text = attrs.get("token_record")
+    if not text:
+        return None
+    from engine.token_record import TokenRecord
+
+    return TokenRecord.from_base64(text)
+
+
+def accuracy_attrs(source) -> dict[str, Any]:
+    """The accuracy fields of a TrialRecord (ACCURACY_FIELDS) from an `engine.accuracy.EvalResult`
+    or from the user attributes of a trial whose accuracy is reused (older trials may lack the
+    newer fields: they get the defaults)."""
+    if isinstance(source, Mapping):
+        d = {k: source[k] for k in ACCURACY_FIELDS if k in source}
+    else:
+        d = {k: getattr(source, k) for k in ACCURACY_FIELDS[:8]}
+        d |= {"windows": source.windows, "top1_windows": list(source.top1_windows), "kld_stats": dict(source.stats),
+              "token_record": source.record.to_base64() if source.record is not None else None}
+    d["top1_ci"], d["top5_ci"] = tuple(d["top1_ci"]), tuple(d["top5_ci"])
+    return d

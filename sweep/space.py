@@ -20,6 +20,9 @@ A study file is TOML. Only ``[study]`` (with ``model``) and ``[space]`` are requ
     [eval]                              # accuracy evaluation (teacher forced)
     prefill = 512                       # default 512
     decode = 511                        # default 511; longer = finer Top-1 resolution
+    windows = 1                         # default 1 (tt-metal's method); N scores N disjoint
+                                        # 1024-token windows of the text (N x 511 positions),
+                                        # each against its own cached fp32 reference
 
     [perf]                              # performance-model settings for speed / TTFT
     batch = 1                           # defaults: the seed's performance runs
@@ -142,7 +145,7 @@ WEIGHT_COUPLING = {
 TOP_KEYS = ("study", "eval", "perf", "sampler", "constraints", "space", "numerics")
 NUMERICS_KEYS = ("silu", "lm_head")  # version switches and model-level numerics (engine.accuracy.Evaluator)
 STUDY_KEYS = ("name", "model", "devices", "objectives", "storage", "description")
-EVAL_KEYS = ("prefill", "decode")
+EVAL_KEYS = ("prefill", "decode", "windows")
 PERF_KEYS = ("batch", "prefill", "decode", "dp")
 SAMPLER_KEYS = {
     "grid": ("kind",),
@@ -154,7 +157,8 @@ CONSTRAINT_KEYS = ("metric", "min", "max")
 SPACE_META_KEYS = ("base", "configs", "couple", "natural", "layers")
 SPACE_KEYS = SPACE_META_KEYS + FIELD_NAMES
 LAYERS_KEYS = ("first", "last", "groups")
-EVAL_DEFAULTS = {"prefill": 512, "decode": 511}
+EVAL_DEFAULTS = {"prefill": 512, "decode": 511, "windows": 1}
+MAX_WINDOWS = 128  # the evaluation text holds ~170 windows of 1024 SmolLM2 tokens
 PERF_DEFAULTS = {"batch": 1, "prefill": 128, "decode": 200, "dp": 1}
 MAX_GRID = 100_000  # configs a grid may enumerate and queue
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -390,7 +394,8 @@ class StudySpec:
             "devices": list(self.devices),
             "objectives": list(self.objectives),
             "constraints": [c.to_dict() for c in self.constraints],
-            "eval": dict(self.eval),
+            # windows = 1 (the default) is left out, so studies made before windows existed still match
+            "eval": {k: v for k, v in self.eval.items() if not (k == "windows" and v == 1)},
             "perf": dict(self.perf),
             "sampler": self.sampler.to_dict(),
             "space": self.space_doc,
@@ -599,6 +604,8 @@ def parse_spec(doc: Mapping, where: str = "<study>", path: str | None = None, n_
     ev = dict(EVAL_DEFAULTS)
     for k, v in _check_keys(where, "eval", doc.get("eval", {}), EVAL_KEYS).items():
         ev[k] = _int(where, f"eval.{k}", v)
+    if ev["windows"] > MAX_WINDOWS:
+        raise _fail(where, f"eval.windows must be <= {MAX_WINDOWS}, not {ev['windows']}")
     pf = dict(PERF_DEFAULTS)
     for k, v in _check_keys(where, "perf", doc.get("perf", {}), PERF_KEYS).items():
         pf[k] = _int(where, f"perf.{k}", v)

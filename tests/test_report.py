@@ -115,14 +115,14 @@ def test_every_table_carries_a_speed_provenance_line():
         note = b.notes()["SmolLM2-135M"]
         assert "performance-model predictions, not measurements" in note
         assert "synthetic test fixture" in note  # the study's perf_calibration
-        assert report.accuracy_settings(b, "SmolLM2-135M") == {"prefill": 512, "decode": 511}
+        assert report.accuracy_settings(b, "SmolLM2-135M") == {"prefill": 512, "decode": 511, "windows": 1}
 
 
 def test_eval_settings_come_from_the_spec():
     study = build_study()
     study.set_user_attr("spec", {"eval": {"prefill": 256, "decode": 255}})
     text = build_report(study)
-    assert report.accuracy_settings(report.sections(text)[0], "SmolLM2-135M") == {"prefill": 256, "decode": 255}
+    assert report.accuracy_settings(report.sections(text)[0], "SmolLM2-135M") == {"prefill": 256, "decode": 255, "windows": 1}
 
 
 def test_markdown_round_trip():

@@ -41,7 +41,7 @@ def test_lt_pareto_is_the_seed_sweep():
     spec = load_spec(STUDIES / "lt-pareto.toml", n_layers=30)
     assert spec.name == "lt-pareto" and spec.model == "smollm2-135m"
     assert spec.devices == ["N150"] and spec.primary == "N150"  # SmolLM2's 9 heads do not split over 2 chips
-    assert spec.eval == {"prefill": 512, "decode": 511}
+    assert spec.eval == {"prefill": 512, "decode": 511, "windows": 1}
     assert spec.perf == {"batch": 1, "prefill": 128, "decode": 200, "dp": 1}
     assert spec.is_grid and spec.space.size == 13  # the seed's 12 + the accuracy preset (by name)
     got = [str(mc) for _, mc in spec.space.grid()]

@@ -1,59 +1,86 @@
-"""`sweep eval --model NAME --config CONFIG [--prefill 512 --decode 511] [--json]`: one accuracy
-trial (engine.accuracy.Evaluator) of a preset or config string against the fp32 reference."""
+"""`sweep eval --model NAME --config CONFIG [--device N150] [--prefill 512 --decode 511] [--windows N] [--json]`: one
+accuracy trial (engine.accuracy.Evaluator) of a preset or config string against the fp32 reference,
+with llama.cpp-style KLD statistics and, for N windows, each window's Top-1."""
 from __future__ import annotations
 
 import json
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="evaluate one config's accuracy (Top-1/Top-5, KLD, perplexity) against the fp32 reference",
-        description=__doc__,
-    )
+def add_eval_args(p, windows_help: str = "disjoint 1024-token windows scored (default 1: tt-metal's method)") -> None:
+    """--model, --prefill, --decode, --windows, --lm-head and --cache-dir (shared with `sweep compare`)."""
     p.add_argument("--model", default="smollm2-135m",
                    help="registry name (smollm2-135m, tiny-llama, tiny-qwen2, tiny-phi3) or a path to an HF directory / .gguf")
-    p.add_argument("--config", default="defaults",
-                   help="preset (performance, accuracy, reference, defaults) or config string "
-                        "'precision_cfg = {...}, fidelity_cfg = {...}' (optionally '; decoders = {i: ...}')")
     p.add_argument("--prefill", type=int, default=512, help="prefill tokens (default 512)")
     p.add_argument("--decode", type=int, default=511, help="teacher-forced decode steps scored (default 511)")
-    p.add_argument("--device", default="N150",
-                   help="Wormhole system whose numerics are emulated (N150, N300, T3K): tensor-parallel "
-                        "rounding of wo / w2 depends on it (default N150)")
+    p.add_argument("--windows", type=int, default=1, help=windows_help)
     p.add_argument("--lm-head", default=None, metavar="FORMAT,FIDELITY",
                    help="override the model-level LM head, e.g. bf16,hifi4 (default bfp8,hifi2fp16 as tt_transformers)")
     p.add_argument("--cache-dir", default=None, help="cache root (default $TTSWEEP_CACHE or ~/.cache/ttsweep)")
+
+
+def evaluator_for(args, configs, device: str | None = None):
+    """Validate model, configs and --windows cheaply (bad input fails before any model loads),
+    then build the Evaluator (given `device` when the engine emulates per device)."""
+    from engine.accuracy import Evaluator
+    from engine.config import ModelConfig
+    from engine.loaders import model_spec
+    from engine.shapes import check_context, from_spec
+    from sweep.cli import UserError
+
+    if args.windows < 1:
+        raise UserError(f"--windows must be >= 1, not {args.windows}")
+    spec = model_spec(args.model, cache=args.cache_dir)  # cheap: unknown models and bad configs fail fast
+    check_context(from_spec(spec), args.prefill, args.decode, "--prefill + --decode")
+    for c in configs:
+        ModelConfig.parse(c, spec.n_layers, spec.name)
+    lm_head = parse_lm_head(args.lm_head) if getattr(args, "lm_head", None) else None
+    return Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir,
+                     windows=args.windows, device=device or "N150", lm_head=lm_head)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate one config's accuracy (Top-1/Top-5, KLD statistics, perplexity) against the fp32 reference",
+        description=__doc__,
+    )
+    add_eval_args(p)
+    p.add_argument("--device", default="N150",
+                   help="Wormhole system whose numerics are emulated (N150, N300, T3K): tensor-parallel "
+                        "rounding of wo / w2 depends on it (default N150)")
+    p.add_argument("--config", default="defaults",
+                   help="preset (performance, accuracy, reference, defaults) or config string "
+                        "'precision_cfg = {...}, fidelity_cfg = {...}' (optionally '; decoders = {i: ...}')")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from engine.accuracy import Evaluator
-    from engine.config import ModelConfig
-    from engine.loaders import model_spec
-
-    from engine.shapes import check_context, from_spec
-
-    spec = model_spec(args.model, cache=args.cache_dir)  # cheap: unknown models and bad configs fail fast
-    check_context(from_spec(spec), args.prefill, args.decode, "--prefill + --decode")
-    ModelConfig.parse(args.config, spec.n_layers, spec.name)
-    lm_head = parse_lm_head(args.lm_head) if args.lm_head else None
-    ev = Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir,
-                   device=args.device, lm_head=lm_head)
-    mc = ev.model_config(args.config)
-    r = ev.evaluate(mc)
+    ev = evaluator_for(args, [args.config], device=args.device)
+    r = ev.evaluate(ev.model_config(args.config))
     if args.json:
         d = r.to_dict()
         d |= {"prefill": args.prefill, "decode": args.decode}
         print(json.dumps(d))
         return 0
-    print(f"{r.model} on {r.device}: {r.tokens} teacher-forced decode steps after a {args.prefill}-token prefill")
+    s = r.stats
+    if r.windows > 1:
+        print(f"{r.model} on {r.device}: {r.tokens} scored positions: {args.decode} teacher-forced decode steps "
+              f"after a {args.prefill}-token prefill in each of {r.windows} windows")
+    else:
+        print(f"{r.model} on {r.device}: {r.tokens} teacher-forced decode steps after a {args.prefill}-token prefill")
     print(f"  config  {r.config}")
     print(f"  lm_head {r.lm_head[0]} + {r.lm_head[1]}")
     print(f"  Top-1 {r.top1:.1f}% [{r.top1_ci[0]:.1f}, {r.top1_ci[1]:.1f}]   "
           f"Top-5 {r.top5:.1f}% [{r.top5_ci[0]:.1f}, {r.top5_ci[1]:.1f}]  (95% Wilson)")
-    print(f"  KLD {r.kld:.5f} nats   perplexity {r.ppl:.3f} (reference {r.ref_ppl:.3f})   {r.seconds:.1f} s")
+    if r.windows > 1:
+        w = r.top1_windows
+        print(f"  Top-1 per window {', '.join(f'{x:.1f}' for x in w)}  (range {min(w):.1f}-{max(w):.1f}, "
+              f"sd {r.top1_window_sd:.2f})")
+    print(f"  KLD mean {s['kld_mean']:.5f} +- {s['kld_se']:.5f}  median {s['kld_p50']:.5f}  p90 {s['kld_p90']:.5f}  "
+          f"p99 {s['kld_p99']:.4f}  p99.9 {s['kld_p999']:.4f}  max {s['kld_max']:.4f} nats")
+    print(f"  RMS dp {s['rms_dp']:.3f} +- {s['rms_dp_se']:.3f} %   same top p {s['same_top_p']:.2f} +- "
+          f"{s['same_top_p_se']:.2f} %   perplexity {r.ppl:.3f} (reference {r.ref_ppl:.3f})   {r.seconds:.1f} s")
     return 0
 
 

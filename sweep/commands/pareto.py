@@ -32,5 +32,5 @@ def run(args) -> int:
         print(f"interactive page: {write_page(a, args.html)}")
     for dev, df in a.devices.items():
         print(f"{dev}: Top-1/speed front = trials {', '.join(map(str, df.front))}; knee {df.knee}; "
-              f"within noise {', '.join(map(str, df.within_noise)) or 'none'}")
+              f"within noise {', '.join(map(str, df.within_noise)) or 'none'} ({df.noise_rule})")
     return 0

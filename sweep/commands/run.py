@@ -56,7 +56,7 @@ def _plan(spec) -> int:
     print(f"study {spec.name}: model {spec.model}, devices {', '.join(spec.devices)} (primary {spec.primary})")
     print(f"  objectives: {', '.join(spec.objectives)}"
           + (f"; constraints: {', '.join(c.key for c in spec.constraints)}" if spec.constraints else ""))
-    print(f"  eval: prefill {spec.eval['prefill']}, decode {spec.eval['decode']}; perf: "
+    print(f"  eval: prefill {spec.eval['prefill']}, decode {spec.eval['decode']}, windows {spec.eval['windows']}; perf: "
           + ", ".join(f"{k} {v}" for k, v in spec.perf.items()))
     print(f"  space: {spec.space.size} configs, parameters: "
           + ", ".join(f"{p.name}({len(p.choices)})" for p in spec.space.params))

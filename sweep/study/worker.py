@@ -42,7 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from engine.config import ModelConfig
 from sweep.equivalence import numerics_digest
-from sweep.records import TrialRecord
+from sweep.records import TrialRecord, accuracy_attrs
 from sweep.space import StudySpec
 from sweep.study import identity, locks
 from sweep.study.prepare import make_sampler
@@ -144,8 +144,7 @@ class Worker:
                 kw["lm_head"] = tuple(num["lm_head"])
             emulated = device if self._layouts()[device] else self.spec.primary if self._layouts()[self.spec.primary] else "N150"
             with locks.study_lock(self.spec, "evaluator"):
-                self.evaluators[lay] = Evaluator(self.spec.model, prefill=self.spec.eval["prefill"],
-                                                 decode=self.spec.eval["decode"], device=emulated, **kw)
+                self.evaluators[lay] = Evaluator(self.spec.model, **self.spec.eval, device=emulated, **kw)  # prefill, decode, windows
         self.evaluator = self.evaluators[lay]
         return self.evaluator
 
@@ -239,8 +238,7 @@ class Worker:
         src = self._find_equal(digest, trial.number)
         if src is not None:
             a = src.user_attrs
-            acc = {k: a[k] for k in ("top1", "top5", "top1_ci", "top5_ci", "kld", "ppl", "ref_ppl", "tokens")}
-            acc["top1_ci"], acc["top5_ci"] = tuple(acc["top1_ci"]), tuple(acc["top5_ci"])
+            acc = accuracy_attrs(a)  # with its per-token record: the numerics are equal
             acc["accuracy"] = dict(a.get("accuracy") or {})
             reused_from = a.get("reused_from") or a["config"]
             wall = 0.0
@@ -269,8 +267,7 @@ class Worker:
                     per_device[d] = dict(top1=r.top1, top5=r.top5, top1_ci=list(r.top1_ci), top5_ci=list(r.top5_ci), kld=r.kld)
             self.in_eval = False
             wall = time.perf_counter() - t0
-            acc = dict(top1=res.top1, top5=res.top5, top1_ci=tuple(res.top1_ci), top5_ci=tuple(res.top5_ci),
-                       kld=res.kld, ppl=res.ppl, ref_ppl=res.ref_ppl, tokens=res.tokens, accuracy=per_device)
+            acc = accuracy_attrs(res) | {"accuracy": per_device}
             reused_from = None
         from engine import perf
 
