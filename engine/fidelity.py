@@ -47,6 +47,7 @@ compiler exists, else in a torch loop that computes the same bits (`dest16_torch
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -211,9 +212,23 @@ def _dest16_block(xs: torch.Tensor, ws: torch.Tensor, init: torch.Tensor | None,
     N = ws.shape[-1]
     out = torch.empty(B, M, N)
     init_p = None if init is None else init.contiguous()
-    fn(xs.data_ptr(), ws.data_ptr(), None if init_p is None else init_p.data_ptr(), out.data_ptr(),
-       B, P, M, K, N, int(ws.shape[0] != 1), kb)
+    args = (xs.data_ptr(), ws.data_ptr(), None if init_p is None else init_p.data_ptr(), out.data_ptr(),
+            B, P, M, K, N, int(ws.shape[0] != 1), kb)
+    items = B * -(-N // 16)  # (batch, 16-column panel) work items
+    n = max(1, min(torch.get_num_threads(), items))
+    if n == 1:
+        fn(*args, 0, items)
+    else:  # ctypes releases the GIL: disjoint item ranges on n threads
+        cuts = [items * i // n for i in range(n + 1)]
+        list(_pool(n).map(lambda r: fn(*args, *r), zip(cuts[:-1], cuts[1:])))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(n: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(n, thread_name_prefix="dest16")
 
 
 def _blocks(K: int, kb: int) -> list[tuple[int, int]]:

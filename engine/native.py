@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 _SRC = Path(__file__).with_name("kernels") / "dest16.c"
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-fast-math", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-fast-math", "-shared", "-fPIC"]
 
 
 def _cpu_id() -> str:
@@ -66,6 +66,6 @@ def dest16():
         return None
     fn = lib.dest16_block
     p, i = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, i, i, i, i, i, i, i]
+    fn.argtypes = [p, p, p, p, i, i, i, i, i, i, i, i, i]
     fn.restype = None
     return fn

@@ -13,6 +13,10 @@
  * after); w is the raw fp32 weight [Bw, K, N], sliced here while packing: phases 0 and 2 read wh
  * (hidden one + top 4 mantissa bits), phases 1 and 3 wl (the next 3 bits), denormals flushed.
  *
+ * Work items are (batch, 16-column panel) pairs, numbered b * npanels + panel; one call computes
+ * items item0..item1-1, so callers run disjoint ranges on several threads (no OpenMP runtime: it
+ * would be a second one beside torch's).
+ *
  * Layout: a 6-row x 16-column micro-tile of partials lives in vector registers; the weight's
  * 16-column panel (all phases, all of K) is packed once per panel so the k loop streams it.
  */
@@ -49,16 +53,16 @@ static inline float w_slice(float v, int64_t p) {
 static inline v8 splat(float a) { return (v8){a, a, a, a, a, a, a, a}; }
 
 void dest16_block(const float *x, const float *w, const float *init, float *out,
-                  int64_t B, int64_t P, int64_t M, int64_t K, int64_t N, int64_t w_batched, int64_t kb) {
+                  int64_t B, int64_t P, int64_t M, int64_t K, int64_t N, int64_t w_batched, int64_t kb,
+                  int64_t item0, int64_t item1) {
     const int64_t block_tiles = kb > 0 ? kb / 32 : K / 32;
     const int64_t npanels = (N + NB - 1) / NB;
     const int64_t T = K / 32;
-#pragma omp parallel
     {
         float *panel = aligned_alloc(32, (size_t)(P * K * NB) * sizeof(float));
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t b = 0; b < B; b++) {
-            for (int64_t jb = 0; jb < npanels; jb++) {
+        for (int64_t item = item0; item < item1 && item < B * npanels; item++) {
+            const int64_t b = item / npanels, jb = item % npanels;
+            {
                 const int64_t n0 = jb * NB;
                 const int64_t nb = (N - n0) < NB ? (N - n0) : NB;
                 const float *wb = w + (w_batched ? b : 0) * K * N;
