@@ -17,9 +17,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-#: Accuracy fields of a TrialRecord: what an evaluation fills and a numerically equal trial reuses.
-ACCURACY_FIELDS = ("top1", "top5", "top1_ci", "top5_ci", "kld", "ppl", "ref_ppl", "tokens",
-                   "windows", "top1_windows", "kld_stats", "token_record")
+#: Accuracy fields of a TrialRecord: what an evaluation fills and a numerically equal trial reuses
+#: (the first ones are `engine.accuracy.EvalResult` attributes of the same name).
+EVAL_FIELDS = ("top1", "top5", "top1_ci", "top5_ci", "kld", "ppl", "ref_ppl", "tokens", "windows", "top1_windows")
+ACCURACY_FIELDS = EVAL_FIELDS + ("kld_stats", "token_record")
 
 
 @dataclass
@@ -110,8 +111,8 @@ def accuracy_attrs(source) -> dict[str, Any]:
     if isinstance(source, Mapping):
         d = {k: source[k] for k in ACCURACY_FIELDS if k in source}
     else:
-        d = {k: getattr(source, k) for k in ACCURACY_FIELDS[:8]}
-        d |= {"windows": source.windows, "top1_windows": list(source.top1_windows), "kld_stats": dict(source.stats),
+        d = {k: getattr(source, k) for k in EVAL_FIELDS}
+        d |= {"top1_windows": list(source.top1_windows), "kld_stats": dict(source.stats),
               "token_record": source.record.to_base64() if source.record is not None else None}
     d["top1_ci"], d["top5_ci"] = tuple(d["top1_ci"]), tuple(d["top5_ci"])
     return d
