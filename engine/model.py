@@ -496,9 +496,9 @@ class Model:
         m = h.shape[0]
         h = _pad_rows(h)
         x = _rms_norm(h, self.weight("model.norm.weight", ug), s.rms_eps, h_fmt)  # norm keeps its input's dtype
-        x = x[:m]  # rows are independent: the padding rows' logits are never read
-        if full:
-            return torch.matmul(x, self.weight("lm_head", FULL))
+        if full:  # BLAS: keep whole tiles of rows so one row and many rows take the same kernel
+            return torch.matmul(x, self.weight("lm_head", FULL))[:m]
+        x = x[:m]  # the emulated matmuls are row-independent: padding rows' logits are never read
         logits = mm(self.lm_head_setting, x, self.weight("lm_head", self.lm_head_format), self._prog[False].lm_head,
                     self.logits_format, "bf16")  # LM head: a DRAM-sharded matmul in both modes
         return rnd(logits, self.logits_format)
