@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 from optuna.trial import TrialState
 
 from sweep.space import load_spec
