@@ -71,6 +71,7 @@ def page_data(analysis: Analysis) -> dict:
             "ttft": [p.number for p in front_2d(usable, "top1", f"ttft:{d}")],
             "knee": df.knee if df else None,
             "within_noise": list(df.within_noise) if df else [],
+            "noise_rule": df.noise_rule if df else "",
             "hypervolume": df.hypervolume if df else None,
         }
     return {
@@ -316,8 +317,8 @@ function row(table, p, values) {
 function tables(pts, dev) {
   const fr = DATA.fronts[dev], shown = new Set(pts.map((p) => p.n));
   $("front-title").textContent = `${dev}: Top-1 / speed front`;
-  $("front-note").textContent = `Knee: trial ${fr.knee ?? "none"}. Within noise of the front (Top-1 interval overlaps a ` +
-    `front point's at equal or better speed): ${fr.within_noise.join(", ") || "none"}. Hypervolume ` +
+  $("front-note").textContent = `Knee: trial ${fr.knee ?? "none"}. Within noise of the front (${fr.noise_rule}): ` +
+    `${fr.within_noise.join(", ") || "none"}. Hypervolume ` +
     `${fr.hypervolume === null ? "" : fr.hypervolume.toPrecision(5)}. Study front over ${DATA.objectives.join(", ")}: ` +
     `trials ${DATA.front.join(", ")}.`;
   const ft = $("front-table");
