@@ -456,6 +456,15 @@ def device_layout(device: str) -> tuple[int, str]:
     return rep.tp, rep.layout
 
 
+def numerics_layout(spec: ModelSpec, device: str) -> tuple[int, int]:
+    """(tensor-parallel chips, chips wo is split over) of `device` for this model: what the device
+    adds to a config's numerics (sweep.equivalence's `layout`). ValueError where not emulated."""
+    from engine.programs import wo_fused
+
+    tp, topology = device_layout(device)
+    return tp, 1 if wo_fused(spec, tp, topology) else tp
+
+
 class Evaluator:
     """Loads a model, its tokens and its fp32 reference once; `evaluate(config)` runs one trial.
 
@@ -519,9 +528,7 @@ class Evaluator:
     @property
     def layout(self) -> tuple[int, int]:
         """(tensor-parallel chips, chips wo is split over): what the device adds to a config's numerics."""
-        from engine.programs import wo_fused
-
-        return self.tp, 1 if wo_fused(self.spec, self.tp, self.topology) else self.tp
+        return numerics_layout(self.spec, self.device)
 
     def model_config(self, config: ModelConfig | Config | str) -> ModelConfig:
         """A ModelConfig for this model from a ModelConfig, a Config (uniform) or a preset /

@@ -83,6 +83,13 @@ MIXED = "mixed"
 LM_HEAD = ("bfp8", "hifi2fp16")
 
 
+def lm_head_of(fmt: str, setting: str) -> tuple[str, str]:
+    """An LM head (weight format, fidelity setting) checked against the format and setting tables."""
+    if fmt not in formats.FORMATS:
+        raise ConfigError(f"unknown LM head format {fmt!r}; legal formats: {', '.join(formats.FORMATS)}")
+    return fmt, fidelity_of(setting).value
+
+
 def _legal(enum_cls: type[Enum], extra: Iterable[str] = ()) -> str:
     return ", ".join([m.value for m in enum_cls] + list(extra))
 

@@ -84,10 +84,9 @@ def rnd(x: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def mm(setting: FidelitySetting, x: torch.Tensor, w: torch.Tensor, k_block: int | None = None,
        out_fmt: str = "bf16", interm: str | None = None) -> torch.Tensor:
-    """x [..., M, K] (activation, SrcB) @ w (weight, SrcA) under a config fidelity setting -> fp32."""
-    if setting is FidelitySetting.EXACT:
-        return torch.matmul(x, w.float())
-    return fidelity.matmul(x, w, setting.kernel, k_block, out_fmt=out_fmt if out_fmt != FULL else "fp32", interm=interm)
+    """x [..., M, K] (activation, SrcB) @ w (weight, SrcA) under a config fidelity setting -> fp32
+    (`exact` is fidelity's plain fp32 matmul)."""
+    return fidelity.matmul(x, w, setting.kernel, k_block, out_fmt=out_fmt, interm=interm)
 
 
 def sdpa_scale(head_dim: int, full: bool = False) -> float:

@@ -651,7 +651,8 @@ def parse_spec(doc: Mapping, where: str = "<study>", path: str | None = None, n_
 
 def _parse_numerics(where: str, d: Any) -> dict:
     """[numerics]: `silu = "sfpu-piecewise" | "exact"`, `lm_head = ["bfp8", "hifi2fp16"]`."""
-    from engine import fidelity, formats
+    from engine import fidelity
+    from engine.config import lm_head_of
 
     d = _check_keys(where, "numerics", d, NUMERICS_KEYS)
     out: dict[str, Any] = {}
@@ -661,10 +662,12 @@ def _parse_numerics(where: str, d: Any) -> dict:
         out["silu"] = d["silu"]
     if "lm_head" in d:
         v = d["lm_head"]
-        if not (isinstance(v, list) and len(v) == 2 and v[0] in formats.FORMATS and v[1] in fidelity.SETTINGS):
-            raise _fail(where, f"numerics.lm_head {v!r} must be [FORMAT, FIDELITY], e.g. [\"bfp8\", \"hifi2fp16\"]; "
-                               f"formats: {', '.join(formats.FORMATS)}; fidelities: {', '.join(fidelity.SETTINGS)}")
-        out["lm_head"] = list(v)
+        if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)):
+            raise _fail(where, f"numerics.lm_head {v!r} must be [FORMAT, FIDELITY], e.g. [\"bfp8\", \"hifi2fp16\"]")
+        try:
+            out["lm_head"] = list(lm_head_of(*v))
+        except ConfigError as exc:
+            raise _fail(where, f"numerics.lm_head: {exc}") from None
     return out
 
 

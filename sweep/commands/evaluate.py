@@ -86,14 +86,9 @@ def run(args) -> int:
 
 def parse_lm_head(text: str) -> tuple[str, str]:
     """'bfp8,hifi2fp16' -> ('bfp8', 'hifi2fp16'), checked against the format and setting tables."""
-    from engine.config import ConfigError, fidelity_of
-    from engine.formats import get_format
+    from engine.config import ConfigError, lm_head_of
 
     fmt, sep, fid = (t.strip() for t in text.partition(","))
     if not sep:
         raise ConfigError(f"--lm-head {text!r} needs FORMAT,FIDELITY, e.g. bfp8,hifi2fp16")
-    try:
-        get_format(fmt)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    return fmt, fidelity_of(fid).value
+    return lm_head_of(fmt, fid)

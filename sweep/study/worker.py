@@ -130,11 +130,13 @@ class Worker:
 
     # --- one trial ---------------------------------------------------------------------------
     def _evaluator(self, device: str | None = None):
-        """The evaluator for `device`'s numerics (default the primary device), one per layout."""
+        """The evaluator for `device`'s numerics (default the primary device), one per layout. A device
+        whose numerics are not emulated (TG) uses the primary's, and a non-emulated primary N150's."""
         from engine.accuracy import Evaluator
 
-        device = device or self.spec.primary
-        lay = self._layouts()[device] or self._layouts()[self.spec.primary] or ("N150",)
+        layouts = self._layouts()
+        emulated = next((d for d in (device or self.spec.primary, self.spec.primary) if layouts[d]), "N150")
+        lay = layouts.get(emulated) or (1, 1)
         if lay not in self.evaluators:
             kw = {"torch_device": self.torch_device} if self.torch_device else {}  # CPU runs: the engine's default
             num = self.spec.numerics
@@ -142,7 +144,6 @@ class Worker:
                 kw["silu"] = num["silu"]
             if "lm_head" in num:
                 kw["lm_head"] = tuple(num["lm_head"])
-            emulated = device if self._layouts()[device] else self.spec.primary if self._layouts()[self.spec.primary] else "N150"
             with locks.study_lock(self.spec, "evaluator"):
                 self.evaluators[lay] = Evaluator(self.spec.model, **self.spec.eval, device=emulated, **kw)  # prefill, decode, windows
         self.evaluator = self.evaluators[lay]
@@ -151,16 +152,14 @@ class Worker:
     def _layouts(self) -> dict[str, tuple | None]:
         """device -> (tensor-parallel chips, wo split) of its numerics, None where not emulated (TG)."""
         if self._layout_map is None:
-            from engine.accuracy import device_layout
+            from engine.accuracy import numerics_layout
             from engine.loaders import model_spec
-            from engine.programs import wo_fused
 
             spec = model_spec(self.spec.model)
             out = {}
             for d in self.spec.devices:
                 try:
-                    tp, topo = device_layout(d)
-                    out[d] = (tp, 1 if wo_fused(spec, tp, topo) else tp)
+                    out[d] = numerics_layout(spec, d)
                 except ValueError:
                     out[d] = None
             self._layout_map = out
