@@ -72,6 +72,16 @@ class FidelitySetting(Enum):
         return fidelity.SETTINGS[self.value].kernel
 
 
+#: Natural fidelity of each weight precision (the seed's pairing: bfp4+LoFi, bfp8+HiFi2, bf16+HiFi4).
+NATURAL = {"bfp4": "lofi", "bfp8": "hifi2", "bf16": "hifi4"}
+#: The op groups (linears) that read each weight group: what "natural fidelity" couples.
+WEIGHT_READERS = {
+    "ff1_3": ("li_ff1_3",),
+    "ff2": ("li_ff2",),
+    "wqkv": ("li_qkv_decode", "li_qkv_prefill"),
+    "wo": ("li_o_decode", "li_o_prefill"),
+}
+
 #: Values that exist in tt-metal and may appear in an exported decoder JSON (from the records).
 TT_PRECISIONS = tuple(p for p in Precision if p.format.tt_metal)
 TT_FIDELITIES = tuple(f for f in FidelitySetting if fidelity.SETTINGS[f.value].tt_metal)

@@ -6,7 +6,8 @@ import importlib
 import sys
 
 # Each entry is a module under sweep.commands that defines register(subparsers).
-COMMAND_MODULES = ("evaluate", "compare", "perf", "run", "worker", "status", "report", "pareto", "check", "bench")
+COMMAND_MODULES = ("evaluate", "compare", "perf", "run", "worker", "status", "report", "pareto", "check", "sensitivity",
+                   "allocate", "bench")
 
 
 class UserError(Exception):

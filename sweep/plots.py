@@ -25,7 +25,7 @@ from sweep.report import calibration_text, display_name
 
 LABEL = {"top1": "Top-1 (%)", "top5": "Top-5 (%)", "speed": "Speed (t/s/u)", "ttft": "TTFT (ms)"}
 MAX_NUMBERED = 40  # above this many points only front points get numbers (and error bars fade)
-C_POINT, C_FRONT, C_NOISE, C_KNEE = "#4c72b0", "#d62728", "#ff9f1c", "#2ca02c"
+C_POINT, C_FRONT, C_NOISE, C_KNEE, C_ALLOC = "#4c72b0", "#d62728", "#ff9f1c", "#2ca02c", "#7b2cbf"
 
 
 def short_config(config: str) -> str:
@@ -228,6 +228,10 @@ def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, 
     if nz:
         ax.scatter([xs[i] for i in nz], [ys[i] for i in nz], s=30, facecolor="white", edgecolor=C_NOISE, linewidth=1.6,
                    zorder=4, label="within noise of the front")
+    alloc = [i for i, p in enumerate(pts) if p.record.allocation]
+    if alloc:
+        ax.scatter([xs[i] for i in alloc], [ys[i] for i in alloc], s=70, marker="D", facecolor="none", edgecolor=C_ALLOC,
+                   linewidth=1.6, zorder=6, label="allocated per layer (sweep allocate)")
     fx = [p.value(x) for p in front]
     fy = [p.value(y) for p in front]
     ax.plot(fx, fy, "-", color=C_FRONT, linewidth=1.6, zorder=2)
@@ -393,3 +397,32 @@ def _write_top_index(out: Path) -> Path:
 
 
 __all__ = ["Figure", "PlotResult", "front_table", "plot_front", "short_config", "write_index", "write_plots"]
+
+
+def plot_profile(profile, path: Path, title: str, column: str = "d_kld") -> Path:
+    """A sensitivity profile as a layers x (family=choice) heatmap of `column` (delta-KLD, nats;
+    symmetric-log colours: red hurts, blue helps). PNG; returns its path."""
+    import numpy as np
+    from matplotlib.colors import SymLogNorm
+
+    probes = profile[profile["layer"] >= 0]
+    cols = list(dict.fromkeys(f"{r.family}={r.choice}" for r in probes.itertuples()))
+    layers = sorted({int(v) for v in probes["layer"]})
+    grid = np.full((len(layers), len(cols)), np.nan)
+    for r in probes.itertuples():
+        grid[layers.index(int(r.layer)), cols.index(f"{r.family}={r.choice}")] = getattr(r, column)
+    vmax = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+    fig = MplFigure(figsize=(1.6 + 0.42 * len(cols), 1.6 + 0.22 * len(layers)), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes([0.12, 0.2, 0.74, 0.72])
+    im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=SymLogNorm(linthresh=max(vmax * 1e-3, 1e-6), vmin=-vmax, vmax=vmax))
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7.5)
+    ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
+    ax.set_ylabel("decoder layer")
+    ax.set_title(title, fontsize=10)
+    cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    cb.set_label("delta KLD vs base (nats)" if column == "d_kld" else column, fontsize=8)
+    path = Path(path).with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

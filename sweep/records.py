@@ -48,6 +48,8 @@ class TrialRecord:
     # device -> {top1, top5, top1_ci, top5_ci, kld} where the device's numerics differ from the primary
     # device's (tensor-parallel rounding); other devices' accuracy is the top-level one
     accuracy: dict[str, dict] = field(default_factory=dict)
+    # sweep allocate's record of an allocated config (device, budget, predicted damage); None otherwise
+    allocation: dict | None = None
 
     def on(self, device: str | None) -> dict:
         """Top-1 / Top-5 (with intervals) and KLD as emulated for `device`."""
@@ -84,6 +86,13 @@ class TrialRecord:
         if kind in ("top1", "top5", "kld", "ppl"):
             return float(getattr(self, kind))
         raise KeyError(f"unknown objective {name!r}; legal: top1, top5, kld, ppl, speed:DEVICE, ttft:DEVICE")
+
+
+#: Trial user attribute of a trial queued with a config from outside the study's space (an
+#: allocation, a uniform config it is compared with): the worker evaluates that config string.
+QUEUED_CONFIG = "queued_config"
+#: Trial user attribute of an allocated config (sweep.allocate): device, budget, predicted damage.
+ALLOCATION = "allocation"
 
 
 #: Direction of each objective kind (Optuna's words).

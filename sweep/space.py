@@ -108,6 +108,8 @@ from typing import Any, Iterator, Mapping, Sequence
 from engine.config import (
     FIELD_NAMES,
     MIXED,
+    NATURAL,
+    WEIGHT_READERS,
     Config,
     ConfigError,
     FidelitySetting,
@@ -119,6 +121,8 @@ from engine.config import (
     precision_of,
     resolve,
 )
+from sweep.param import Param
+from sweep.probes import DEFAULT_FAMILIES, FAMILIES, parse_probes
 from sweep.records import DIRECTIONS
 
 
@@ -132,17 +136,12 @@ DEFAULT_DEVICES = ("N150", "N300", "T3K", "TG")
 TENSOR_FIELDS = tuple(g.value for g in TensorGroup)
 OP_FIELDS = tuple(o.value for o in OpGroup)
 GROUP_OF: dict[str, TensorGroup | OpGroup] = {g.value: g for g in TensorGroup} | {o.value: o for o in OpGroup}
-#: Natural fidelity of each weight precision (the seed's pairing: bfp4+LoFi, bfp8+HiFi2, bf16+HiFi4).
-NATURAL = {"bfp4": "lofi", "bfp8": "hifi2", "bf16": "hifi4"}
 #: `couple = "weights"`: every weight group drives the linears that read it.
-WEIGHT_COUPLING = {
-    "ff1_3": ("li_ff1_3",),
-    "ff2": ("li_ff2",),
-    "wqkv": ("li_qkv_decode", "li_qkv_prefill"),
-    "wo": ("li_o_decode", "li_o_prefill"),
-}
+WEIGHT_COUPLING = WEIGHT_READERS
 
-TOP_KEYS = ("study", "eval", "perf", "sampler", "constraints", "space", "numerics")
+TOP_KEYS = ("study", "eval", "perf", "sampler", "constraints", "space", "numerics", "sensitivity")
+SENSITIVITY_KEYS = ("base", "prefill", "decode", "families", "choices", "layers")
+SENSITIVITY_DEFAULTS = {"prefill": 128, "decode": 127}  # a short teacher-forced window: a quarter of a trial
 NUMERICS_KEYS = ("silu", "lm_head")  # version switches and model-level numerics (engine.accuracy.Evaluator)
 STUDY_KEYS = ("name", "model", "devices", "objectives", "storage", "description")
 EVAL_KEYS = ("prefill", "decode", "windows")
@@ -154,7 +153,7 @@ SAMPLER_KEYS = {
     "gp": ("kind", "n_trials", "seed", "n_startup"),
 }
 CONSTRAINT_KEYS = ("metric", "min", "max")
-SPACE_META_KEYS = ("base", "configs", "couple", "natural", "layers")
+SPACE_META_KEYS = ("base", "configs", "couple", "natural", "layers", "probes")
 SPACE_KEYS = SPACE_META_KEYS + FIELD_NAMES
 LAYERS_KEYS = ("first", "last", "groups")
 EVAL_DEFAULTS = {"prefill": 512, "decode": 511, "windows": 1}
@@ -182,16 +181,6 @@ def canonical_value(group: str, value: str) -> str:
 
 
 # --- the search space -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Param:
-    """One categorical Optuna parameter: a group's value on some decoder layers."""
-
-    name: str  # "ff1_3" or "L0.ff1_3"
-    field: str  # the config key it sets
-    choices: tuple[str, ...]
-    layers: tuple[int, ...]  # decoder layers it sets
-
-
 class Space:
     """A search space over ModelConfigs: a base config, categorical params, coupled fidelities.
 
@@ -357,6 +346,7 @@ class StudySpec:
     description: str = ""
     n_layers: int = 0
     numerics: dict = field(default_factory=dict)  # [numerics]: silu mode, lm_head (format, fidelity)
+    sensitivity: dict | None = None  # [sensitivity], normalised: base, prefill, decode, families, layers
     _lock_dir: str | None = field(default=None, repr=False)
 
     @property
@@ -404,7 +394,8 @@ class StudySpec:
             "file": self.path,
             "n_layers": self.n_layers,
             "space_size": self.space.size,
-        } | ({"numerics": dict(self.numerics)} if self.numerics else {})
+        } | ({"numerics": dict(self.numerics)} if self.numerics else {}) | (
+            {"sensitivity": dict(self.sensitivity)} if self.sensitivity else {})
 
     @classmethod
     def from_dict(cls, d: Mapping, n_layers: int | None = None) -> "StudySpec":
@@ -419,16 +410,35 @@ class StudySpec:
             "constraints": d.get("constraints", []),
             "space": d["space"],
             "numerics": d.get("numerics", {}),
-        }
+        } | ({"sensitivity": d["sensitivity"]} if d.get("sensitivity") else {})
         where = d.get("file") or f"study {d['name']!r}"
         return parse_spec(doc, where=where, path=d.get("file"), n_layers=n_layers or d.get("n_layers") or None)
 
     def comparable(self) -> dict:
         """The parts that must not change when a study is resumed."""
         d = self.to_dict()
-        for k in ("storage", "file", "description"):
+        for k in ("storage", "file", "description", "sensitivity"):  # the profile is a study of its own
             d.pop(k, None)
         return d
+
+    def sensitivity_study(self) -> "StudySpec":
+        """The study that measures this study's sensitivity profile: `<name>.sensitivity` in the same
+        storage, every probe of [sensitivity] (sweep.probes) on its short window, a grid."""
+        if not self.sensitivity:
+            raise StudyFileError(f"{self.path or self.name}: no [sensitivity] section; add one (base, prefill, decode, "
+                                 "families) to profile this study's model")
+        s = self.sensitivity
+        doc = {
+            "study": {"name": f"{self.name}.sensitivity", "model": self.model, "devices": self.devices,
+                      "objectives": self.objectives, "storage": self.storage,
+                      "description": f"sensitivity profile of {self.name}"},
+            "eval": {"prefill": s["prefill"], "decode": s["decode"]},
+            "perf": self.perf,
+            "sampler": {"kind": "grid"},
+            "space": {"probes": {k: s[k] for k in ("base", "families", "layers") if k in s}},
+            "numerics": self.numerics,
+        }
+        return parse_spec(doc, where=f"{self.path or self.name} [sensitivity]", path=self.path, n_layers=self.n_layers)
 
 
 # --- parsing --------------------------------------------------------------------------------
@@ -641,12 +651,39 @@ def parse_spec(doc: Mapping, where: str = "<study>", path: str | None = None, n_
     if n_layers is None:
         n_layers = _model_layers(where, model, {"eval": ev, "perf": pf}, devices)
     space, space_doc = _parse_space(where, doc["space"], model, n_layers, sampler)
+    sensitivity = _parse_sensitivity(where, doc["sensitivity"], model, n_layers) if "sensitivity" in doc else None
 
     return StudySpec(
         name=name, model=model, devices=devices, objectives=objectives, storage=storage, eval=ev, perf=pf,
         sampler=sampler, constraints=constraints, space=space, space_doc=space_doc, path=path,
-        description=description, n_layers=n_layers, numerics=numerics,
+        description=description, n_layers=n_layers, numerics=numerics, sensitivity=sensitivity,
     )
+
+
+def _parse_sensitivity(where: str, d: Any, model: str, n_layers: int) -> dict:
+    """[sensitivity]: base config, short window, families (names; [sensitivity.choices] overrides a
+    family's choices), layers. Checked by building the probe space once."""
+    d = _check_keys(where, "sensitivity", d, SENSITIVITY_KEYS)
+    out: dict[str, Any] = {"base": d.get("base", "defaults")}
+    for k, v in SENSITIVITY_DEFAULTS.items():
+        out[k] = _int(where, f"sensitivity.{k}", d.get(k, v))
+    fams = d.get("families", list(DEFAULT_FAMILIES))
+    if isinstance(fams, dict):  # the normalised form (a stored spec): {family: [choices]}
+        names, choices = list(fams), _check_keys(where, "sensitivity.families", fams, tuple(FAMILIES))
+    else:
+        names = _str_list(where, "sensitivity.families", fams)
+        choices = _check_keys(where, "sensitivity.choices", d.get("choices", {}), tuple(FAMILIES))
+    for k in choices:
+        if k not in names:
+            raise _fail(where, f"sensitivity.choices.{k}: family {k!r} is not in sensitivity.families ({', '.join(names)})")
+    out["families"] = {n: choices.get(n, FAMILIES[n].choices if n in FAMILIES else []) for n in names}
+    if "layers" in d:
+        out["layers"] = d["layers"]
+    try:
+        _, doc = parse_probes(out, model, n_layers)
+    except ConfigError as exc:
+        raise _fail(where, f"[sensitivity]: {exc}") from None
+    return out | doc
 
 
 def _parse_numerics(where: str, d: Any) -> dict:
@@ -745,6 +782,14 @@ def _value_list(where: str, key: str, v: Any) -> list[str]:
 
 def _parse_space(where: str, d: Any, model: str, n_layers: int, sampler: SamplerSpec) -> tuple[Space, dict]:
     d = _check_keys(where, "space", d, SPACE_KEYS)
+    if "probes" in d:  # a sensitivity study (StudySpec.sensitivity_study): the base and its probes
+        if len(d) > 1:
+            raise _fail(where, "space.probes cannot be combined with other space keys")
+        try:
+            probes, probes_doc = parse_probes(d["probes"], model, n_layers)
+            return probes, {"probes": probes_doc}
+        except ConfigError as exc:
+            raise _fail(where, f"space.probes: {exc}") from None
     base_text = d.get("base", "defaults")
     if not isinstance(base_text, str):
         raise _fail(where, "space.base must be a preset name (defaults, performance, accuracy) or a config string")

@@ -22,6 +22,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from sweep.records import ALLOCATION, QUEUED_CONFIG
 from sweep.space import StudySpec
 from sweep.study import identity, locks
 from sweep.study.storage import stale_s
@@ -58,6 +59,8 @@ def requeue_params(t: FrozenTrial) -> dict | None:
     """The whole param assignment that queues `t`'s config again, or None when it is unknown
     (a sampled trial killed before its config was recorded)."""
     fixed = t.system_attrs.get("fixed_params") or {}
+    if t.user_attrs.get(QUEUED_CONFIG):  # queued by config, not params
+        return dict(fixed)
     if fixed:
         return {**t.params, **fixed}
     if t.params and "config" in t.user_attrs:
@@ -67,8 +70,9 @@ def requeue_params(t: FrozenTrial) -> dict | None:
 
 def _requeue(study: optuna.Study, t: FrozenTrial, params: dict, deaths: int, reason: str | None = None) -> None:
     attrs = {"requeued_from": t.number, "deaths": deaths}
-    if "config" in t.user_attrs:
-        attrs["config"] = t.user_attrs["config"]
+    for k in ("config", QUEUED_CONFIG, ALLOCATION):
+        if k in t.user_attrs:
+            attrs[k] = t.user_attrs[k]
     if reason:
         attrs["requeue_reason"] = reason
     study.enqueue_trial(params, user_attrs=attrs)

@@ -42,7 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from engine.config import ModelConfig
 from sweep.equivalence import numerics_digest
-from sweep.records import TrialRecord, accuracy_attrs
+from sweep.records import ALLOCATION, QUEUED_CONFIG, TrialRecord, accuracy_attrs
 from sweep.space import StudySpec
 from sweep.study import identity, locks
 from sweep.study.prepare import make_sampler
@@ -179,13 +179,17 @@ class Worker:
         try:
             self.queue.beat(self.study, trial._trial_id)  # noqa: SLF001 - at once: a trial never lacks a heartbeat for long
             trial.set_user_attr("worker", identity.worker_identity())
-            fixed = self.study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")  # noqa: SLF001
-            missing = [p.name for p in self.spec.space.params if fixed and p.name not in fixed]
-            if missing:  # the sampler would fill them at random: another config than the one queued
-                raise ValueError(f"trial was queued without params {', '.join(missing)}; "
-                                 "re-run `sweep run --retry-failed` to queue its config again")
-            params = self.spec.space.suggest(trial)
-            mc = self.spec.space.config(params)
+            queued = trial.user_attrs.get(QUEUED_CONFIG)
+            if queued:  # a config from outside the space (an allocation, a comparison): no params
+                mc = ModelConfig.parse(queued, self.spec.n_layers, self.spec.model)
+            else:
+                fixed = self.study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")  # noqa: SLF001
+                missing = [p.name for p in self.spec.space.params if fixed and p.name not in fixed]
+                if missing:  # the sampler would fill them at random: another config than the one queued
+                    raise ValueError(f"trial was queued without params {', '.join(missing)}; "
+                                     "re-run `sweep run --retry-failed` to queue its config again")
+                params = self.spec.space.suggest(trial)
+                mc = self.spec.space.config(params)
             cfg = str(mc)
             digest = numerics_digest(mc, layout=self._layouts()[self.spec.primary] or (1, 1))
             trial.set_user_attr("config", cfg)
@@ -279,7 +283,8 @@ class Worker:
         except Exception:  # noqa: BLE001 - e.g. hifi3 / fp32 have no tt-metal equivalent
             dj = None
         return TrialRecord(config=cfg, model=self.spec.model, speed=speed, ttft=ttft, wall_s=round(wall, 4),
-                           host=self.host, reused_from=reused_from, decoder_json=dj, **acc)
+                           host=self.host, reused_from=reused_from, decoder_json=dj,
+                           allocation=trial.user_attrs.get(ALLOCATION), **acc)
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self, max_trials: int | None = None) -> dict[str, int]:
