@@ -136,7 +136,7 @@ def _print_allocation(a, device: str, path: Path, problem) -> None:
 def _row(a, device: str, path: Path, base_kld: float) -> dict:
     return {"device": device, "min_speed": a.budget.min_speed or "", "max_ttft": a.budget.max_ttft or "",
             "max_weights_gb": a.budget.max_weights_gb or "", "config_file": path.name,
-            "predicted_speed": round(a.speed, 2), "predicted_ttft": round(a.ttft_ms, 2),
+            "predicted_speed": round(a.speed, 4), "predicted_ttft": round(a.ttft_ms, 3),
             "predicted_weights_gb": round(a.weights_gb, 4), "predicted_damage": round(a.predicted_damage, 6),
             "predicted_kld_short": round(base_kld + a.predicted_damage, 6),
             "changes": " ".join(f"L{i}.{f}={c}" for i, f, c in a.changes), "solver": a.solver,
@@ -178,7 +178,7 @@ def _evaluate(args, spec, sspec, problem, allocations, rows, damage) -> None:
             continue
         best = min(cands, key=lambda u: float(u.user_attrs["kld"]))
         c = compare(token_record_of(t.user_attrs), token_record_of(best.user_attrs))
-        row |= {"uniform_config": best.user_attrs["config"], "uniform_speed": round(best.user_attrs["speed"][row["device"]], 2),
+        row |= {"uniform_config": best.user_attrs["config"], "uniform_speed": round(best.user_attrs["speed"][row["device"]], 4),
                 "uniform_kld": round(float(best.user_attrs["kld"]), 6), "uniform_top1": round(float(best.user_attrs["top1"]), 2),
                 "uniform_trial": best.number, "top1_verdict": _verdict(c.verdict), "top1_p": round(c.p_value, 4),
                 "kld_verdict": _verdict(c.kld_verdict), "delta_kld": f"{c.delta_kld[0]:+.5f} [{c.delta_kld[1]:+.5f}, {c.delta_kld[2]:+.5f}]"}
