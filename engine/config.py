@@ -392,7 +392,8 @@ DECODER_JSON_BASE = performance("model")
 def decoder_json_file(text: str) -> Path | None:
     """The decoder JSON file a `--config` value names, or None for a preset or config string: text
     ending in `.json` (any case; it need not exist, so a missing file is reported as one), or naming
-    an existing file. Preset names are never paths, whatever files the working folder holds."""
+    an existing file or folder (reported as no file). Preset names are never paths, whatever files
+    the working folder holds."""
     t = text.strip()
     if not t or t.lower() in PRESET_NAMES:
         return None
@@ -400,7 +401,7 @@ def decoder_json_file(text: str) -> Path | None:
     if t.lower().endswith(".json"):
         return path
     try:
-        return path if path.is_file() else None
+        return path if path.exists() else None
     except OSError:  # e.g. a long config string is no valid file name
         return None
 
