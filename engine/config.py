@@ -279,6 +279,7 @@ class Config:
                 changes[groups[name].value] = names[val]
         return dataclasses.replace(base, **changes)
 
+
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
 _GROUP_BY_FIELD: dict[str, TensorGroup | OpGroup] = {g.value: g for g in TensorGroup} | {o.value: o for o in OpGroup}
 DEFAULT = Config()
