@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Iterable, Mapping
 
 from engine import fidelity, formats
@@ -259,19 +260,33 @@ class Config:
 
     @classmethod
     def from_tt(cls, entry: Mapping, base: "Config | None" = None) -> "Config":
-        """Read one tt-metal decoder entry (member names) as tt_transformers' parse_decoder_json does:
-        a given `precision_cfg` / `fidelity_cfg` dict starts from the DEFAULTS (so `{}` means the
-        defaults), a missing one keeps `base` (the preset)."""
+        """Read one tt-metal decoder entry as tt_transformers' parse_decoder_json does: member NAMES
+        (`PrecisionSetting[value]`, so `BFP4`, never `bfp4`); a given `precision_cfg` / `fidelity_cfg`
+        dict starts from the DEFAULTS (so `{}` means the defaults), a missing one keeps `base`."""
         base = base or DEFAULT
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"a decoder entry must be an object {{\"precision_cfg\": {{...}}, \"fidelity_cfg\": {{...}}}}, "
+                              f"not {json.dumps(entry)}")
+        unknown = sorted(set(entry) - {"precision_cfg", "fidelity_cfg"})
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]!r} in a decoder entry; legal: precision_cfg, fidelity_cfg")
         changes: dict[str, object] = {}
-        for part, groups in (("precision_cfg", TensorGroup), ("fidelity_cfg", OpGroup)):
-            if part in entry:
-                changes.update({g.value: getattr(DEFAULT, g.value) for g in groups})
-            for name, val in (entry.get(part) or {}).items():
+        for part, groups, legal in (("precision_cfg", TensorGroup, TT_PRECISIONS), ("fidelity_cfg", OpGroup, TT_FIDELITIES)):
+            if part not in entry:
+                continue
+            if not isinstance(entry[part], Mapping):
+                raise ConfigError(f"{part} must be an object such as {{\"{next(iter(groups)).name}\": \"{legal[0].name}\"}}, "
+                                  f"not {json.dumps(entry[part])}")
+            changes.update({g.value: getattr(DEFAULT, g.value) for g in groups})
+            names = {m.name: m for m in legal}
+            for name, val in entry[part].items():
                 if name not in groups.__members__:
                     raise ConfigError(f"unknown {part} key {name!r} in decoder JSON; legal: {', '.join(groups.__members__)}")
-                g = groups[name]
-                changes[g.value] = precision_of(val, g) if part == "precision_cfg" else fidelity_of(val)
+                if not isinstance(val, str) or val not in names:
+                    hint = " (omit ACTIVATION for mixed)" if name == "ACTIVATION" else ""
+                    raise ConfigError(f"unknown {part} value {json.dumps(val)} for {name} in decoder JSON; legal "
+                                      f"(tt-metal member names): {', '.join(names)}{hint}")
+                changes[groups[name].value] = names[val]
         return dataclasses.replace(base, **changes)
 
 
@@ -379,6 +394,28 @@ REFERENCE = Config(
 #: Every name `resolve` accepts instead of a config string.
 PRESET_NAMES = (*PRESETS, "reference", "defaults")
 
+#: What tt_transformers' parse_decoder_json gives a layer its file does not list (and a listed layer
+#: whose entry lacks precision_cfg / fidelity_cfg): its default_optimization,
+#: `ModelOptimizations.performance`, called with the placeholder model name "model".
+DECODER_JSON_BASE = performance("model")
+
+
+def decoder_json_file(text: str) -> Path | None:
+    """The decoder JSON file a `--config` value names, or None for a preset or config string: text
+    ending in `.json` (any case; it need not exist, so a missing file is reported as one), or naming
+    an existing file or folder (reported as no file). Preset names are never paths, whatever files
+    the working folder holds."""
+    t = text.strip()
+    if not t or t.lower() in PRESET_NAMES:
+        return None
+    path = Path(t).expanduser()
+    if t.lower().endswith(".json"):
+        return path
+    try:
+        return path if path.exists() else None
+    except OSError:  # e.g. a long config string is no valid file name
+        return None
+
 
 def resolve(text: str, model_name: str = "") -> Config:
     """A preset name (`performance`, `accuracy`, `reference`, `defaults`) or a config string.
@@ -464,21 +501,66 @@ class ModelConfig:
                 raise ConfigError(f"decoder JSON is not valid JSON ({exc}); expected {{\"decoders\": {{\"0\": {{...}}}}}}") from None
         if not isinstance(data, Mapping) or "decoders" not in data:
             raise ConfigError("decoder JSON lacks the 'decoders' key; expected {\"decoders\": {\"0\": {...}}}")
+        if not isinstance(data["decoders"], Mapping):
+            raise ConfigError("decoder JSON's 'decoders' must be an object keyed by layer index: {\"decoders\": {\"0\": {...}}}")
         base = base or DEFAULT
         layers = [base] * n_layers
+        seen: set[int] = set()
         for key, entry in data["decoders"].items():
             try:
                 i = int(key)
             except ValueError:
-                raise ConfigError(f"decoder index {key!r} is not an integer") from None
+                raise ConfigError(f"decoder index {key!r} is not an integer; keys are layer indices \"0\"..\"{n_layers - 1}\"") from None
             if not 0 <= i < n_layers:
                 raise ConfigError(f"decoder index {i} out of range for a model with {n_layers} layers (0..{n_layers - 1})")
-            layers[i] = Config.from_tt(entry, base)
+            if i in seen:
+                raise ConfigError(f"decoder index {i} given twice (as {key!r}); list each layer once")
+            seen.add(i)
+            try:
+                layers[i] = Config.from_tt(entry, base)
+            except ConfigError as exc:
+                raise ConfigError(f"decoder {i}: {exc}") from None
         return cls(tuple(layers))
 
     @classmethod
+    def from_file(cls, path: str | Path, n_layers: int) -> "ModelConfig":
+        """A tt-metal decoder JSON file read as `--decoder_config_file` reads it (parse_decoder_json with
+        its default `ModelOptimizations.performance`): a layer not listed gets DECODER_JSON_BASE. The file
+        must list the model's last layer: tt-metal sizes the model's configs by the highest index, and
+        a layer past it has no fidelity there (get_math_fidelity fails). Errors name the file."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"no decoder JSON file at {path}; give an existing file (e.g. reports/<study>/front/"
+                              "<trial>.json), a preset or a config string") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a directory, not a decoder JSON file; give a file such as "
+                              "reports/<study>/front/<trial>.json") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not valid JSON (not UTF-8 text); give a tt-metal decoder JSON file "
+                              "{\"decoders\": {\"0\": {...}}}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read decoder JSON file {path}: {exc.strerror}; check the path and its permissions") from None
+        try:
+            mc = cls.from_decoder_json(text, n_layers, DECODER_JSON_BASE)
+            data = json.loads(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        listed = [int(k) for k in data["decoders"]]
+        if not listed or max(listed) != n_layers - 1:
+            top = f"lists decoders up to {max(listed)}" if listed else "lists no decoders"
+            raise ConfigError(f"{path}: {top} but the model has {n_layers} layers; tt-metal's parse_decoder_json "
+                              f"leaves layers past the highest index without a config: list decoder {n_layers - 1} too")
+        return mc
+
+    @classmethod
     def parse(cls, text: str, n_layers: int, model_name: str = "") -> "ModelConfig":
-        """Inverse of __str__; also accepts presets and plain (uniform) config strings."""
+        """Inverse of __str__; also accepts presets, plain (uniform) config strings and the path of a
+        tt-metal decoder JSON file (see `decoder_json_file` and `from_file`)."""
+        path = decoder_json_file(text)
+        if path is not None:
+            return cls.from_file(path, n_layers)
         head, sep, tail = text.partition("; decoders = {")
         base = resolve(head, model_name)
         shipped = decoder_preset(head.strip().lower(), model_name) if not sep else None

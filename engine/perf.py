@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine import ccl, formats
-from engine.config import LM_HEAD, Config, FidelitySetting, ModelConfig, Precision, fidelity_of
+from engine.config import LM_HEAD, Config, FidelitySetting, ModelConfig, Precision, decoder_json_file, fidelity_of
 from engine.devices import DEVICES, Device, Replica, device_for
 from engine.shapes import ModelShape, shape_for
 
@@ -532,9 +532,23 @@ def _model_name(model: Any, shape: ModelShape) -> str:
 
 
 @lru_cache(maxsize=512)
-def _layers_from_text(config: str, n_layers: int, model_name: str) -> tuple[Config, ...]:
-    """Per-layer configs as the accuracy side reads them (shipped per-layer presets included)."""
+def _layers_from_text(config: str, n_layers: int, model_name: str, content: bytes | None = None) -> tuple[Config, ...]:
+    """Per-layer configs as the accuracy side reads them (shipped per-layer presets and decoder JSON
+    files included). `content` is the bytes of the file `config` names: part of the cache key, so
+    an edited file is read again (an mtime can miss a same-size edit within its resolution)."""
     return ModelConfig.parse(config, n_layers, model_name).layers
+
+
+def _file_content(config: str) -> bytes | None:
+    """The bytes of the decoder JSON file `config` names; None for a preset or config string (or an
+    unreadable file: parsing then says why)."""
+    path = decoder_json_file(config)
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _layers(config: Any, shape: ModelShape, model_name: str) -> list[Config]:
@@ -545,7 +559,7 @@ def _layers(config: Any, shape: ModelShape, model_name: str) -> list[Config]:
     if isinstance(config, Config):
         return [config] * shape.n_layers
     if isinstance(config, str):
-        return list(_layers_from_text(config, shape.n_layers, model_name))
+        return list(_layers_from_text(config, shape.n_layers, model_name, _file_content(config)))
     raise TypeError(f"config must be a Config, ModelConfig or string, not {type(config).__name__}")
 
 

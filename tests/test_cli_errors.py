@@ -202,3 +202,38 @@ def test_a_benchmark_that_misses_its_target_fails_the_command(tmp_path, monkeypa
     out = capsys.readouterr()
     assert "MISSES" in out.out and "sweep ['--quick']" in out.out  # later suites still ran, with --quick
     assert "bench_numerics.py: exit status 1" in out.err
+
+
+DECODER_FILES = {  # name -> contents (bytes: written as they are); tiny-llama has 2 decoder layers
+    "bad.json": "{\"decoders\": {\"0\": {}",
+    "nodecoders.json": '{"layers": {"0": {}, "1": {}}}',
+    "range.json": '{"decoders": {"0": {}, "1": {}, "2": {}}}',
+    "key.json": '{"decoders": {"0": {}, "1": {"precision_cfg": {"FF7": "BFP8"}}}}',
+    "entry.json": '{"decoders": {"0": {}, "1": {"precison_cfg": {}}}}',
+    "value.json": '{"decoders": {"0": {}, "1": {"fidelity_cfg": {"LI_FF2": "lofi"}}}}',
+    "short.json": '{"decoders": {"0": {"precision_cfg": {"FF2": "BFP4"}}}}',
+    "latin1.json": b'{"decoders": {"0": {"\xe9": 1}}}',
+}
+
+
+@pytest.mark.parametrize("config, needles", [
+    ("missing.json", ["no decoder JSON file at missing.json", "reports/<study>/front/<trial>.json"]),
+    ("somedir", ["somedir is a directory, not a decoder JSON file"]),
+    ("bad.json", ["bad.json: decoder JSON is not valid JSON", '{"decoders": {"0": {...}}}']),
+    ("latin1.json", ["latin1.json: not valid JSON (not UTF-8 text)"]),
+    ("other.log", ["other.log: decoder JSON lacks the 'decoders' key"]),  # an existing file without .json
+    ("nodecoders.json", ["lacks the 'decoders' key", '{"decoders": {"0": {...}}}']),
+    ("range.json", ["decoder index 2 out of range for a model with 2 layers (0..1)"]),
+    ("key.json", ["decoder 1: unknown precision_cfg key 'FF7'", "legal: FF1_FF3, FF2"]),
+    ("entry.json", ["unknown key 'precison_cfg'", "legal: precision_cfg, fidelity_cfg"]),
+    ("value.json", ['unknown fidelity_cfg value "lofi" for LI_FF2', "tt-metal member names): LOFI, HIFI2"]),
+    ("short.json", ["lists decoders up to 0 but the model has 2 layers", "list decoder 1 too"]),
+])
+def test_bad_decoder_json_files(capsys, work, config, needles):
+    """`--config FILE` of eval, perf and compare: one line naming the file and the fix, exit 2."""
+    for name, body in DECODER_FILES.items():
+        (work / name).write_bytes(body if isinstance(body, bytes) else body.encode())
+    for cmd in (["eval", "--model", "tiny-llama", "--config", config],
+                ["perf", "--model", "tiny-llama", "--config", config],
+                ["compare", "--model", "tiny-llama", "--config", "defaults", "--config", config]):
+        fails(capsys, cmd, work, f"sweep {cmd[0]}: error:", *needles)

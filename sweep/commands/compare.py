@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("target", nargs="*", metavar="STUDY A B",
                    help="a study (file, journal or URL) and two trial numbers; omit to evaluate --config A --config B")
     add_eval_args(p, "disjoint 1024-token windows scored per config (default 1: tt-metal's method)")
-    p.add_argument("--config", action="append", default=[], help="config A, then config B (preset or config string)")
+    p.add_argument("--config", action="append", default=[], help="config A, then config B (preset, config string or a path to a tt-metal decoder JSON file)")
     p.add_argument("--device", help="also show each config's predicted speed on this device (N150, N300, T3K, TG)")
     p.add_argument("--storage", help="with a study file: override its storage URL")
     p.add_argument("--study-name", help="which study, when the storage holds several")

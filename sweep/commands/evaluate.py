@@ -1,6 +1,6 @@
 """`sweep eval --model NAME --config CONFIG [--device N150] [--prefill 512 --decode 511] [--windows N] [--json]`: one
-accuracy trial (engine.accuracy.Evaluator) of a preset or config string against the fp32 reference,
-with llama.cpp-style KLD statistics and, for N windows, each window's Top-1."""
+accuracy trial (engine.accuracy.Evaluator) of a preset, config string or tt-metal decoder JSON file
+against the fp32 reference, with llama.cpp-style KLD statistics and, for N windows, each window's Top-1."""
 from __future__ import annotations
 
 import json
@@ -49,8 +49,9 @@ def register(sub) -> None:
                    help="Wormhole system whose numerics are emulated (N150, N300, T3K): tensor-parallel "
                         "rounding of wo / w2 depends on it (default N150)")
     p.add_argument("--config", default="defaults",
-                   help="preset (performance, accuracy, reference, defaults) or config string "
-                        "'precision_cfg = {...}, fidelity_cfg = {...}' (optionally '; decoders = {i: ...}')")
+                   help="preset (performance, accuracy, reference, defaults), config string "
+                        "'precision_cfg = {...}, fidelity_cfg = {...}' (optionally '; decoders = {i: ...}') "
+                        "or a path to a tt-metal decoder JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--model", help="seed model name (Llama3.1-8B), registry name (smollm2-135m) or HF directory")
     p.add_argument("--device", default="N150", help="a system of engine/data/devices.json (N150, N300, T3K, TG, P150, ...; "
                    "default N150)")
-    p.add_argument("--config", default="performance", help="performance, accuracy or a config string")
+    p.add_argument("--config", default="performance", help="performance, accuracy, a config string or a path to a tt-metal decoder JSON file")
     p.add_argument("--batch", type=int, default=1, help="users per data-parallel replica (default 1)")
     p.add_argument("--prefill", type=int, default=128, help="prompt length in tokens (default 128)")
     p.add_argument("--decode", type=int, default=200, help="generated tokens (default 200)")
