@@ -1,4 +1,4 @@
-"""`sweep bench [numerics|engine|perf|sweep|all]`: run the benchmark scripts under bench/.
+"""`sweep bench [numerics|engine|perf|sweep|all|allocate]`: run the benchmark scripts under bench/.
 
 Benchmarks, not tests, check speed and memory targets: each prints its figures as ratios to a
 baseline measured in the same run, so a busy shared machine moves both sides alike.
@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
-SUITES = ("numerics", "engine", "perf", "sweep")
+SUITES = ("numerics", "engine", "perf", "sweep")  # `all`
+ON_DEMAND = ("allocate",)  # needs a measured profile (sweep sensitivity / allocate): not part of `all`
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="run the benchmarks under bench/ (ratios against same-run baselines)")
-    p.add_argument("suite", nargs="?", default="all", choices=SUITES + ("all",))
+    p.add_argument("suite", nargs="?", default="all", choices=SUITES + ON_DEMAND + ("all",))
     p.add_argument("--quick", action="store_true", help="small sizes (seconds to a minute per suite); passed to each script")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script (e.g. --repeat 3)")
     p.set_defaults(func=run)

@@ -1,0 +1,209 @@
+"""Allocation benchmark and validation (issue 15), from a study whose sensitivity profile and
+allocations exist (`sweep sensitivity`, `sweep allocate`):
+
+1. additivity: N random mixed configs of the profile's choices (each (layer, family) changed with
+   probability 0.3), queued in the sensitivity study (the profile's short window), measured;
+   Spearman / Pearson of predicted (base + summed damage) against measured KLD;
+2. cost: the profile's evaluation wall time and one allocation's solve time as ratios to one full
+   trial of the study (its base trial, same machine), plus the profile in full-trial equivalents;
+3. the first-order estimate's rank agreement (from `<out>/profile.json`, `sweep sensitivity --fisher`);
+4. allocations (`<out>/allocations.csv`) against the best uniform config and, with `--nsga2
+   STUDY`, against the least-KLD NSGA-II trial at least as fast (paired verdicts on the same tokens).
+
+Writes `<out>/additivity.csv` and `<out>/README.md` (every figure of the allocation report).
+
+    python bench/bench_allocate.py studies/smollm2-allocate.toml --random 20 --nsga2 studies/smollm2-allocate-nsga2.toml
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scipy.stats import pearsonr, spearmanr  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", nargs="?", default="studies/smollm2-allocate.toml")
+    ap.add_argument("--random", type=int, default=20, help="random mixed configs for the additivity check")
+    ap.add_argument("--quick", action="store_true", help="5 random configs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nsga2", help="an NSGA-II study file over the same choices (run with `sweep run` first, or here)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="reports/allocate")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.random = min(args.random, 5)
+
+    from sweep.commands.allocate import queue_config, random_mixed
+    from sweep.profile import damage_table, measured, trials_by_config
+    from sweep.space import load_spec
+    from sweep.study import load_study
+    from sweep.study import run as run_study
+
+    out = Path(args.out)
+    spec = load_spec(args.study)
+    sspec = spec.sensitivity_study()
+    sstudy = load_study(sspec)
+    profile = measured(sstudy, sspec.space)
+    damage = damage_table(profile)
+    base_kld = float(profile["config_kld"].iloc[0])
+    space = sspec.space
+
+    # 1. additivity
+    rng = random.Random(args.seed)
+    mixed = []
+    while len(mixed) < args.random:
+        mc = random_mixed(space, rng, 0.3)
+        if mc != space.base and mc not in mixed:
+            mixed.append(mc)
+    for i, mc in enumerate(mixed):
+        queue_config(sstudy, mc, {"additivity": i})
+    run_study(sspec, workers=args.workers, progress=False)
+    by_cfg = trials_by_config(load_study(sspec))
+    from sweep import allocate as alloc
+    from sweep.commands.allocate import predicted_damage
+
+    problem = alloc.build_problem(spec.model, spec.primary, space, damage, spec.perf)
+    add_rows = []
+    for i, mc in enumerate(mixed):
+        t = by_cfg[str(mc)]
+        changed = sum(a != b for a, b in zip(mc.layers, space.base.layers))
+        add_rows.append({"i": i, "layers_changed": changed, "predicted_kld": base_kld + predicted_damage(problem, mc, damage),
+                         "measured_kld": float(t.user_attrs["kld"]), "measured_top1": float(t.user_attrs["top1"]),
+                         "trial": t.number})
+    pred = [r["predicted_kld"] for r in add_rows]
+    meas = [r["measured_kld"] for r in add_rows]
+    rho, r_lin = spearmanr(pred, meas).statistic, pearsonr(pred, meas).statistic
+    with (out / "additivity.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(add_rows[0]))
+        w.writeheader()
+        w.writerows(add_rows)
+
+    # 2. cost, as ratios to one full trial of the study (its base trial)
+    full = trials_by_config(load_study(spec))
+    full_base = full[str(space.base)] if str(space.base) in full else None
+    one_trial = float(full_base.user_attrs["wall_s"]) if full_base else float("nan")
+    probe_walls = [float(by_cfg[str(space.probe_config(p))].user_attrs["wall_s"]) for p in space.probes]
+    t0 = time.perf_counter()
+    pb = alloc.build_problem(spec.model, spec.primary, space, damage, spec.perf)
+    a = alloc.allocate(pb, alloc.front_budgets(pb, 3)[1])
+    solve_s = time.perf_counter() - t0
+    cost = {"one_trial_s": one_trial, "profile_s": sum(probe_walls), "probes": len(probe_walls),
+            "profile_trials": sum(probe_walls) / one_trial, "allocation_s": solve_s, "allocation_trials": solve_s / one_trial,
+            "rounds": a.rounds}
+
+    info = json.loads((out / "profile.json").read_text()) if (out / "profile.json").is_file() else {}
+    allocs = list(csv.DictReader((out / "allocations.csv").open())) if (out / "allocations.csv").is_file() else []
+
+    # 4. NSGA-II at equal full evaluations
+    nsga = []
+    if args.nsga2:
+        nspec = load_spec(args.nsga2)
+        run_study(nspec, workers=args.workers, progress=False)
+        nsga = _vs_nsga2(nspec, spec, allocs)
+    _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, nsga)
+    print(f"additivity: Spearman {rho:.3f}, Pearson {r_lin:.3f} over {len(add_rows)} random mixed configs")
+    print(f"profile {cost['profile_s']:.0f} s = {cost['profile_trials']:.1f} full trials; allocation "
+          f"{cost['allocation_s']:.2f} s = {cost['allocation_trials']:.3f} trials")
+    print(f"wrote {out / 'README.md'}, {out / 'additivity.csv'}")
+    return 0
+
+
+def _vs_nsga2(nspec, spec, allocs) -> list[dict]:
+    from optuna.trial import TrialState
+
+    from engine.stats import compare
+    from sweep.profile import trials_by_config
+    from sweep.records import token_record_of
+    from sweep.study import load_study
+
+    ts = load_study(nspec).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    full = trials_by_config(load_study(spec))
+    rows = []
+    for a in allocs:
+        t = full.get(_config_of(a, spec))
+        dev = a["device"]
+        fast = [n for n in ts if n.user_attrs["speed"][dev] + 1e-9 >= float(a["predicted_speed"])]
+        row = {"budget": a["config_file"], "nsga2_trials": len(ts), "nsga2_feasible": len(fast)}
+        if fast and t is not None:
+            best = min(fast, key=lambda n: float(n.user_attrs["kld"]))
+            c = compare(token_record_of(t.user_attrs), token_record_of(best.user_attrs))
+            row |= {"nsga2_trial": best.number, "nsga2_kld": float(best.user_attrs["kld"]),
+                    "nsga2_top1": float(best.user_attrs["top1"]), "nsga2_speed": best.user_attrs["speed"][dev],
+                    "top1_verdict": c.verdict.replace("A better", "allocated better").replace("B better", "NSGA-II better"),
+                    "kld_verdict": c.kld_verdict.replace("A better", "allocated better").replace("B better", "NSGA-II better"),
+                    "p": c.p_value, "delta_kld": c.delta_kld}
+        rows.append(row)
+    return rows
+
+
+def _config_of(row: dict, spec) -> str:
+    from engine.config import ModelConfig
+
+    path = Path("reports/allocate") / row["config_file"]
+    return str(ModelConfig.parse(str(path), spec.n_layers, spec.model))
+
+
+def _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, nsga) -> None:
+    from sweep.report import display_name
+
+    L = [f"# Per-layer allocation: {display_name(spec.model)}", "",
+         "Generated by `python bench/bench_allocate.py` from the study's profile and allocations "
+         f"(`{spec.name}`); do not edit by hand.", "",
+         "## Sensitivity profile", "",
+         f"- Base `{info.get('base', 'defaults')}`, {info.get('probes', '?')} probes over {info.get('layers', '?')} layers "
+         f"({', '.join(info.get('families', {}))}), each on a {sspec.eval['prefill']}+{sspec.eval['decode']}-token "
+         "teacher-forced window: `profile.csv`, heatmap `profile-heatmap.png`.",
+         f"- Profile cost: {cost['profile_s']:.0f} s of evaluation for {cost['probes']} probes = "
+         f"{cost['profile_trials']:.1f} full trials (one full {spec.eval['prefill']}+{spec.eval['decode']} trial: "
+         f"{cost['one_trial_s']:.1f} s on the same machine).",
+         f"- One allocation (pricing every option and solving, {cost['rounds']} solve(s)): {cost['allocation_s']:.2f} s = "
+         f"{cost['allocation_trials']:.3f} full trials."]
+    if "fisher_spearman" in info:
+        L.append(f"- First-order (Fisher) estimate, one fp32 backward pass: Spearman {info['fisher_spearman']:.3f} with the "
+                 f"measured delta-KLD over all probes, in {info['fisher_s']:.1f} s.")
+    L += ["", "## Additivity", "",
+          f"{len(add_rows)} random mixed configs (each layer's family changed with probability 0.3), measured on the "
+          f"profile's window: Spearman {rho:.3f}, Pearson {r_lin:.3f} between predicted (base + summed single-change "
+          "damage) and measured KLD (`additivity.csv`).", "",
+          "## Allocations", "",
+          "| budget | predicted t/s/u | changes | predicted KLD (short) | measured KLD (short) | KLD | Top-1 | "
+          "best uniform (t/s/u, KLD, Top-1) | Top-1 verdict (p) | KLD verdict |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for a in allocs:
+        uni = (f"{float(a['uniform_speed']):.1f}, {float(a['uniform_kld']):.4f}, {float(a['uniform_top1']):.1f}"
+               if a.get("uniform_kld") else "")
+        n = len(a["changes"].split()) if a.get("changes") else 0
+        L.append(f"| {a['device']} >= {a['min_speed']} | {float(a['predicted_speed']):.1f} | {n} | "
+                 f"{_f(a, 'predicted_kld_short')} | {_f(a, 'measured_kld_short')} | {_f(a, 'measured_kld')} | "
+                 f"{_f(a, 'measured_top1', 1)} | {uni} | {a.get('top1_verdict', '')} ({_f(a, 'top1_p', 3)}) | "
+                 f"{a.get('kld_verdict', '')} |")
+    if nsga:
+        L += ["", "## Against NSGA-II", "",
+              f"NSGA-II over the same per-layer choices, {nsga[0]['nsga2_trials']} full evaluations; for each budget its "
+              "least-KLD trial at least as fast as the allocation:", "",
+              "| budget | NSGA-II trials that fast | NSGA-II KLD / Top-1 | Top-1 verdict (p) | KLD verdict |", "|---|---|---|---|---|"]
+        for r in nsga:
+            if "nsga2_kld" in r:
+                L.append(f"| {r['budget']} | {r['nsga2_feasible']} | {r['nsga2_kld']:.4f} / {r['nsga2_top1']:.1f} | "
+                         f"{r['top1_verdict']} ({r['p']:.3g}) | {r['kld_verdict']} |")
+            else:
+                L.append(f"| {r['budget']} | 0 | none as fast | | |")
+    (out / "README.md").write_text("\n".join(L) + "\n")
+
+
+def _f(row: dict, key: str, nd: int = 4) -> str:
+    v = row.get(key)
+    return f"{float(v):.{nd}f}" if v not in (None, "") else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
