@@ -26,4 +26,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    # Every result is in the storage by now. Skip the interpreter's teardown: a C++ thread pool
+    # (torch's, or the native kernel's) destroyed while joinable there aborts the process
+    # ("terminate called without an active exception", exit -6), which `sweep run` would report
+    # as a dead worker.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
