@@ -143,18 +143,16 @@ def fisher_profile(ev: "Evaluator", base: ModelConfig | Config | str,
         t_backward += t1 - t0
         for layer in range(n):
             h, g = act.h[layer], act.g[layer]
-            h_p, h_d = h[:P], h[P:]
 
-            def dy_score(cfg: Config, h_fmt: str, y_ref) -> float:
-                y_p, y_d = model.layer_forward(layer, cfg, h_p, h_d, h_fmt=h_fmt)
-                return fisher_score(g, torch.cat([y_p, y_d]) - y_ref)
+            def output(cfg: Config, h_fmt: str) -> torch.Tensor:
+                return torch.cat(model.layer_forward(layer, cfg, h[:P], h[P:], h_fmt=h_fmt))
 
-            y_ref = torch.cat(model.layer_forward(layer, REFERENCE, h_p, h_d, h_fmt=FULL))
-            base_scores[layer] += dy_score(mc[layer], model.input_format(mc, layer), y_ref)
+            y_ref = output(REFERENCE, FULL)
+            base_scores[layer] += fisher_score(g, output(mc[layer], model.input_format(mc, layer)) - y_ref)
             for k in by_layer.get(layer, ()):
                 cfg = probes[k][1]
                 swapped = mc.layers[:layer] + (cfg,) + mc.layers[layer + 1:]
-                scores[k] += dy_score(cfg, model.input_format(swapped, layer), y_ref)
+                scores[k] += fisher_score(g, output(cfg, model.input_format(swapped, layer)) - y_ref)
         t_probes += time.perf_counter() - t1
         del act
     deltas = [scores[k] - base_scores[layer] for k, (layer, _) in enumerate(probes)]
