@@ -108,6 +108,21 @@ def _pad_rows(x: torch.Tensor, multiple: int = ROWS) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
+def _full(c: Config) -> bool:
+    """Full-precision mode (the module docstring's rule): the layer's activation is fp32."""
+    return c.activation is Precision.FP32
+
+
+def _out_format(c: Config) -> str:
+    """The dtype a decoder layer's output is held in: the forced activation, else bf16."""
+    return FULL if _full(c) else _act(c, "bf16")
+
+
+def _rope_format(c: Config) -> str:
+    """RoPE's cos/sin tables are held in bf16, fp32 in full-precision mode."""
+    return FULL if _full(c) else "bf16"
+
+
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: str) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * w in fp32 (transformers' LlamaRMSNorm), rounded to `out`."""
     return rnd(F.rms_norm(x, (x.shape[-1],), w, eps), out)
@@ -357,7 +372,7 @@ class Model:
         cache positions start..start+n_real-1; `mask` [M, L] is 0 / -inf over the keys attended.
         Returns the layer output and its dtype (the module docstring's rules)."""
         s = self.spec
-        full = c.activation is Precision.FP32
+        full = _full(c)
 
         def act(default: str) -> str:
             return FULL if full else _act(c, default)
@@ -405,7 +420,7 @@ class Model:
         g = g if full else rnd(self.silu(g), f13)  # the mul's fused SiLU pre-activation, packed in w1's dtype
         y = rnd(g * u, act("bfp8")) if not full else F.silu(g) * u
         d = self._linear(c.li_ff2, y, self.weight(f"{i}.w2", c.ff2.value), blk.w2, act("bf16"), interm, self.tp)
-        out = act("bf16")
+        out = _out_format(c)
         return rnd(h + d, out), out  # second residual add: dtype = activation or bf16
 
     def _rope_apply(self, x: torch.Tensor, rope: tuple, fmt: str) -> torch.Tensor:
@@ -463,30 +478,87 @@ class Model:
         return rnd(out.view(nkv, G, M, D).permute(2, 0, 1, 3).reshape(M, H * D), q_fmt)
 
     # --- whole model ---------------------------------------------------------------------------
+    def _frame(self, n: int, start: int, prefill: bool, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and the 0 / -inf mask [M, L] of n rows at cache positions start..start+n-1.
+        Decode pads the rows to whole tiles (the padding rows sit at the last real position) and
+        reads the cache's whole buffer, masked (L = capacity); prefill reads keys 0..start+n-1.
+        Makes room in `cache` for the rows."""
+        pos = torch.arange(start, start + n, device=self.device)
+        if not prefill:
+            pos = torch.cat([pos, pos[-1].repeat((-n) % ROWS)])
+        cache.reserve(start + n)
+        L = start + n if prefill else cache.capacity
+        keys = torch.arange(L, device=self.device)[None, :]
+        hidden = keys > pos[:, None]  # causal
+        if self.spec.sliding_window:  # transformers: key > query - window
+            hidden |= keys <= pos[:, None] - self.spec.sliding_window
+        return pos, torch.zeros(pos.shape[0], L, device=self.device).masked_fill_(hidden, float("-inf"))
+
+    def input_format(self, cfg: ModelConfig | Config | tuple[Config, ...], i: int) -> str:
+        """The dtype decoder layer i's input is held in under `cfg`: the embedding's (bf16, fp32 when
+        every layer is in full-precision mode) for layer 0, else layer i-1's output dtype."""
+        layers = cfg if isinstance(cfg, tuple) else self._layers(cfg)
+        if not 0 <= i < len(layers):
+            raise IndexError(f"layer {i} out of range for {self.spec.name} ({len(layers)} layers)")
+        if i == 0:
+            return FULL if all(_full(c) for c in layers) else "bf16"
+        return _out_format(layers[i - 1])
+
+    @torch.inference_mode()
+    def layer_forward(self, i: int, cfg: Config, h_prefill: torch.Tensor, h_decode: torch.Tensor, *,
+                      h_fmt: str = "bf16", capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder layer i alone under `cfg`, split as a trial runs it: the prefill op groups on
+        h_prefill [P, hidden] (positions 0..P-1, a fresh KV cache), then the decode op groups on
+        h_decode [D, hidden] (positions P..P+D-1, one batched teacher-forced pass attending that
+        cache). `h_fmt` is the dtype the input is held in (`input_format`); the layer rounds its
+        input as `_run` does. `capacity` is the cache's (default P + D, as the Evaluator sizes it:
+        decode attends the whole buffer, so it sets the SDPA's key length). Returns the layer's
+        outputs (y_prefill [P, hidden], y_decode [D, hidden]) as fp32 tensors, bit for bit what
+        `prefill` + `decode_batched` compute for those rows when the inputs are the same."""
+        s = self.spec
+        if not 0 <= i < s.n_layers:
+            raise IndexError(f"layer {i} out of range for {s.name} ({s.n_layers} layers)")
+        if not isinstance(cfg, Config):
+            raise TypeError(f"cfg must be one layer's Config, got {type(cfg).__name__}")
+        for name, t in (("h_prefill", h_prefill), ("h_decode", h_decode)):
+            if t.dim() != 2 or t.shape[1] != s.hidden:
+                raise ValueError(f"{name} must be [rows, {s.hidden}], got {tuple(t.shape)}")
+        P, D = h_prefill.shape[0], h_decode.shape[0]
+        cap = -(-max(capacity or P + D, P + D, 1) // ROWS) * ROWS
+        kt = torch.zeros(s.n_kv_heads, s.head_dim, cap, device=self.device)
+        v = torch.zeros(s.n_kv_heads, cap, s.head_dim, device=self.device)
+        cache = KVCache([kt] * s.n_layers, [v] * s.n_layers, 0)  # only layer i's slot is written: one buffer
+        outs = []
+        for rows, start, prefill in ((h_prefill, 0, True), (h_decode, P, False)):
+            n = rows.shape[0]
+            if n == 0:
+                outs.append(torch.empty(0, s.hidden, device=self.device))
+                continue
+            h = rows.to(self.device, torch.float32)
+            if not prefill:
+                h = _pad_rows(h)
+            pos, mask = self._frame(n, start, prefill, cache)
+            y, _ = self._layer(i, cfg, h, h_fmt, n, cache, start, prefill, self._rope(pos, prefill, _rope_format(cfg)), mask)
+            cache.length = start + n
+            outs.append(y[:n])
+        return outs[0], outs[1]
+
     def _run(self, tokens: torch.Tensor, layers: tuple[Config, ...], cache: KVCache, start: int,
              prefill: bool, rows: slice | None) -> torch.Tensor:
         """Embed, run every layer, final norm and LM head for h[rows] (None: all real rows)."""
         s = self.spec
         n = tokens.shape[0]
-        full = all(c.activation is Precision.FP32 for c in layers)
-        ug = FULL if full else "bf16"
+        full = all(_full(c) for c in layers)
+        ug = self.input_format(layers, 0)
         tokens = tokens.to(self.device)
         h = rnd(self.w["model.embed_tokens.weight"][tokens], ug)
         h_fmt = ug
-        pos = torch.arange(start, start + n, device=self.device)
-        if not prefill:  # pad to whole tiles of rows; padding rows sit at the last real position
+        if not prefill:  # pad to whole tiles of rows
             h = _pad_rows(h)
-            pos = torch.cat([pos, pos[-1].repeat(h.shape[0] - n)])
-        cache.reserve(start + n)
-        L = start + n if prefill else cache.capacity  # decode reads the whole buffer, masked
-        keys = torch.arange(L, device=self.device)[None, :]
-        hidden = keys > pos[:, None]  # causal
-        if self.spec.sliding_window:  # transformers: key > query - window
-            hidden |= keys <= pos[:, None] - self.spec.sliding_window
-        mask = torch.zeros(h.shape[0], L, device=self.device).masked_fill_(hidden, float("-inf"))
+        pos, mask = self._frame(n, start, prefill, cache)
         ropes = {}
         for i, c in enumerate(layers):
-            rfmt = FULL if c.activation is Precision.FP32 else "bf16"
+            rfmt = _rope_format(c)
             if rfmt not in ropes:
                 ropes[rfmt] = self._rope(pos, prefill, rfmt)
             h, h_fmt = self._layer(i, c, h, h_fmt, n, cache, start, prefill, ropes[rfmt], mask)
