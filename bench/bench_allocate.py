@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     sspec = spec.sensitivity_study()
     sstudy = load_study(sspec)
     profile = measured(sstudy, sspec.space)
-    damage = damage_table(profile)
+    damage = damage_table(profile)  # what the allocator sums
+    raw = damage_table(profile, "d_kld")  # the measured estimates: what additivity is about
     base_kld = float(profile["config_kld"].iloc[0])
     space = sspec.space
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     for i, mc in enumerate(mixed):
         t = by_cfg[str(mc)]
         changed = sum(a != b for a, b in zip(mc.layers, space.base.layers))
-        add_rows.append({"i": i, "layers_changed": changed, "predicted_kld": base_kld + predicted_damage(problem, mc, damage),
+        add_rows.append({"i": i, "layers_changed": changed, "predicted_kld": base_kld + predicted_damage(problem, mc, raw),
                          "measured_kld": float(t.user_attrs["kld"]), "measured_top1": float(t.user_attrs["top1"]),
                          "trial": t.number})
     pred = [r["predicted_kld"] for r in add_rows]
@@ -87,18 +88,48 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(add_rows)
 
-    # 2. cost, as ratios to one full trial of the study (its base trial)
-    full = trials_by_config(load_study(spec))
-    full_base = full[str(space.base)] if str(space.base) in full else None
-    one_trial = float(full_base.user_attrs["wall_s"]) if full_base else float("nan")
-    probe_walls = [float(by_cfg[str(space.probe_config(p))].user_attrs["wall_s"]) for p in space.probes]
+    # 2. cost, as ratios to one full trial, both timed here in one process (min of 2 warm runs)
+    from engine.accuracy import Evaluator
+
+    def timed(ev):
+        ev.evaluate(space.base)
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            ev.evaluate(space.base)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    one_trial = timed(Evaluator(spec.model, **spec.eval, device=spec.primary))
+    one_probe = timed(Evaluator(spec.model, prefill=sspec.eval["prefill"], decode=sspec.eval["decode"], device=spec.primary))
     t0 = time.perf_counter()
     pb = alloc.build_problem(spec.model, spec.primary, space, damage, spec.perf)
-    a = alloc.allocate(pb, alloc.front_budgets(pb, 3)[1])
+    a = alloc.allocate(pb, alloc.Budget(min_speed=float(allocs_speed(out) or alloc.fastest_speed(pb))))
     solve_s = time.perf_counter() - t0
-    cost = {"one_trial_s": one_trial, "profile_s": sum(probe_walls), "probes": len(probe_walls),
-            "profile_trials": sum(probe_walls) / one_trial, "allocation_s": solve_s, "allocation_trials": solve_s / one_trial,
-            "rounds": a.rounds}
+    n_probes = space.size
+    cost = {"one_trial_s": one_trial, "one_probe_s": one_probe, "probes": n_probes,
+            "profile_trials": n_probes * one_probe / one_trial, "allocation_s": solve_s,
+            "allocation_trials": solve_s / one_trial, "rounds": a.rounds}
+    # 3b. the allocator's damage rule: the estimates against the upper ends of their intervals,
+    # each allocation measured on the profile's window (queued in the sensitivity study)
+    rule_rows = []
+    budgets = [float(r["min_speed"]) for r in csv.DictReader((out / "allocations.csv").open()) if r["min_speed"]] \
+        if (out / "allocations.csv").is_file() else []
+    rule_cfgs = {}
+    for col in ("d_kld", "damage"):
+        pbc = alloc.build_problem(spec.model, spec.primary, space, damage_table(profile, col), spec.perf)
+        for b in budgets:
+            ac = alloc.allocate(pbc, alloc.Budget(min_speed=b))
+            rule_cfgs[(col, b)] = ac
+            queue_config(sstudy, ac.config, {"damage_rule": col})
+    if rule_cfgs:
+        run_study(sspec, workers=args.workers, progress=False)
+        by_cfg = trials_by_config(load_study(sspec))
+        for (col, b), ac in rule_cfgs.items():
+            t = by_cfg[str(ac.config)]
+            rule_rows.append({"rule": "estimate" if col == "d_kld" else "upper 95% end", "budget": b,
+                              "changes": len(ac.changes), "predicted_kld": base_kld + ac.predicted_damage,
+                              "measured_kld": float(t.user_attrs["kld"]), "measured_top1": float(t.user_attrs["top1"])})
 
     info = json.loads((out / "profile.json").read_text()) if (out / "profile.json").is_file() else {}
     allocs = list(csv.DictReader((out / "allocations.csv").open())) if (out / "allocations.csv").is_file() else []
@@ -109,12 +140,20 @@ def main(argv=None) -> int:
         nspec = load_spec(args.nsga2)
         run_study(nspec, workers=args.workers, progress=False)
         nsga = _vs_nsga2(nspec, spec, allocs)
-    _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, nsga)
+    _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, nsga, rule_rows)
     print(f"additivity: Spearman {rho:.3f}, Pearson {r_lin:.3f} over {len(add_rows)} random mixed configs")
-    print(f"profile {cost['profile_s']:.0f} s = {cost['profile_trials']:.1f} full trials; allocation "
+    print(f"profile {cost['probes']} x {cost['one_probe_s']:.2f} s = {cost['profile_trials']:.1f} full trials; allocation "
           f"{cost['allocation_s']:.2f} s = {cost['allocation_trials']:.3f} trials")
     print(f"wrote {out / 'README.md'}, {out / 'additivity.csv'}")
     return 0
+
+
+def allocs_speed(out: Path) -> float | None:
+    """The middle budget of the committed allocations (the one timed), None when there are none."""
+    if not (out / "allocations.csv").is_file():
+        return None
+    speeds = sorted(float(r["min_speed"]) for r in csv.DictReader((out / "allocations.csv").open()) if r["min_speed"])
+    return speeds[len(speeds) // 2] if speeds else None
 
 
 def _vs_nsga2(nspec, spec, allocs) -> list[dict]:
@@ -152,7 +191,7 @@ def _config_of(row: dict, spec) -> str:
     return str(ModelConfig.parse(str(path), spec.n_layers, spec.model))
 
 
-def _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, nsga) -> None:
+def _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, nsga, rule_rows) -> None:
     from sweep.report import display_name
 
     L = [f"# Per-layer allocation: {display_name(spec.model)}", "",
@@ -162,14 +201,15 @@ def _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, ns
          f"- Base `{info.get('base', 'defaults')}`, {info.get('probes', '?')} probes over {info.get('layers', '?')} layers "
          f"({', '.join(info.get('families', {}))}), each on a {sspec.eval['prefill']}+{sspec.eval['decode']}-token "
          "teacher-forced window: `profile.csv`, heatmap `profile-heatmap.png`.",
-         f"- Profile cost: {cost['profile_s']:.0f} s of evaluation for {cost['probes']} probes = "
-         f"{cost['profile_trials']:.1f} full trials (one full {spec.eval['prefill']}+{spec.eval['decode']} trial: "
-         f"{cost['one_trial_s']:.1f} s on the same machine).",
+         f"- Profile cost: {cost['probes']} probes x {cost['one_probe_s']:.2f} s = {cost['profile_trials']:.1f} full "
+         f"trials (one full {spec.eval['prefill']}+{spec.eval['decode']} trial: {cost['one_trial_s']:.2f} s; both timed "
+         "in one process, the ratio is what carries to another machine).",
          f"- One allocation (pricing every option and solving, {cost['rounds']} solve(s)): {cost['allocation_s']:.2f} s = "
          f"{cost['allocation_trials']:.3f} full trials."]
     if "fisher_spearman" in info:
-        L.append(f"- First-order (Fisher) estimate, one fp32 backward pass: Spearman {info['fisher_spearman']:.3f} with the "
-                 f"measured delta-KLD over all probes, in {info['fisher_s']:.1f} s.")
+        L.append(f"- First-order (Fisher) estimate, one fp32 backward pass plus one layer per probe: Spearman "
+                 f"{info['fisher_spearman']:.3f} with the measured delta-KLD over all probes, in {info['fisher_s']:.0f} s "
+                 f"(~{info['fisher_s'] / cost['one_trial_s']:.1f} full trials at the time it ran; `sweep sensitivity --fisher`).")
     L += ["", "## Additivity", "",
           f"{len(add_rows)} random mixed configs (each layer's family changed with probability 0.3), measured on the "
           f"profile's window: Spearman {rho:.3f}, Pearson {r_lin:.3f} between predicted (base + summed single-change "
@@ -186,6 +226,14 @@ def _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, ns
                  f"{_f(a, 'predicted_kld_short')} | {_f(a, 'measured_kld_short')} | {_f(a, 'measured_kld')} | "
                  f"{_f(a, 'measured_top1', 1)} | {uni} | {a.get('top1_verdict', '')} ({_f(a, 'top1_p', 3)}) | "
                  f"{a.get('kld_verdict', '')} |")
+    if rule_rows:
+        L += ["", "## Damage rule", "",
+              "The allocator prices each change at the upper end of its delta-KLD 95% interval (`sweep.profile."
+              "allocator_damage`). The same budgets allocated on the estimates instead, each measured on the profile's window:",
+              "", "| rule | budget t/s/u | changes | predicted KLD | measured KLD | Top-1 |", "|---|---|---|---|---|---|"]
+        for r in rule_rows:
+            L.append(f"| {r['rule']} | {r['budget']:g} | {r['changes']} | {r['predicted_kld']:.4f} | {r['measured_kld']:.4f} | "
+                     f"{r['measured_top1']:.1f} |")
     if nsga:
         L += ["", "## Against NSGA-II", "",
               f"NSGA-II over the same per-layer choices, {nsga[0]['nsga2_trials']} full evaluations; for each budget its "

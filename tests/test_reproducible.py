@@ -202,3 +202,54 @@ def test_committed_defaults_row_is_what_the_engine_measures(smollm2_evaluator):
     assert res.top1 == pytest.approx(r["top1"], abs=1e-9), "Top-1 moved: regenerate reports/ and README"
     assert res.top5 == pytest.approx(r["top5"], abs=1e-9), "Top-5 moved: regenerate reports/ and README"
     assert res.kld == pytest.approx(r["kld"], rel=1e-4), "KLD moved: regenerate reports/ and README"
+
+
+# --- reports/allocate: the committed allocation results agree with the code --------------------
+ALLOC = ROOT / "reports" / "allocate"
+ALLOC_STUDY = ROOT / "studies" / "smollm2-allocate.toml"
+
+
+def test_committed_profile_covers_the_study_probes():
+    """profile.csv lists exactly the probes the study's [sensitivity] section defines, in order."""
+    from sweep.space import load_spec
+
+    sspec = load_spec(ALLOC_STUDY).sensitivity_study()
+    prof = pd.read_csv(ALLOC / "profile.csv")
+    assert list(prof["probe"]) == [p.label for p in sspec.space.probes]
+    assert (prof["d_kld_lo"] <= prof["d_kld"] + 1e-12).all() and (prof["d_kld"] <= prof["d_kld_hi"] + 1e-12).all()
+    info = json.loads((ALLOC / "profile.json").read_text())
+    assert info["probes"] == len(prof) - 1 and info["prefill"] == sspec.eval["prefill"]
+
+
+def test_committed_allocations_match_the_performance_model_and_the_profile():
+    """Each allocations.csv row: its decoder JSON is a SmolLM2 config within the budget, its predicted
+    speed is what engine.perf predicts now, its predicted damage is the profile's sum over its changes."""
+    from engine import perf
+    from engine.config import ModelConfig
+    from sweep.space import load_spec
+
+    spec = load_spec(ALLOC_STUDY)
+    prof = pd.read_csv(ALLOC / "profile.csv")
+    dmg = {r.probe: r.damage for r in prof.itertuples()}
+    rows = pd.read_csv(ALLOC / "allocations.csv").to_dict("records")
+    assert rows
+    for r in rows:
+        mc = ModelConfig.parse(str(ALLOC / r["config_file"]), spec.n_layers, spec.model)
+        p = perf.predict(spec.model, r["device"], mc, **spec.perf)
+        assert p.speed_tsu == pytest.approx(r["predicted_speed"], abs=1e-3)
+        assert p.speed_tsu >= r["min_speed"]
+        changes = str(r["changes"]).split() if isinstance(r["changes"], str) else []
+        assert sum(dmg[c] for c in changes) == pytest.approx(r["predicted_damage"], abs=2e-6)
+        assert math.isfinite(r["measured_kld"]) and math.isfinite(r["measured_top1"])
+
+
+def test_allocation_readme_figures_come_from_the_committed_csvs():
+    """reports/allocate/README.md quotes the additivity Spearman computed from additivity.csv."""
+    from scipy.stats import spearmanr
+
+    add = pd.read_csv(ALLOC / "additivity.csv")
+    rho = spearmanr(add["predicted_kld"], add["measured_kld"]).statistic
+    text = (ALLOC / "README.md").read_text()
+    assert f"Spearman {rho:.3f}" in text
+    for r in pd.read_csv(ALLOC / "allocations.csv").itertuples():
+        assert f"{r.measured_kld:.4f}" in text

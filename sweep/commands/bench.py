@@ -12,7 +12,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 SUITES = ("numerics", "engine", "perf", "sweep")  # `all`
-ON_DEMAND = ("allocate",)  # needs a measured profile (sweep sensitivity / allocate): not part of `all`
+ON_DEMAND = ("allocate", "fisher")  # long, on the real model (allocate needs a measured profile): not in `all`
 
 
 def register(sub) -> None:
