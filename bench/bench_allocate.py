@@ -171,7 +171,12 @@ def _vs_nsga2(nspec, spec, allocs) -> list[dict]:
         t = full.get(_config_of(a, spec))
         dev = a["device"]
         fast = [n for n in ts if n.user_attrs["speed"][dev] + 1e-9 >= float(a["predicted_speed"])]
-        row = {"budget": a["config_file"], "nsga2_trials": len(ts), "nsga2_feasible": len(fast)}
+        quick = max(ts, key=lambda n: n.user_attrs["speed"][dev])
+        row = {"budget": a["config_file"], "nsga2_trials": len(ts), "nsga2_feasible": len(fast),
+               "fastest": (quick.number, quick.user_attrs["speed"][dev], float(quick.user_attrs["kld"]),
+                           float(quick.user_attrs["top1"])),
+               "best": min((float(n.user_attrs["kld"]), n.user_attrs["speed"][dev], float(n.user_attrs["top1"]))
+                           for n in ts)}
         if fast and t is not None:
             best = min(fast, key=lambda n: float(n.user_attrs["kld"]))
             c = compare(token_record_of(t.user_attrs), token_record_of(best.user_attrs))
@@ -244,7 +249,11 @@ def _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, ns
                 L.append(f"| {r['budget']} | {r['nsga2_feasible']} | {r['nsga2_kld']:.4f} / {r['nsga2_top1']:.1f} | "
                          f"{r['top1_verdict']} ({r['p']:.3g}) | {r['kld_verdict']} |")
             else:
-                L.append(f"| {r['budget']} | 0 | none as fast | | |")
+                n, sp, kl, t1 = r["fastest"]
+                L.append(f"| {r['budget']} | 0 | none as fast: its fastest, trial {n}, {sp:.1f} t/s/u, KLD {kl:.4f}, "
+                         f"Top-1 {t1:.1f} | | |")
+        kl, sp, t1 = nsga[0]["best"]
+        L += ["", f"NSGA-II's least-KLD trial overall: KLD {kl:.4f}, Top-1 {t1:.1f}, {sp:.1f} t/s/u."]
     (out / "README.md").write_text("\n".join(L) + "\n")
 
 

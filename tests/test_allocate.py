@@ -173,8 +173,9 @@ def test_sensitivity_then_allocate_end_to_end(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["allocate", str(study), "--device", "N300", "--front", "2", "--out", str(out)]) == 2
     assert "sweep sensitivity" in capsys.readouterr().err  # no profile yet: one line naming the fix
-    assert main(["sensitivity", str(study), "--out", str(out), "--no-progress"]) == 0
+    assert main(["sensitivity", str(study), "--out", str(out), "--no-progress", "--fisher"]) == 0
     rows = list(csv.DictReader((out / "profile.csv").open()))
+    assert all(r["fisher"] for r in rows) and -1 <= json.loads((out / "profile.json").read_text())["fisher_spearman"] <= 1
     assert len(rows) == 1 + 2 * 2 * 2 and rows[0]["probe"] == "base"
     assert (out / "profile-heatmap.png").stat().st_size > 1000
     worst = max(rows[1:], key=lambda r: float(r["d_kld"]))
@@ -199,9 +200,12 @@ def test_sensitivity_then_allocate_end_to_end(tiny_llama_dir, tmp_path, capsys):
     st = open_study(str(study))
     marked = [t for t in st.get_trials() if TrialRecord.from_user_attrs(t.user_attrs).allocation] if st else []
     assert len(marked) == 2
-    # again with the same budgets: rows are replaced, not appended twice
+    # again with the same budgets: rows are replaced, not appended twice; the first-order damage works too
     assert main(["allocate", str(study), "--device", "N300", "--front", "2", "--no-eval", "--out", str(out)]) == 0
     assert len(list(csv.DictReader((out / "allocations.csv").open()))) == 2
+    assert main(["allocate", str(study), "--device", "N150", "--max-weights-gb", "1", "--damage", "fisher", "--no-eval",
+                 "--out", str(out)]) == 0
+    assert len(list(csv.DictReader((out / "allocations.csv").open()))) == 3
 
 
 def test_allocate_refuses_bad_budgets(tiny_llama_dir, tmp_path, capsys):

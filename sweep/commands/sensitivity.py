@@ -3,8 +3,8 @@ profile: from its [sensitivity] base config, change one (layer, family) choice a
 measure the damage on the section's short teacher-forced window.
 
 The probes are the trials of a study of their own (`<name>.sensitivity`, same storage), so the
-profile resumes after a crash and several workers or hosts share it like any study (`sweep worker
-STUDY` does not run it; give `--workers`). When every probe is measured it writes
+profile resumes after a crash and several workers or hosts share it like any study (another host
+joins with `sweep worker <name>.sensitivity --storage URL`). When every probe is measured it writes
 `<out>/profile.csv` (sweep.profile.COLUMNS: delta-KLD with its 95% interval, delta-Top-1, the
 Top-1 discordant positions and McNemar p, per probe) and `<out>/profile-heatmap.png` (layers x
 family=choice). `--fisher` adds the first-order estimate (engine.fisher: one fp32 backward pass,
