@@ -213,8 +213,8 @@ def _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, ns
          f"{cost['allocation_trials']:.3f} full trials."]
     if "fisher_spearman" in info:
         L.append(f"- First-order (Fisher) estimate, one fp32 backward pass plus one layer per probe: Spearman "
-                 f"{info['fisher_spearman']:.3f} with the measured delta-KLD over all probes, in {info['fisher_s']:.0f} s "
-                 f"(~{info['fisher_s'] / cost['one_trial_s']:.1f} full trials at the time it ran; `sweep sensitivity --fisher`).")
+                 f"{info['fisher_spearman']:.3f} with the measured delta-KLD over all probes (`sweep sensitivity --fisher`; "
+                 "its cost as a same-run ratio to one trial: `python bench/bench_fisher.py`).")
     L += ["", "## Additivity", "",
           f"{len(add_rows)} random mixed configs (each layer's family changed with probability 0.3), measured on the "
           f"profile's window: Spearman {rho:.3f}, Pearson {r_lin:.3f} between predicted (base + summed single-change "
