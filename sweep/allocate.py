@@ -48,7 +48,7 @@ class Budget:
         parts = []
         for key, v in (("speed", self.min_speed), ("ttft", self.max_ttft), ("weights", self.max_weights_gb)):
             if v is not None:
-                parts.append(f"{key}{v:g}")
+                parts.append(f"{key}{v:.10g}")
         return "-".join(parts)
 
     def violation(self, speed: float, ttft: float, weights_gb: float) -> tuple[float, float, float]:

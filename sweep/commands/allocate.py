@@ -158,6 +158,7 @@ def _evaluate(args, spec, sspec, problem, allocations, rows, damage) -> None:
                 "predicted_speed": row["predicted_speed"], "file": row["config_file"]}
         queue_config(study, a.config, {ALLOCATION: info})
         queue_config(sstudy, a.config, {ALLOCATION: info})
+    for a in allocations:  # after every allocation: one equal to a uniform config is marked as allocated
         if args.uniform:
             uniforms[a.budget.label] = _uniform_candidates(args, spec, problem, a, damage)
             for mc in uniforms[a.budget.label]:
