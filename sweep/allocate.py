@@ -12,7 +12,10 @@ solved again (`rounds` counts these solves).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -166,11 +169,27 @@ def solve(problem: Problem, limits: tuple[float | None, float | None, float | No
                                  ("d_step_us", "d_ttft_ms", "d_weights_gb")):
         if limit is not None:
             cons.append(LinearConstraint(np.array([[getattr(o, attr) for o in opts]]), -np.inf, limit - base))
-    res = milp(c, constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
+    with _quiet_stdout():
+        res = milp(c, constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
     if res.status != 0 or res.x is None:
         return None
     x = np.round(res.x).astype(int)
     return [next(j for j in idx if x[j]) for idx in problem.groups]
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """HiGHS (inside scipy) prints a debug line to the C stdout on some branch-and-bound runs; keep
+    it off the command's output."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def config_of(problem: Problem, chosen: Sequence[int]) -> ModelConfig:
