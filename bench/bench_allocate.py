@@ -42,10 +42,9 @@ def main(argv=None) -> int:
     if args.quick:
         args.random = min(args.random, 5)
 
-    from sweep.commands.allocate import queue_config, random_mixed
     from sweep.profile import damage_table, measured, trials_by_config
     from sweep.space import load_spec
-    from sweep.study import load_study
+    from sweep.study import enqueue_config, load_study
     from sweep.study import run as run_study
 
     out = Path(args.out)
@@ -62,22 +61,20 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     mixed = []
     while len(mixed) < args.random:
-        mc = random_mixed(space, rng, 0.3)
+        mc = space.random_config(rng, 0.3)
         if mc != space.base and mc not in mixed:
             mixed.append(mc)
     for i, mc in enumerate(mixed):
-        queue_config(sstudy, mc, {"additivity": i})
+        enqueue_config(sstudy, mc, {"additivity": i})
     run_study(sspec, workers=args.workers, progress=False)
     by_cfg = trials_by_config(load_study(sspec))
     from sweep import allocate as alloc
-    from sweep.commands.allocate import predicted_damage
 
-    problem = alloc.build_problem(spec.model, spec.primary, space, damage, spec.perf)
     add_rows = []
     for i, mc in enumerate(mixed):
         t = by_cfg[str(mc)]
         changed = sum(a != b for a, b in zip(mc.layers, space.base.layers))
-        add_rows.append({"i": i, "layers_changed": changed, "predicted_kld": base_kld + predicted_damage(problem, mc, raw),
+        add_rows.append({"i": i, "layers_changed": changed, "predicted_kld": base_kld + alloc.summed_damage(space, mc, raw),
                          "measured_kld": float(t.user_attrs["kld"]), "measured_top1": float(t.user_attrs["top1"]),
                          "trial": t.number})
     pred = [r["predicted_kld"] for r in add_rows]
@@ -100,8 +97,9 @@ def main(argv=None) -> int:
             best = min(best, time.perf_counter() - t0)
         return best
 
-    one_trial = timed(Evaluator(spec.model, **spec.eval, device=spec.primary))
-    one_probe = timed(Evaluator(spec.model, prefill=sspec.eval["prefill"], decode=sspec.eval["decode"], device=spec.primary))
+    one_trial = timed(Evaluator(spec.model, **spec.eval, device=spec.primary, **spec.numerics_kwargs()))
+    one_probe = timed(Evaluator(spec.model, prefill=sspec.eval["prefill"], decode=sspec.eval["decode"], device=spec.primary,
+                                **spec.numerics_kwargs()))
     t0 = time.perf_counter()
     pb = alloc.build_problem(spec.model, spec.primary, space, damage, spec.perf)
     a = alloc.allocate(pb, alloc.Budget(min_speed=float(allocs_speed(out) or alloc.fastest_speed(pb))))
@@ -121,7 +119,7 @@ def main(argv=None) -> int:
         for b in budgets:
             ac = alloc.allocate(pbc, alloc.Budget(min_speed=b))
             rule_cfgs[(col, b)] = ac
-            queue_config(sstudy, ac.config, {"damage_rule": col})
+            enqueue_config(sstudy, ac.config, {"damage_rule": col})
     if rule_cfgs:
         run_study(sspec, workers=args.workers, progress=False)
         by_cfg = trials_by_config(load_study(sspec))
@@ -139,7 +137,7 @@ def main(argv=None) -> int:
     if args.nsga2:
         nspec = load_spec(args.nsga2)
         run_study(nspec, workers=args.workers, progress=False)
-        nsga = _vs_nsga2(nspec, spec, allocs)
+        nsga = _vs_nsga2(nspec, spec, allocs, out)
     _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, nsga, rule_rows)
     print(f"additivity: Spearman {rho:.3f}, Pearson {r_lin:.3f} over {len(add_rows)} random mixed configs")
     print(f"profile {cost['probes']} x {cost['one_probe_s']:.2f} s = {cost['profile_trials']:.1f} full trials; allocation "
@@ -156,7 +154,7 @@ def allocs_speed(out: Path) -> float | None:
     return speeds[len(speeds) // 2] if speeds else None
 
 
-def _vs_nsga2(nspec, spec, allocs) -> list[dict]:
+def _vs_nsga2(nspec, spec, allocs, out: Path) -> list[dict]:
     from optuna.trial import TrialState
 
     from engine.stats import compare
@@ -168,7 +166,7 @@ def _vs_nsga2(nspec, spec, allocs) -> list[dict]:
     full = trials_by_config(load_study(spec))
     rows = []
     for a in allocs:
-        t = full.get(_config_of(a, spec))
+        t = full.get(_config_of(a, spec, out))
         dev = a["device"]
         fast = [n for n in ts if n.user_attrs["speed"][dev] + 1e-9 >= float(a["predicted_speed"])]
         quick = max(ts, key=lambda n: n.user_attrs["speed"][dev])
@@ -189,11 +187,10 @@ def _vs_nsga2(nspec, spec, allocs) -> list[dict]:
     return rows
 
 
-def _config_of(row: dict, spec) -> str:
+def _config_of(row: dict, spec, out: Path) -> str:
     from engine.config import ModelConfig
 
-    path = Path("reports/allocate") / row["config_file"]
-    return str(ModelConfig.parse(str(path), spec.n_layers, spec.model))
+    return str(ModelConfig.parse(str(out / row["config_file"]), spec.n_layers, spec.model))
 
 
 def _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, nsga, rule_rows) -> None:

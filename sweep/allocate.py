@@ -261,3 +261,17 @@ def brute_force(problem: Problem, budget: Budget) -> tuple[float, ModelConfig] |
         if not any(budget.violation(1e6 / step, ttft, wgb)):
             best = (dmg, mc)
     return best
+
+
+def summed_damage(space: ProbeSpace, mc: ModelConfig, damage: Mapping[tuple[int, str, str], float]) -> float:
+    """Sum of the profile's damage over the (layer, family) choices of `mc`, a choice read by its
+    first key (a weight group's format: fidelities other than the natural one are not priced, so
+    this ranks configs; their full evaluation decides). KeyError: a choice not profiled."""
+    total = 0.0
+    for i in space.layers:
+        for name in space.families:
+            fam = family(name)
+            c = fam.choice_of(mc.layers[i])
+            if c != fam.choice_of(space.base.layers[i]):
+                total += damage[(i, name, c)]
+    return total

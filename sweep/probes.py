@@ -175,6 +175,18 @@ class ProbeSpace:
         for p in self.probes:
             yield {"probe": p.label}, self.probe_config(p)
 
+    def random_config(self, rng, p_change: float = 0.3) -> ModelConfig:
+        """A random per-layer config of the probes' choices: each (layer, family) takes another
+        choice with probability `p_change` (`rng`: a random.Random; the additivity check's configs)."""
+        layers = list(self.base.layers)
+        for i in self.layers:
+            for name, choices in self.families.items():
+                fam = family(name)
+                others = [c for c in choices if c != fam.choice_of(self.base.layers[i])]
+                if others and rng.random() < p_change:
+                    layers[i] = layers[i].replace(**fam.changes(rng.choice(others), layers[i], self.natural))
+        return ModelConfig(tuple(layers))
+
     def suggest(self, trial) -> dict[str, str]:
         return {"probe": trial.suggest_categorical("probe", list(self.params[0].choices))}
 

@@ -363,6 +363,12 @@ class StudySpec:
     def is_grid(self) -> bool:
         return self.sampler.kind == "grid"
 
+    def numerics_kwargs(self) -> dict:
+        """[numerics] as `engine.accuracy.Evaluator` keywords (silu, lm_head)."""
+        num = self.numerics
+        return ({"silu": num["silu"]} if "silu" in num else {}) | (
+            {"lm_head": tuple(num["lm_head"])} if "lm_head" in num else {})
+
     @property
     def journal_path(self) -> Path | None:
         return Path(self.storage[len("journal:"):]) if self.storage.startswith("journal:") else None

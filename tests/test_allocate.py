@@ -12,7 +12,6 @@ from scipy.stats import spearmanr
 from engine.config import DEFAULT, ConfigError, ModelConfig
 from sweep import allocate as alloc
 from sweep.cli import main
-from sweep.commands.allocate import predicted_damage, random_mixed
 from sweep.probes import Probe, ProbeSpace, family
 from sweep.space import StudySpec, parse_spec
 
@@ -120,14 +119,13 @@ def test_summed_single_layer_damage_ranks_mixed_configs(tiny_llama_dir, capsys):
                       "kv_cache": ("bfp4", "bfp8", "bf16"), "wqkv": ("bfp4", "bfp8")})
     base = ev.evaluate(sp.base).kld
     damage = {(p.layer, p.family, p.choice): ev.evaluate(sp.probe_config(p)).kld - base for p in sp.probes[1:]}
-    pb = alloc.build_problem("tiny-llama", "N150", sp, damage)
     rng = random.Random(3)
     configs = []
     while len(configs) < 12:
-        mc = random_mixed(sp, rng, p_change=0.4)
+        mc = sp.random_config(rng, p_change=0.4)
         if mc not in configs and mc != sp.base:
             configs.append(mc)
-    predicted = [predicted_damage(pb, mc, damage) for mc in configs]
+    predicted = [alloc.summed_damage(sp, mc, damage) for mc in configs]
     measured = [ev.evaluate(mc).kld - base for mc in configs]
     rho = spearmanr(predicted, measured).statistic
     with capsys.disabled():

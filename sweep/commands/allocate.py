@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 from pathlib import Path
 
 from sweep.commands.sensitivity import DEFAULT_OUT
@@ -147,8 +146,9 @@ def _evaluate(args, spec, sspec, problem, allocations, rows, damage) -> None:
     """Queue every allocation (full window in the study, short window in its sensitivity study)
     and the uniform configs it faces, run them, and fill the rows' measured columns."""
     from engine.stats import compare
+    from sweep.profile import trials_by_config
     from sweep.records import ALLOCATION, TrialRecord, token_record_of
-    from sweep.study import load_study
+    from sweep.study import enqueue_config, load_study
     from sweep.study import run as run_study
 
     study, sstudy = load_study(spec, create=True), load_study(sspec)
@@ -156,16 +156,16 @@ def _evaluate(args, spec, sspec, problem, allocations, rows, damage) -> None:
     for a, row in zip(allocations, rows):
         info = {"device": row["device"], "budget": a.budget.label, "predicted_damage": row["predicted_damage"],
                 "predicted_speed": row["predicted_speed"], "file": row["config_file"]}
-        queue_config(study, a.config, {ALLOCATION: info})
-        queue_config(sstudy, a.config, {ALLOCATION: info})
-    for a in allocations:  # after every allocation: one equal to a uniform config is marked as allocated
-        if args.uniform:
-            uniforms[a.budget.label] = _uniform_candidates(args, spec, problem, a, damage)
-            for mc in uniforms[a.budget.label]:
-                queue_config(study, mc, {"uniform_for": a.budget.label})
+        enqueue_config(study, a.config, {ALLOCATION: info})
+        enqueue_config(sstudy, a.config, {ALLOCATION: info})
+    if args.uniform:  # after every allocation: one equal to a uniform config is marked as allocated
+        uniforms = _uniform_candidates(args, spec, problem, allocations, damage)
+        for label, configs in uniforms.items():
+            for mc in configs:
+                enqueue_config(study, mc, {"uniform_for": label})
     for s in (sspec, spec):
         run_study(s, workers=args.workers, progress=False)
-    full, short = _by_config(load_study(spec)), _by_config(load_study(sspec))
+    full, short = trials_by_config(load_study(spec)), trials_by_config(load_study(sspec))
     for a, row in zip(allocations, rows):
         t, ts = full.get(str(a.config)), short.get(str(a.config))
         if ts is not None:
@@ -189,62 +189,27 @@ def _verdict(v: str) -> str:
     return v.replace("A better", "allocated better").replace("B better", "uniform better")
 
 
-def _uniform_candidates(args, spec, problem, a, damage) -> list:
-    """The grid study's configs at least as fast as the allocation on its device, least predicted damage first."""
+def _uniform_candidates(args, spec, problem, allocations, damage) -> dict[str, list]:
+    """Per allocation (by budget label): the grid study's configs at least as fast on its device,
+    least summed damage first (`--uniform-candidates` of them). The grid is read and priced once."""
     from engine import perf
+    from sweep import allocate as alloc
     from sweep.cli import UserError
     from sweep.space import load_spec
 
     grid = load_spec(args.uniform)
     if grid.model != spec.model:
         raise UserError(f"--uniform {args.uniform} studies {grid.model}, not {spec.model}")
-    scored = []
+    priced = []
     for _, mc in grid.space.grid():
-        if perf.predict(spec.model, problem.device, mc, **spec.perf).speed_tsu + 1e-9 < a.speed:
-            continue
         try:
-            scored.append((predicted_damage(problem, mc, damage), str(mc), mc))
+            dmg = alloc.summed_damage(problem.space, mc, damage)
         except KeyError:
             continue  # a choice the profile did not measure
-    scored.sort(key=lambda x: (x[0], x[1]))
-    return [mc for _, _, mc in scored[: args.uniform_candidates]]
-
-
-def predicted_damage(problem, mc, damage) -> float:
-    """Sum of the profile's damage over the (layer, family) choices of `mc`, a choice read by its
-    first key (a weight group's format: fidelities other than the natural one are not priced, so
-    this ranks candidates; their full evaluation decides). KeyError: a choice not profiled."""
-    from sweep.probes import family
-
-    space = problem.space
-    total = 0.0
-    for i in space.layers:
-        for name in space.families:
-            fam = family(name)
-            c = fam.choice_of(mc.layers[i])
-            if c != fam.choice_of(space.base.layers[i]):
-                total += damage[(i, name, c)]
-    return total
-
-
-def queue_config(study, mc, attrs: dict) -> bool:
-    """Queue `mc` as a trial of `study` (by config, outside its space) unless a trial of it exists."""
-    from optuna.trial import TrialState
-
-    from sweep.records import QUEUED_CONFIG
-
-    cfg = str(mc)
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("config") == cfg and t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING):
-            return False
-    study.enqueue_trial({}, user_attrs={"config": cfg, QUEUED_CONFIG: cfg, **attrs})
-    return True
-
-
-def _by_config(study) -> dict:
-    from sweep.profile import trials_by_config
-
-    return trials_by_config(study)
+        priced.append((dmg, str(mc), perf.predict(spec.model, problem.device, mc, **spec.perf).speed_tsu, mc))
+    priced.sort(key=lambda x: (x[0], x[1]))
+    return {a.budget.label: [mc for _, _, speed, mc in priced if speed + 1e-9 >= a.speed][: args.uniform_candidates]
+            for a in allocations}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -261,20 +226,3 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         for r in keep + rows:
             w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
-
-
-def random_mixed(space, rng: random.Random, p_change: float = 0.3):
-    """A random per-layer config of the profile's choices: each (layer, family) takes another choice
-    with probability `p_change` (the additivity check's configs)."""
-    from engine.config import ModelConfig
-    from sweep.probes import family
-
-    layers = list(space.base.layers)
-    for i in space.layers:
-        for name, choices in space.families.items():
-            own = family(name).choice_of(space.base.layers[i])
-            others = [c for c in choices if c != own]
-            if others and rng.random() < p_change:
-                c = rng.choice(others)
-                layers[i] = layers[i].replace(**family(name).changes(c, layers[i], space.natural))
-    return ModelConfig(tuple(layers))

@@ -81,12 +81,8 @@ def _add_fisher(profile, sspec) -> dict:
     from engine.fisher import fisher_profile
     from sweep.probes import Probe
 
-    kw = {}
-    if "silu" in sspec.numerics:
-        kw["silu"] = sspec.numerics["silu"]
-    if "lm_head" in sspec.numerics:
-        kw["lm_head"] = tuple(sspec.numerics["lm_head"])
-    ev = Evaluator(sspec.model, prefill=sspec.eval["prefill"], decode=sspec.eval["decode"], device=sspec.primary, **kw)
+    ev = Evaluator(sspec.model, prefill=sspec.eval["prefill"], decode=sspec.eval["decode"], device=sspec.primary,
+                   **sspec.numerics_kwargs())
     space = sspec.space
     probes = [Probe.parse(label) for label in profile["probe"]]
     pairs = [(p.layer, space.layer_config(p.layer, p.family, p.choice)) for p in probes if p.layer is not None]

@@ -22,7 +22,7 @@ from __future__ import annotations
 from sweep.study import identity, locks, storage  # noqa: F401 - load order: lower layers first
 from sweep.study.identity import worker_identity
 from sweep.study.locks import clear_stale_journal_lock, no_live_workers, study_lock, worker_presence
-from sweep.study.prepare import Prepared, make_sampler, plan_grid, prepare
+from sweep.study.prepare import Prepared, enqueue_config, make_sampler, plan_grid, prepare
 from sweep.study.queue import LocalQueue, SharedQueue, TrialQueue, open_queue
 from sweep.study.recovery import MAX_DEATHS, fail_and_requeue, recover_stale, requeue_params
 from sweep.study.runner import RunSummary, device_plan, run, worker_threads
@@ -32,7 +32,7 @@ from sweep.study.worker import FATAL_EXIT, Worker, serve, worker_main
 
 __all__ = [
     "BACKENDS", "FATAL_EXIT", "LocalQueue", "MAX_DEATHS", "Prepared", "RunSummary", "STATES", "SharedQueue",
-    "StudyNotFound", "Tally", "TrialQueue", "Worker", "backend", "clear_stale_journal_lock", "device_plan",
+    "StudyNotFound", "Tally", "TrialQueue", "Worker", "backend", "clear_stale_journal_lock", "device_plan", "enqueue_config",
     "fail_and_requeue", "load_study", "make_sampler", "no_live_workers", "open_queue", "open_storage", "plan_grid",
     "prepare", "records", "recover_stale", "requeue_params", "run", "serve", "status", "storage_exists",
     "study_lock", "superseded_numbers", "worker_identity", "worker_main", "worker_presence", "worker_threads",

@@ -14,12 +14,13 @@ trials already in the study (samplers are not stored with a study).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import optuna
 from optuna.trial import TrialState
 
 from sweep.equivalence import representatives
+from sweep.records import QUEUED_CONFIG
 from sweep.space import StudySpec
 from sweep.study.queue import TrialQueue, open_queue
 from sweep.study.recovery import requeue_params
@@ -113,6 +114,17 @@ def _enqueue_grid(spec: StudySpec, study: optuna.Study, plan, retry_failed: bool
             present.add(c)
             enq += 1
     return len(kept), len(skipped), enq, requeued
+
+
+def enqueue_config(study: optuna.Study, mc, attrs: Mapping[str, Any]) -> bool:
+    """Queue config `mc` as a trial of `study` from outside its space (the worker evaluates the
+    `queued_config` string) unless a trial of it is complete, waiting or running; True if queued."""
+    cfg = str(mc)
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("config") == cfg and t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING):
+            return False
+    study.enqueue_trial({}, user_attrs={"config": cfg, QUEUED_CONFIG: cfg, **attrs})
+    return True
 
 
 def prepare(spec: StudySpec, retry_failed: bool = False) -> Prepared:

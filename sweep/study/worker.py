@@ -139,11 +139,7 @@ class Worker:
         lay = layouts.get(emulated) or (1, 1)
         if lay not in self.evaluators:
             kw = {"torch_device": self.torch_device} if self.torch_device else {}  # CPU runs: the engine's default
-            num = self.spec.numerics
-            if "silu" in num:
-                kw["silu"] = num["silu"]
-            if "lm_head" in num:
-                kw["lm_head"] = tuple(num["lm_head"])
+            kw |= self.spec.numerics_kwargs()
             with locks.study_lock(self.spec, "evaluator"):
                 self.evaluators[lay] = Evaluator(self.spec.model, **self.spec.eval, device=emulated, **kw)  # prefill, decode, windows
         self.evaluator = self.evaluators[lay]
