@@ -212,7 +212,11 @@ def test_allocate_refuses_bad_budgets(tiny_llama_dir, tmp_path, capsys):
     for argv, needle in ((["--device", "T3K", "--front", "2"], "pick one of those"),
                          (["--device", "N150"], "give a budget"),
                          (["--device", "N150", "--front", "2", "--min-speed", "10"], "do not combine"),
-                         (["--device", "N150", "--min-speed", "-3"], "positive number")):
+                         (["--device", "N150", "--min-speed", "-3"], "positive number"),
+                         (["--device", "N150", "--front", "0"], "K >= 1"),
+                         (["--device", "N150", "--front", "2", "--uniform", str(study), "--uniform-candidates", "0"],
+                          "--uniform-candidates must be >= 1"),
+                         (["--device", "N150", "--front", "2", "--uniform", str(tmp_path / "none.toml")], "not found")):
         assert main(["allocate", str(study), *argv, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 from sweep.commands.sensitivity import DEFAULT_OUT
@@ -65,6 +66,7 @@ def run(args) -> int:
         raise UserError(f"--device {args.device}: study {spec.name} evaluates {', '.join(spec.devices)}; "
                         "pick one of those (or add the device to [study] devices)")
     budgets = _budgets(args)
+    grid = _grid(args, spec) if args.uniform else None
     out = Path(args.out)
     try:
         sstudy = load_study(sspec)
@@ -81,15 +83,18 @@ def run(args) -> int:
     problem = alloc.build_problem(spec.model, device, sspec.space, damage, spec.perf)
     if args.front:
         budgets = alloc.front_budgets(problem, args.front)
-    allocations = []
+    allocations, infeasible = [], []
     for b in budgets:
         try:
             allocations.append(alloc.allocate(problem, b))
         except alloc.Infeasible as exc:
-            print(f"sweep allocate: {exc}")
+            infeasible.append(str(exc))
     if not allocations:
-        raise UserError(f"no budget could be met on {device}; the fastest allocation reaches "
+        raise UserError(infeasible[0] if len(infeasible) == 1 else
+                        f"no budget could be met on {device}; the fastest allocation reaches "
                         f"{alloc.fastest_speed(problem):.1f} t/s/u")
+    for msg in infeasible:  # the other budgets go on
+        print(f"sweep allocate: skipped: {msg}", file=sys.stderr)
     base_kld = float(profile["config_kld"].iloc[0])
     rows = []
     for a in allocations:
@@ -99,7 +104,7 @@ def run(args) -> int:
         _print_allocation(a, device, path, problem)
         rows.append(_row(a, device, path, base_kld))
     if not args.no_eval:
-        _evaluate(args, spec, sspec, problem, allocations, rows, damage)
+        _evaluate(args, spec, sspec, problem, allocations, rows, damage, grid)
     _write_csv(out / "allocations.csv", rows)
     print(f"wrote {out / 'allocations.csv'} ({len(rows)} row{'s' if len(rows) != 1 else ''} added or replaced)")
     return 0
@@ -115,6 +120,8 @@ def _budgets(args):
     if args.front is None and not given:
         raise UserError("give a budget: --min-speed S, --max-ttft MS, --max-weights-gb GB, or --front K")
     if args.front is not None:
+        if args.front < 1:
+            raise UserError(f"--front needs K >= 1 budgets, not {args.front}")
         return []
     speeds = args.min_speed or [None]
     try:
@@ -142,7 +149,7 @@ def _row(a, device: str, path: Path, base_kld: float) -> dict:
             "rounds": a.rounds, "solve_s": round(a.solve_s, 3)}
 
 
-def _evaluate(args, spec, sspec, problem, allocations, rows, damage) -> None:
+def _evaluate(args, spec, sspec, problem, allocations, rows, damage, grid) -> None:
     """Queue every allocation (full window in the study, short window in its sensitivity study)
     and the uniform configs it faces, run them, and fill the rows' measured columns."""
     from engine.stats import compare
@@ -158,8 +165,8 @@ def _evaluate(args, spec, sspec, problem, allocations, rows, damage) -> None:
                 "predicted_speed": row["predicted_speed"], "file": row["config_file"]}
         enqueue_config(study, a.config, {ALLOCATION: info})
         enqueue_config(sstudy, a.config, {ALLOCATION: info})
-    if args.uniform:  # after every allocation: one equal to a uniform config is marked as allocated
-        uniforms = _uniform_candidates(args, spec, problem, allocations, damage)
+    if grid is not None:  # after every allocation: one equal to a uniform config is marked as allocated
+        uniforms = _uniform_candidates(grid, args.uniform_candidates, spec, problem, allocations, damage)
         for label, configs in uniforms.items():
             for mc in configs:
                 enqueue_config(study, mc, {"uniform_for": label})
@@ -189,17 +196,25 @@ def _verdict(v: str) -> str:
     return v.replace("A better", "allocated better").replace("B better", "uniform better")
 
 
-def _uniform_candidates(args, spec, problem, allocations, damage) -> dict[str, list]:
-    """Per allocation (by budget label): the grid study's configs at least as fast on its device,
-    least summed damage first (`--uniform-candidates` of them). The grid is read and priced once."""
-    from engine import perf
-    from sweep import allocate as alloc
+def _grid(args, spec):
+    """The --uniform study file, checked before anything is written."""
     from sweep.cli import UserError
     from sweep.space import load_spec
 
+    if args.uniform_candidates < 1:
+        raise UserError(f"--uniform-candidates must be >= 1, not {args.uniform_candidates}")
     grid = load_spec(args.uniform)
     if grid.model != spec.model:
-        raise UserError(f"--uniform {args.uniform} studies {grid.model}, not {spec.model}")
+        raise UserError(f"--uniform {args.uniform} studies {grid.model}, not {spec.model}; give a study of {spec.model}")
+    return grid
+
+
+def _uniform_candidates(grid, k: int, spec, problem, allocations, damage) -> dict[str, list]:
+    """Per allocation (by budget label): the grid study's configs at least as fast on its device,
+    least summed damage first (`k` of them). The grid is priced once."""
+    from engine import perf
+    from sweep import allocate as alloc
+
     priced = []
     for _, mc in grid.space.grid():
         try:
@@ -208,7 +223,7 @@ def _uniform_candidates(args, spec, problem, allocations, damage) -> dict[str, l
             continue  # a choice the profile did not measure
         priced.append((dmg, str(mc), perf.predict(spec.model, problem.device, mc, **spec.perf).speed_tsu, mc))
     priced.sort(key=lambda x: (x[0], x[1]))
-    return {a.budget.label: [mc for _, _, speed, mc in priced if speed + 1e-9 >= a.speed][: args.uniform_candidates]
+    return {a.budget.label: [mc for _, _, speed, mc in priced if speed + 1e-9 >= a.speed][:k]
             for a in allocations}
 
 
