@@ -230,8 +230,8 @@ def _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, ns
                  f"{a.get('kld_verdict', '')} |")
     if rule_rows:
         L += ["", "## Damage rule", "",
-              "The allocator prices each change at the upper end of its delta-KLD 95% interval (`sweep.profile."
-              "allocator_damage`). The same budgets allocated on the estimates instead, each measured on the profile's window:",
+              "The allocator prices each change at the upper end of its delta-KLD 95% interval (column `damage` "
+              "of `sweep.profile`). The same budgets allocated on the estimates instead, each measured on the profile's window:",
               "", "| rule | budget t/s/u | changes | predicted KLD | measured KLD | Top-1 |", "|---|---|---|---|---|---|"]
         for r in rule_rows:
             L.append(f"| {r['rule']} | {r['budget']:g} | {r['changes']} | {r['predicted_kld']:.4f} | {r['measured_kld']:.4f} | "

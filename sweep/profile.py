@@ -3,8 +3,13 @@ sensitivity study (`StudySpec.sensitivity_study`, sweep.probes).
 
 Damage is paired on the same tokens (engine.stats.compare, probe minus base): delta-KLD with its
 moving-block bootstrap 95% interval, delta-Top-1, and the Top-1 discordant positions (probe right
-base wrong, base right probe wrong) with the exact McNemar p. The allocator sums column `damage`
-(`allocator_damage`: the upper end of each probe's 95% interval).
+base wrong, base right probe wrong) with the exact McNemar p.
+
+The allocator sums column `damage`: the upper end of each probe's delta-KLD 95% interval.
+Pessimistic on purpose. Hundreds of probes put about half of the harmless-looking ones below zero
+by noise, and an optimiser over the estimates picks exactly those (the winner's curse): it makes
+many "free" changes whose small true damage adds up. bench/bench_allocate.py measures both rules
+at each budget (reports/allocate/README.md, "Damage rule").
 """
 from __future__ import annotations
 
@@ -71,18 +76,8 @@ def _row(p: Probe, number: int, attrs: dict, d_kld, d_top1: float, disc, p_value
     return {"layer": -1 if p.layer is None else p.layer, "family": p.family or "base", "choice": p.choice or "base",
             "probe": p.label, "trial": number, "config_kld": float(attrs["kld"]), "config_top1": float(attrs["top1"]),
             "d_kld": float(d_kld[0]), "d_kld_lo": float(d_kld[1]), "d_kld_hi": float(d_kld[2]),
-            "damage": allocator_damage(*map(float, d_kld)), "d_top1": float(d_top1),
+            "damage": float(d_kld[2]), "d_top1": float(d_top1),  # the upper end: see the module docstring
             "probe_right": int(disc[0]), "base_right": int(disc[1]), "p_value": float(p_value)}
-
-
-def allocator_damage(d: float, lo: float, hi: float) -> float:  # noqa: ARG001 - the interval is the argument
-    """The damage the allocator sums for one probe: the upper end of its delta-KLD 95% interval.
-
-    Pessimistic on purpose. Hundreds of probes put about half of the harmless-looking ones below
-    zero by noise, and an optimiser over the estimates picks exactly those (the winner's curse): it
-    makes many "free" changes whose small true damage adds up. bench/bench_allocate.py measures
-    both rules at each budget (reports/allocate/README.md, "Damage rule")."""
-    return hi
 
 
 def damage_table(profile: pd.DataFrame, column: str = "damage") -> dict[tuple[int, str, str], float]:
