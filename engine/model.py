@@ -61,15 +61,17 @@ cache grows (doubling) past its capacity, which changes the key length for later
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
 from engine import fidelity, formats, programs
 from engine.config import LM_HEAD, Config, ConfigError, FidelitySetting, ModelConfig, Precision, fidelity_of
 from engine.spec import ModelSpec
+from engine.store import DictStore, WeightStore
 
 ROWS = 32  # tile height: decode and LM-head activations are padded to a multiple of it
+LM_HEAD_CHUNK_BYTES = 256 << 20  # the LM head is read, quantized and multiplied in vocabulary chunks of this many fp32 bytes
 FULL = "fp32"  # the no-rounding format name
 DEFAULT_SILU = "sfpu-piecewise"  # the seed era's SFPU SiLU
 
@@ -202,6 +204,45 @@ class KVCache:
 # ------------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------------
+@dataclass
+class LayerInputs:
+    """Every decoder layer's input under one config, from a layer-streamed run: layer -> (prefill
+    rows, decode rows, dtype). A config that agrees with it on layers 0..L-1 (and on whether every
+    layer is in full-precision mode, which sets the embedding's dtype) starts at layer L."""
+
+    layers: tuple[Config, ...]
+    full: bool
+    inputs: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = field(default_factory=dict)
+
+    def start_for(self, layers: tuple[Config, ...]) -> int:
+        """The first layer `layers` must compute itself (0: nothing to reuse)."""
+        if len(layers) != len(self.layers) or all(_full(c) for c in layers) != self.full:
+            return 0
+        n = 0
+        while n < len(layers) and layers[n] == self.layers[n]:
+            n += 1
+        while n and n not in self.inputs:
+            n -= 1
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for hp, hd, _ in self.inputs.values() for t in (hp, hd))
+
+
+class _Reader:
+    """`model.w[name]` on the model's torch device (what _make_weight reads)."""
+
+    def __init__(self, model: "Model"):
+        self.model = model
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.model._src(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.model.w
+
+
 class Model:
     """A Llama-family decoder over canonical (Hugging Face-named, fp32) weights.
 
@@ -222,6 +263,8 @@ class Model:
         topology: str = "line",
         silu: str = DEFAULT_SILU,
         torch_device: str | torch.device | None = None,
+        keep_weights: bool = True,
+        weight_cache=None,
     ):
         if spec.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {spec.head_dim}")
@@ -238,7 +281,11 @@ class Model:
         formats.get_format(self.lm_head_format)
         self.logits_format = formats.get_format(logits_format).name
         self.device = torch.device(torch_device) if torch_device is not None else torch.device("cpu")
-        self.w = {k: v.detach().to(self.device, torch.float32) for k, v in weights.items()}
+        # canonical fp32 weights, read on use (a WeightStore reads a checkpoint tensor by tensor)
+        self.w: WeightStore = weights if isinstance(weights, WeightStore) else DictStore(
+            {k: v.detach().to(torch.float32) for k, v in weights.items()})
+        self.keep_weights = keep_weights  # False: run_window releases each layer's weights after the layer
+        self.weight_cache = weight_cache  # optional disk cache of quantized weights (engine.weight_cache)
         missing = [k for k in self._required() if k not in self.w]
         if missing:
             raise KeyError(f"weights lack {len(missing)} tensors, e.g. {missing[:3]}")
@@ -265,22 +312,45 @@ class Model:
 
     # --- weights, quantized once per (tensor, format) ----------------------------------------
     def weight(self, name: str, fmt: str) -> torch.Tensor:
-        """A stored [in, out] weight ('L.wqkv', 'L.wo', 'L.w13', 'L.w2', 'lm_head') or a small
-        vector ('L.bqkv', a norm weight name) in `fmt`, host rounding, cached. Matrices in a
-        format other than fp32 are held as torch.bfloat16 (every bf16 / bfp8 / bfp4 value is
-        exactly a bf16 value; fidelity.matmul widens them to fp32)."""
+        """A stored [in, out] weight ('L.wqkv', 'L.wo', 'L.w13', 'L.w2', 'lm_head' or a vocabulary
+        chunk 'lm_head[a:b]') or a small vector ('L.bqkv', a norm weight name) in `fmt`, host
+        rounding, cached. Matrices in a format other than fp32 are held as torch.bfloat16 (every
+        bf16 / bfp8 / bfp4 value is exactly a bf16 value; fidelity.matmul widens them to fp32).
+        With a `weight_cache` the quantized matrix is read from (or written to) disk."""
         key = (name, fmt)
         t = self._cache.get(key)
         if t is None:
-            t = self._make_weight(name, fmt)
-            if fmt != FULL and t.dim() == 2:  # bf16 / bfp values are exact in bf16: half the memory
-                b = t.to(torch.bfloat16)
-                t = b if torch.equal(b.float(), t) else t
+            disk = self.weight_cache if fmt != FULL else None
+            t = disk.get(name, fmt) if disk is not None else None
+            if t is None:
+                t = self._make_weight(name, fmt)
+                if fmt != FULL and t.dim() == 2:  # bf16 / bfp values are exact in bf16: half the memory
+                    b = t.to(torch.bfloat16)
+                    t = b if torch.equal(b.float(), t) else t
+                if disk is not None and t.dim() == 2:
+                    disk.put(name, fmt, t)
+            t = t.to(self.device)
             self._cache[key] = t
         return t
 
+    def release_layer(self, i: int) -> None:
+        """Drop decoder layer i's quantized weights from memory (layer-streamed runs)."""
+        for key in [k for k in self._cache if k[0].partition(".")[0] == str(i)
+                    or k[0].startswith(f"model.layers.{i}.")]:
+            del self._cache[key]
+
+    def _src(self, name: str) -> torch.Tensor:
+        return self.w[name].to(self.device)
+
+    def lm_head_chunks(self) -> list[tuple[int, int]]:
+        """Vocabulary ranges the LM head is read and multiplied in (multiples of 32 rows, so no bfp
+        block or tile straddles two chunks): each holds at most LM_HEAD_CHUNK_BYTES of fp32."""
+        v, h = self.spec.vocab, self.spec.hidden
+        step = max(ROWS, LM_HEAD_CHUNK_BYTES // (4 * h) // ROWS * ROWS)
+        return [(a, min(v, a + step)) for a in range(0, v, step)]
+
     def _make_weight(self, name: str, fmt: str) -> torch.Tensor:
-        w = self.w
+        w = _Reader(self)
         q = lambda t: formats.quantize(t, fmt, rounding="host")  # noqa: E731
         layer, _, kind = name.partition(".")
         a = f"model.layers.{layer}.self_attn."
@@ -296,9 +366,12 @@ class Model:
             return torch.cat([q(w[m + "gate_proj.weight"].T.contiguous()), q(w[m + "up_proj.weight"].T.contiguous())], 1)
         if kind == "w2":
             return q(w[m + "down_proj.weight"].T.contiguous())
-        if name == "lm_head":
+        if name.startswith("lm_head"):  # 'lm_head' or a vocabulary chunk 'lm_head[a:b]'
             src = "model.embed_tokens.weight" if self.spec.tied_embeddings else "lm_head.weight"
-            return q(w[src].T.contiguous())
+            if name == "lm_head":
+                return q(w[src].T.contiguous())
+            a, b = (int(v) for v in name[len("lm_head["):-1].split(":"))
+            return q(self.w.row_block(src, a, b).to(self.device).T.contiguous())
         if name in w:  # norm weights, embedding table
             return q(w[name])
         raise KeyError(name)
@@ -546,12 +619,10 @@ class Model:
     def _run(self, tokens: torch.Tensor, layers: tuple[Config, ...], cache: KVCache, start: int,
              prefill: bool, rows: slice | None) -> torch.Tensor:
         """Embed, run every layer, final norm and LM head for h[rows] (None: all real rows)."""
-        s = self.spec
         n = tokens.shape[0]
         full = all(_full(c) for c in layers)
         ug = self.input_format(layers, 0)
-        tokens = tokens.to(self.device)
-        h = rnd(self.w["model.embed_tokens.weight"][tokens], ug)
+        h = rnd(self.w.rows("model.embed_tokens.weight", tokens).to(self.device), ug)
         h_fmt = ug
         if not prefill:  # pad to whole tiles of rows
             h = _pad_rows(h)
@@ -563,16 +634,70 @@ class Model:
                 ropes[rfmt] = self._rope(pos, prefill, rfmt)
             h, h_fmt = self._layer(i, c, h, h_fmt, n, cache, start, prefill, ropes[rfmt], mask)
         cache.length = start + n
-        h = h[:n] if rows is None else h[rows]
+        return self._head(h[:n] if rows is None else h[rows], h_fmt, full, ug)
+
+    def _head(self, h: torch.Tensor, h_fmt: str, full: bool, ug: str) -> torch.Tensor:
+        """Final norm and LM head of rows h [m, hidden] held in `h_fmt` -> logits [m, vocab] (fp32).
+        The head is read and multiplied in vocabulary chunks (`lm_head_chunks`; every op is
+        column-independent, so the chunks change no bit); `ug` is the embedding's dtype."""
         m = h.shape[0]
-        h = _pad_rows(h)
-        x = _rms_norm(h, self.weight("model.norm.weight", ug), s.rms_eps, h_fmt)  # norm keeps its input's dtype
-        if full:  # BLAS: keep whole tiles of rows so one row and many rows take the same kernel
-            return torch.matmul(x, self.weight("lm_head", FULL))[:m]
-        x = x[:m]  # the emulated matmuls are row-independent: padding rows' logits are never read
-        logits = mm(self.lm_head_setting, x, self.weight("lm_head", self.lm_head_format), self._prog[False].lm_head,
-                    self.logits_format, "bf16")  # LM head: a DRAM-sharded matmul in both modes
-        return rnd(logits, self.logits_format)
+        x = _rms_norm(_pad_rows(h), self.weight("model.norm.weight", ug), self.spec.rms_eps, h_fmt)  # keeps h's dtype
+        fmt = FULL if full else self.lm_head_format
+        if not full:
+            x = x[:m]  # the emulated matmuls are row-independent: padding rows' logits are never read
+        parts = []
+        for a, b in self.lm_head_chunks():
+            name = f"lm_head[{a}:{b}]"
+            w = self.weight(name, fmt)
+            if full:  # BLAS: keep whole tiles of rows so one row and many rows take the same kernel
+                parts.append(torch.matmul(x, w)[:m])
+            else:  # LM head: a DRAM-sharded matmul in both modes
+                parts.append(mm(self.lm_head_setting, x, w, self._prog[False].lm_head, self.logits_format, "bf16"))
+            if not self.keep_weights:
+                self._cache.pop((name, fmt), None)
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+        return logits if full else rnd(logits, self.logits_format)
+
+    @torch.inference_mode()
+    def run_window(self, tokens: torch.Tensor, prefill: int, cfg: ModelConfig | Config, *,
+                   capacity: int | None = None, resume: "LayerInputs | None" = None,
+                   keep_inputs: bool = False) -> tuple[torch.Tensor, torch.Tensor, "LayerInputs | None"]:
+        """A whole trial window LAYER BY LAYER: tokens [P + D] (P = `prefill`); each decoder layer
+        runs its prefill rows (positions 0..P-1, filling that layer's KV cache), then its D decode
+        rows in one teacher-forced batched pass against that cache, before the next layer is read
+        (`layer_forward`, bit for bit what `prefill` + `decode_batched` compute). Only one layer's
+        weights and KV cache are needed at a time (`keep_weights=False` releases them).
+
+        `resume`: the inputs of a config that agrees with `cfg` on layers 0..L-1 (`LayerInputs`);
+        the run starts at layer L from them. `keep_inputs`: also return every layer's input (for
+        later resumes). Returns (logits of position P-1 [1, vocab], decode logits [D, vocab],
+        LayerInputs or None)."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        layers = self._layers(cfg)
+        P = int(prefill)
+        if not 1 <= P < len(tokens):
+            raise ValueError(f"run_window needs 1 <= prefill < {len(tokens)} tokens, got {P}")
+        full = all(_full(c) for c in layers)
+        ug = self.input_format(layers, 0)
+        start = resume.start_for(layers) if resume is not None else 0
+        if start:
+            hp, hd, h_fmt = resume.inputs[start]
+        else:
+            h = rnd(self.w.rows("model.embed_tokens.weight", tokens).to(self.device), ug)
+            hp, hd, h_fmt = h[:P], h[P:], ug
+        cap = capacity or len(tokens)
+        kept = LayerInputs(layers, full) if keep_inputs else None
+        if kept is not None and resume is not None:
+            kept.inputs.update({i: v for i, v in resume.inputs.items() if i <= start})
+        for i in range(start, len(layers)):
+            if kept is not None:
+                kept.inputs[i] = (hp, hd, h_fmt)
+            hp, hd = self.layer_forward(i, layers[i], hp, hd, h_fmt=h_fmt, capacity=cap)
+            h_fmt = _out_format(layers[i])
+            if not self.keep_weights:
+                self.release_layer(i)
+        logits = self._head(torch.cat([hp[-1:], hd]), h_fmt, full, ug)
+        return logits[:1], logits[1:], kept
 
     def new_cache(self, capacity: int) -> KVCache:
         s = self.spec
