@@ -4,14 +4,21 @@
 Method
 ------
 Reference: the model's own weights run by `transformers` in fp32 (independent code: HF directories
-are loaded with `from_pretrained` in their ORIGINAL layout, e.g. Phi-3's fused qkv_proj /
-gate_up_proj; GGUF models are rebuilt as LlamaForCausalLM / Qwen2ForCausalLM from the spec and
-the loader's dequantized weights), teacher-forced over the first 1024 tokens of the evaluation
+in their ORIGINAL layout, e.g. Phi-3's fused qkv_proj / gate_up_proj; GGUF models rebuilt as
+LlamaForCausalLM / Qwen2ForCausalLM from the spec and the loader's dequantized weights), streamed
+one decoder layer at a time (`engine.reference`: the same modules and values as the whole model, in
+the memory of one layer), teacher-forced over the first 1024 tokens of the evaluation
 text (`engine.text`). Its prediction at position p is the distribution of token p+1.
 
 Trial (`Evaluator.evaluate`): prefill tokens 0..P-1 with the prefill numerics, then D
-teacher-forced decode steps with the decode numerics in ONE batched pass
-(`Model.decode_batched`) feeding tokens P..P+D-1. The decode logits at position p (p = P..P+D-1)
+teacher-forced decode steps with the decode numerics in ONE batched pass feeding tokens
+P..P+D-1. Every token of the window is known, so the window runs layer by layer
+(`Model.run_window`): decoder layer L takes its prefill rows, then its decode rows against its own
+KV cache, before layer L+1 is read, bit for bit what a model-major prefill + `decode_batched`
+computes (`Evaluator.run_two_pass`). Models whose quantized weights exceed the memory budget
+(`streams`) read each layer's weights from the checkpoint and release them after the layer, with
+the quantized weights kept in a disk cache (`engine.weight_cache`); the LM head is read and
+multiplied in vocabulary chunks, so peak memory holds one layer, one head chunk and the window. The decode logits at position p (p = P..P+D-1)
 are scored against the reference's prediction at p. Default P = 512, D = 511: positions
 512..1022, every token of the 1024 used. The prefill's own last prediction (position P-1) is
 checked for NaN/Inf but not scored (tt-metal scores the decode steps).
@@ -55,8 +62,6 @@ so the full distribution is stored, only at the scored positions.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
 import os
 import re
@@ -70,6 +75,7 @@ import torch
 
 from engine import loaders
 from engine.config import Config, ModelConfig
+from engine.reference import hf_config_from_spec, reference_logits, reference_model  # noqa: F401 - this module's API
 from engine.spec import ModelSpec
 from engine.stats import kld_stats
 from engine.text import text_sha256, text_tokens
@@ -200,68 +206,6 @@ def window_tokens(tokenizer, length: int, window: int) -> list[int]:
     if window and bos is not None and stream[0] == bos:
         out[0] = bos
     return out
-
-
-def hf_config_from_spec(spec: ModelSpec):
-    """A transformers config equivalent to `spec` (used for GGUF models)."""
-    from transformers import LlamaConfig, Qwen2Config
-
-    common = dict(
-        vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads, num_key_value_heads=spec.n_kv_heads,
-        head_dim=spec.head_dim, max_position_embeddings=spec.max_seq, rms_norm_eps=spec.rms_eps,
-        rope_theta=spec.rope_theta, tie_word_embeddings=spec.tied_embeddings,
-    )
-    if spec.rope_scaling:
-        common["rope_scaling"] = dict(spec.rope_scaling)
-    if spec.arch == "llama":
-        return LlamaConfig(**common)
-    if spec.arch == "qwen2":
-        return Qwen2Config(**common, use_sliding_window=False)
-    raise ValueError(f"no transformers config for arch {spec.arch!r} from a spec; load it from its HF directory")
-
-
-def _no_init():
-    for mod in ("transformers.initialization", "transformers.modeling_utils"):
-        try:
-            return __import__(mod, fromlist=["no_init_weights"]).no_init_weights()
-        except (ImportError, AttributeError):
-            continue
-    return contextlib.nullcontext()
-
-
-def reference_model(loaded: loaders.LoadedModel):
-    """The fp32 transformers model of the same weights (eval mode)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        if loaded.kind == "hf":
-            model = AutoModelForCausalLM.from_pretrained(loaded.source, dtype=torch.float32)
-        else:
-            config = hf_config_from_spec(loaded.spec)
-            with _no_init():
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            missing, unexpected = model.load_state_dict(loaded.weights, strict=False, assign=True)  # shares, no copy
-            allowed_missing = {"lm_head.weight"} if loaded.spec.tied_embeddings else set()
-            if set(missing) - allowed_missing or unexpected:
-                raise RuntimeError(f"reference model: missing {missing}, unexpected {unexpected}")
-            if loaded.spec.tied_embeddings:
-                model.lm_head.weight = model.model.embed_tokens.weight
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return model.eval()
-
-
-@torch.inference_mode()
-def reference_logits(loaded: loaders.LoadedModel, tokens, model=None) -> torch.Tensor:
-    """fp32 transformers logits [T, vocab] for `tokens` (teacher-forced, one forward)."""
-    model = model or reference_model(loaded)
-    ids = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
-    return model(input_ids=ids, use_cache=False).logits[0].float()
 
 
 def reference_length(prefill: int, decode: int) -> int:
@@ -465,6 +409,24 @@ def numerics_layout(spec: ModelSpec, device: str) -> tuple[int, int]:
     return tp, 1 if wo_fused(spec, tp, topology) else tp
 
 
+def memory_budget() -> int:
+    """Bytes the evaluator may hold as quantized weights (TTSWEEP_MEMORY_GB, default 4)."""
+    raw = os.environ.get("TTSWEEP_MEMORY_GB", "").strip()
+    try:
+        gb = float(raw) if raw else 4.0
+    except ValueError:
+        raise ValueError(f"TTSWEEP_MEMORY_GB={raw!r} is not a number of gigabytes (e.g. 4)") from None
+    return int(gb * 2**30)
+
+
+def streams(loaded: loaders.LoadedModel) -> bool:
+    """Whether trials stream the weights layer by layer from their store (True) or keep every
+    quantized weight in memory across trials (False: small models). Kept weights take up to three
+    bf16 copies (one per format a study uses) of the model: 1.5x its fp32 bytes."""
+    w = loaded.weights
+    return sum(w.nbytes(k) for k in w) * 3 // 2 > memory_budget()
+
+
 class Evaluator:
     """Loads a model, its tokens and its fp32 reference once; `evaluate(config)` runs one trial.
 
@@ -479,7 +441,7 @@ class Evaluator:
     def __init__(self, model_name: str, prefill: int = DEFAULT_PREFILL, decode: int = DEFAULT_DECODE,
                  cache_dir: str | os.PathLike | None = None, *, lm_head: tuple[str, str] | None = None,
                  device: str = "N150", silu: str | None = None, torch_device: str | None = None,
-                 windows: int = 1):
+                 windows: int = 1, stream: bool | None = None):
         if prefill < 1 or decode < 1:
             raise ValueError(f"prefill and decode must be >= 1 (got {prefill}, {decode})")
         if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
@@ -508,6 +470,14 @@ class Evaluator:
         self._lm_head = tuple(lm_head) if lm_head else None
         self._silu = silu
         self.torch_device = torch_device
+        self.stream = streams(self.loaded) if stream is None else bool(stream)
+        self.weight_cache = None
+        if self.stream and self.loaded.kind == "hf":  # a checkpoint on disk: quantize each weight once per study
+            from engine.weight_cache import WeightCache, limit_bytes
+
+            if limit_bytes() > 0:
+                self.weight_cache = WeightCache(self.cache_dir, self.loaded.fingerprint)
+        self._anchors: list | None = None
         self._model = None
 
     @property
@@ -522,7 +492,8 @@ class Evaluator:
             # longrope picks its factors from the length of the reference's one forward, as transformers does
             ctx = reference_length(self.prefill, self.decode)
             self._model = Model(self.spec, self.loaded.weights, rope_context=ctx, tp=self.tp, topology=self.topology,
-                                torch_device=self.torch_device, **kwargs)
+                                torch_device=self.torch_device, keep_weights=not self.stream,
+                                weight_cache=self.weight_cache, **kwargs)
         return self._model
 
     @property
@@ -545,18 +516,43 @@ class Evaluator:
         raise TypeError(f"config must be a ModelConfig, Config or string, not {type(config).__name__}")
 
     def run(self, config: ModelConfig | Config | str, window: int = 0) -> torch.Tensor:
-        """Prefill + one batched teacher-forced decode pass over one window; the decode logits [D, vocab]."""
+        """One window, layer by layer (`Model.run_window`: each decoder layer's prefill rows, then its
+        batched teacher-forced decode rows, before the next layer is read); the decode logits
+        [D, vocab]. With an anchor (`set_anchor`) the run starts at the first layer whose config
+        differs from the anchor's, from the anchor's cached input of that layer."""
         mc = self.model_config(config)
-        model = self.model
+        p, d = self.prefill, self.decode
+        resume = self._anchors[window] if self._anchors else None
+        with torch.inference_mode():
+            last, logits, _ = self.model.run_window(self.window_tokens[window], p, mc, capacity=p + d, resume=resume)
+            check_finite(last, "prefill", p - 1)
+        return logits
+
+    def run_two_pass(self, config: ModelConfig | Config | str, window: int = 0) -> torch.Tensor:
+        """The same window model-major: one prefill through every layer, then one batched decode
+        pass through every layer (bit-identical to `run`; it holds every layer's KV cache)."""
+        mc = self.model_config(config)
         p, d = self.prefill, self.decode
         tokens = self.window_tokens[window]
-        kwargs = {}
-        if "capacity" in inspect.signature(model.prefill).parameters:
-            kwargs["capacity"] = p + d
         with torch.inference_mode():
-            last, cache = model.prefill(tokens[:p], mc, logits_for="last", **kwargs)
+            last, cache = self.model.prefill(tokens[:p], mc, logits_for="last", capacity=p + d)
             check_finite(last, "prefill", p - 1)
-            return model.decode_batched(tokens[p:p + d], cache, mc)
+            return self.model.decode_batched(tokens[p:p + d], cache, mc)
+
+    def set_anchor(self, config: ModelConfig | Config | str | None) -> None:
+        """Keep every layer's input under `config` (one run per window): later trials that agree with
+        it on layers 0..L-1 start at layer L (a sensitivity probe recomputes from its layer on).
+        None drops the anchor."""
+        self._anchors = None
+        if config is None:
+            return
+        mc = self.model_config(config)
+        p, d = self.prefill, self.decode
+        anchors = []
+        with torch.inference_mode():
+            for tokens in self.window_tokens:
+                anchors.append(self.model.run_window(tokens, p, mc, capacity=p + d, keep_inputs=True)[2])
+        self._anchors = anchors
 
     def evaluate(self, config: ModelConfig | Config | str) -> EvalResult:
         """One trial over every window: metrics over all scored positions, per-window Top-1,
