@@ -172,25 +172,24 @@ def test_config_forms_and_result(tiny_evaluators):
 
 def test_nan_logits_raise(tiny_evaluators, monkeypatch):
     ev = tiny_evaluators["tiny-llama"]
-    real = ev.model.decode_batched
+    real = ev.model.run_window
 
-    def poisoned(tokens, cache, cfg):
-        out = real(tokens, cache, cfg).clone()
+    def poisoned(*a, **k):
+        last, out, kept = real(*a, **k)
+        out = out.clone()
         out[4, 7] = float("nan")
-        return out
+        return last, out, kept
 
-    monkeypatch.setattr(ev.model, "decode_batched", poisoned)
+    monkeypatch.setattr(ev.model, "run_window", poisoned)
     with pytest.raises(NonFiniteLogits, match=f"first at position {P + 4}"):
         ev.evaluate(DEFAULT)
     monkeypatch.undo()
 
-    real_prefill = ev.model.prefill
+    def inf_prefill(*a, **k):
+        last, out, kept = real(*a, **k)
+        return torch.full_like(last, float("inf")), out, kept
 
-    def inf_prefill(tokens, cfg, logits_for="last", **kw):
-        logits, cache = real_prefill(tokens, cfg, logits_for=logits_for, **kw)
-        return torch.full_like(logits, float("inf")), cache
-
-    monkeypatch.setattr(ev.model, "prefill", inf_prefill)
+    monkeypatch.setattr(ev.model, "run_window", inf_prefill)
     with pytest.raises(NonFiniteLogits, match="prefill"):
         ev.evaluate(DEFAULT)
 
@@ -201,10 +200,11 @@ def test_overflowing_config_raises_not_scores(tiny_evaluators, monkeypatch):
 
     ev = tiny_evaluators["tiny-phi3"]
     loaded = loaders.load("tiny-phi3")
-    loaded.weights["model.layers.1.mlp.down_proj.weight"] *= 1e38
+    weights = {k: loaded.weights[k] for k in loaded.weights}  # the checkpoint's store is read-only
+    weights["model.layers.1.mlp.down_proj.weight"] *= 1e38
     from engine.model import Model
 
-    monkeypatch.setattr(ev, "_model", Model(loaded.spec, loaded.weights))
+    monkeypatch.setattr(ev, "_model", Model(loaded.spec, weights))
     with pytest.raises(NonFiniteLogits):
         ev.evaluate(DEFAULT)
 

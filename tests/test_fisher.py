@@ -43,7 +43,7 @@ def test_layer_forward_matches_a_trial_bit_for_bit(ev, monkeypatch, which):
     mc = (ModelConfig.uniform(DEFAULT, ev.spec.n_layers) if which == "defaults"
           else ModelConfig((MIXED_ACT, BFP4)))
     log = _record_layers(model, monkeypatch)
-    ev.run(mc)
+    ev.run_two_pass(mc)  # model-major: the path layer_forward is checked against
     monkeypatch.undo()
     assert [(i, pf) for i, pf, *_ in log] == [(0, True), (1, True), (0, False), (1, False)]
     for layer in range(ev.spec.n_layers):
