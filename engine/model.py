@@ -60,6 +60,7 @@ cache grows (doubling) past its capacity, which changes the key length for later
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 import torch
@@ -230,6 +231,56 @@ class LayerInputs:
         return sum(t.numel() * t.element_size() for hp, hd, _ in self.inputs.values() for t in (hp, hd))
 
 
+class _Prefetcher:
+    """Loads decoder layer i+1's weights (read, quantize or read from the disk cache, move to the
+    device) in a background thread while layer i computes, on a side CUDA stream when the model is
+    on a GPU. `ready(i)` waits for layer i's. Only when `model.prefetch` is set (default: on
+    CUDA); a weight is the same tensor whichever thread made it, so results do not change."""
+
+    def __init__(self, model: "Model", layers: tuple[Config, ...], start: int):
+        self.model, self.layers, self.start = model, layers, start
+        self.pool = self.future = None
+        self.side = None
+
+    def __enter__(self) -> "_Prefetcher":
+        if self.model.prefetch:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="ttsweep-prefetch")
+            if self.model.device.type == "cuda":
+                self.side = torch.cuda.Stream(self.model.device)
+        return self
+
+    def _load(self, i: int) -> None:
+        m = self.model
+        with torch.inference_mode(), (torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext()):
+            for key in m.layer_weights(i, self.layers[i]).values():
+                m.weight(*key)
+
+    def ready(self, i: int) -> None:
+        if self.pool is None:
+            return
+        if self.future is not None:
+            self.future.result()  # layer i's weights (a loading error surfaces here)
+            if self.side is not None:
+                main = torch.cuda.current_stream(self.model.device)
+                main.wait_stream(self.side)
+                for key in self.model.layer_weights(i, self.layers[i]).values():
+                    self.model.weight(*key).record_stream(main)  # freed only after the main stream's use
+        if i + 1 < len(self.layers):
+            self.future = self.pool.submit(self._load, i + 1)
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            if self.future is not None:
+                self.future.cancel()
+                try:
+                    self.future.result()
+                except Exception:  # noqa: BLE001 - the run itself failed or finished; nothing to load
+                    pass
+            self.pool.shutdown(wait=True)
+
+
 class _Reader:
     """`model.w[name]` on the model's torch device (what _make_weight reads)."""
 
@@ -265,6 +316,7 @@ class Model:
         torch_device: str | torch.device | None = None,
         keep_weights: bool = True,
         weight_cache=None,
+        prefetch: bool | None = None,
     ):
         if spec.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {spec.head_dim}")
@@ -286,6 +338,7 @@ class Model:
             {k: v.detach().to(torch.float32) for k, v in weights.items()})
         self.keep_weights = keep_weights  # False: run_window releases each layer's weights after the layer
         self.weight_cache = weight_cache  # optional disk cache of quantized weights (engine.weight_cache)
+        self.prefetch = self.device.type == "cuda" if prefetch is None else bool(prefetch)  # run_window's
         missing = [k for k in self._required() if k not in self.w]
         if missing:
             raise KeyError(f"weights lack {len(missing)} tensors, e.g. {missing[:3]}")
@@ -340,7 +393,10 @@ class Model:
             del self._cache[key]
 
     def _src(self, name: str) -> torch.Tensor:
-        return self.w[name].to(self.device)
+        t = self.w[name]
+        if self.device.type == "cuda":  # pinned host memory: the copy runs beside the compute
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def lm_head_chunks(self) -> list[tuple[int, int]]:
         """Vocabulary ranges the LM head is read and multiplied in (multiples of 32 rows, so no bfp
@@ -439,6 +495,18 @@ class Model:
             acc = part if acc is None else rnd(acc + part, out)
         return acc
 
+    def layer_weights(self, i: int, c: Config) -> dict[str, tuple[str, str]]:
+        """(tensor, format) of every weight decoder layer i reads under `c`: the one list that the
+        layer and the prefetcher (`run_window`) read."""
+        small = FULL if _full(c) else "bf16"  # norm weights and biases
+        p = f"model.layers.{i}."
+        keys = {"ln1": (p + "input_layernorm.weight", small), "wqkv": (f"{i}.wqkv", c.wqkv.value),
+                "wo": (f"{i}.wo", c.wo.value), "ln2": (p + "post_attention_layernorm.weight", small),
+                "w13": (f"{i}.w13", c.ff1_3.value), "w2": (f"{i}.w2", c.ff2.value)}
+        if self.spec.qkv_bias:
+            keys["bqkv"] = (f"{i}.bqkv", small)
+        return keys
+
     def _layer(self, i: int, c: Config, h: torch.Tensor, h_fmt: str, n_real: int, cache: KVCache, start: int,
                prefill: bool, rope: tuple, mask: torch.Tensor) -> tuple[torch.Tensor, str]:
         """h [M, hidden] held in `h_fmt` (rows >= n_real are padding); writes K/V of the real rows at
@@ -450,7 +518,7 @@ class Model:
         def act(default: str) -> str:
             return FULL if full else _act(c, default)
 
-        p = f"model.layers.{i}."
+        W = self.layer_weights(i, c)
         kv = c.kv_cache.value
         blk = self._prog[prefill]
         interm = None if prefill or full else "bf16"  # decode linears are DRAM-sharded: Float16_b partials
@@ -459,12 +527,12 @@ class Model:
         # attention block: the layer input is typecast to the activation dtype (tt/model.py)
         x_fmt = act(h_fmt)
         h = rnd(h, x_fmt)
-        x = _rms_norm(h, self.weight(p + "input_layernorm.weight", FULL if full else "bf16"), s.rms_eps, x_fmt)
+        x = _rms_norm(h, self.weight(*W["ln1"]), s.rms_eps, x_fmt)
         qkv_fmt = act("bf16")
-        qkv = self._linear(c.li_qkv_prefill if prefill else c.li_qkv_decode, x, self.weight(f"{i}.wqkv", c.wqkv.value),
+        qkv = self._linear(c.li_qkv_prefill if prefill else c.li_qkv_decode, x, self.weight(*W["wqkv"]),
                            blk.qkv, qkv_fmt, interm)
         if s.qkv_bias:  # added after the qkv output is rounded (attention.py), in the output's dtype
-            qkv = rnd(qkv + self.weight(f"{i}.bqkv", FULL if full else "bf16"), qkv_fmt)
+            qkv = rnd(qkv + self.weight(*W["bqkv"]), qkv_fmt)
         qkv = qkv.reshape(M, H + 2 * nkv, D)
         qk = self._rope_apply(qkv[:, : H + nkv], rope, FULL if full else "bf16")  # RoPE on q and k heads together, in bf16
         q_fmt = act("bfp8") if prefill else act("bf16") if full else "bf16"  # decode Q is never typecast
@@ -478,21 +546,21 @@ class Model:
         o = self._sdpa(q, cache.kt[i][:, :, :L], cache.v[i][:, :L], mask,
                        c.sdpa_prefill if prefill else c.sdpa_decode, q_fmt, self._chunk(prefill, L, full))
         wo_fmt = act("bfp8") if prefill else q_fmt  # decode wo: dtype=None, the SDPA output's (Q's) dtype
-        o = self._linear(c.li_o_prefill if prefill else c.li_o_decode, o, self.weight(f"{i}.wo", c.wo.value),
+        o = self._linear(c.li_o_prefill if prefill else c.li_o_decode, o, self.weight(*W["wo"]),
                          blk.wo, wo_fmt, interm, self.wo_split)
         h = rnd(h + o, x_fmt)  # first residual add: dtype=None keeps the residual's dtype
 
         # MLP block
-        x = _rms_norm(h, self.weight(p + "post_attention_layernorm.weight", FULL if full else "bf16"), s.rms_eps, x_fmt)
+        x = _rms_norm(h, self.weight(*W["ln2"]), s.rms_eps, x_fmt)
         f13 = act("bf16")
-        gu = mm(c.li_ff1_3, x, self.weight(f"{i}.w13", c.ff1_3.value), blk.w13, f13, interm)
+        gu = mm(c.li_ff1_3, x, self.weight(*W["w13"]), blk.w13, f13, interm)
         if s.intermediate % formats.BLOCK == 0:  # no block straddles w1 | w3: round both at once
             g, u = rnd(gu, f13).split(s.intermediate, dim=-1)
         else:
             g, u = (rnd(t.contiguous(), f13) for t in gu.split(s.intermediate, dim=-1))
         g = g if full else rnd(self.silu(g), f13)  # the mul's fused SiLU pre-activation, packed in w1's dtype
         y = rnd(g * u, act("bfp8")) if not full else F.silu(g) * u
-        d = self._linear(c.li_ff2, y, self.weight(f"{i}.w2", c.ff2.value), blk.w2, act("bf16"), interm, self.tp)
+        d = self._linear(c.li_ff2, y, self.weight(*W["w2"]), blk.w2, act("bf16"), interm, self.tp)
         out = _out_format(c)
         return rnd(h + d, out), out  # second residual add: dtype = activation or bf16
 
@@ -689,13 +757,15 @@ class Model:
         kept = LayerInputs(layers, full) if keep_inputs else None
         if kept is not None and resume is not None:
             kept.inputs.update({i: v for i, v in resume.inputs.items() if i <= start})
-        for i in range(start, len(layers)):
-            if kept is not None:
-                kept.inputs[i] = (hp, hd, h_fmt)
-            hp, hd = self.layer_forward(i, layers[i], hp, hd, h_fmt=h_fmt, capacity=cap)
-            h_fmt = _out_format(layers[i])
-            if not self.keep_weights:
-                self.release_layer(i)
+        with _Prefetcher(self, layers, start) as ahead:
+            for i in range(start, len(layers)):
+                ahead.ready(i)  # layer i's weights are loaded; layer i+1's start loading beside it
+                if kept is not None:
+                    kept.inputs[i] = (hp, hd, h_fmt)
+                hp, hd = self.layer_forward(i, layers[i], hp, hd, h_fmt=h_fmt, capacity=cap)
+                h_fmt = _out_format(layers[i])
+                if not self.keep_weights:
+                    self.release_layer(i)
         logits = self._head(torch.cat([hp[-1:], hd]), h_fmt, full, ug)
         return logits[:1], logits[1:], kept
 
