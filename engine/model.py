@@ -231,6 +231,11 @@ class LayerInputs:
         return sum(t.numel() * t.element_size() for hp, hd, _ in self.inputs.values() for t in (hp, hd))
 
 
+def _is_matrix(name: str) -> bool:
+    """A stored weight matrix name ('L.wqkv', 'L.wo', 'L.w13', 'L.w2', 'lm_head', 'lm_head[a:b]')."""
+    return name.startswith("lm_head") or name.partition(".")[2] in ("wqkv", "wo", "w13", "w2")
+
+
 class _Prefetcher:
     """Loads decoder layer i+1's weights (read, quantize or read from the disk cache, move to the
     device) in a background thread while layer i computes, on a side CUDA stream when the model is
@@ -373,14 +378,14 @@ class Model:
         key = (name, fmt)
         t = self._cache.get(key)
         if t is None:
-            disk = self.weight_cache if fmt != FULL else None
+            disk = self.weight_cache if fmt != FULL and _is_matrix(name) else None
             t = disk.get(name, fmt) if disk is not None else None
             if t is None:
                 t = self._make_weight(name, fmt)
                 if fmt != FULL and t.dim() == 2:  # bf16 / bfp values are exact in bf16: half the memory
                     b = t.to(torch.bfloat16)
                     t = b if torch.equal(b.float(), t) else t
-                if disk is not None and t.dim() == 2:
+                if disk is not None:
                     disk.put(name, fmt, t)
             t = t.to(self.device)
             self._cache[key] = t
