@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from engine import fidelity, formats, programs
 from engine.config import LM_HEAD, Config, ConfigError, FidelitySetting, ModelConfig, Precision, fidelity_of
 from engine.spec import ModelSpec
-from engine.store import DictStore, WeightStore
+from engine.store import DictStore, WeightStore, give_back_memory
 
 ROWS = 32  # tile height: decode and LM-head activations are padded to a multiple of it
 LM_HEAD_CHUNK_BYTES = 256 << 20  # the LM head is read, quantized and multiplied in vocabulary chunks of this many fp32 bytes
@@ -771,6 +771,7 @@ class Model:
                 h_fmt = _out_format(layers[i])
                 if not self.keep_weights:
                     self.release_layer(i)
+                    give_back_memory()
         logits = self._head(torch.cat([hp[-1:], hd]), h_fmt, full, ug)
         return logits[:1], logits[1:], kept
 

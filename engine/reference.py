@@ -21,7 +21,7 @@ from torch import nn
 
 from engine import loaders
 from engine.spec import ModelSpec
-from engine.store import WeightStore
+from engine.store import WeightStore, give_back_memory
 
 HEAD_CHUNK_BYTES = 256 << 20  # fp32 bytes of one LM-head chunk (the engine's bound: engine.model)
 
@@ -128,8 +128,9 @@ def _load_layer(prefix: str, store: WeightStore):
     return hook
 
 
-def _drop_layer(module: nn.Module, args, output):
+def _drop_layer(module: nn.Module, args, output) -> None:
     module.to("meta")  # the layer's weights are freed; the next call reads them again
+    give_back_memory()
 
 
 def streamed_model(loaded: loaders.LoadedModel):

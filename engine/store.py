@@ -35,6 +35,26 @@ class ModelFormatError(ValueError):
     """A model file or directory that cannot be read (corrupt, truncated, wrong shape or dtype, unsupported)."""
 
 
+def give_back_memory() -> None:
+    """Return freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere). Layer-streamed
+    runs free one layer's tensors before reading the next; without this, glibc's heap keeps the
+    holes and resident memory grows with the number of layers (measured: ~4 MB per layer)."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 class WeightStore(Mapping):
     """Read-only name -> fp32 tensor mapping, each access a fresh read (see the module docstring)."""
 
