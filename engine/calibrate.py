@@ -361,18 +361,19 @@ def intervals_from(in_sample: Sequence[tuple], lomo: dict, lodo: dict, level: fl
 
 
 # --- between-config error ----------------------------------------------------------------------
-def config_pairs(rows: Sequence[Row], params: Params, metric: str) -> list[tuple[float, float]]:
+def config_pairs(rows: Sequence[Row], params: Params, metric: str, fit_pareto_ttft: bool = False
+                 ) -> list[tuple[float, float]]:
     """(|predicted log ratio|, |its error|) of every pair of rows of one setting that differ only in
     config: same model, device, batch, prefill, decode, DP and harness. The error of the predicted
     ratio log(pred_i / pred_j) - log(pub_i / pub_j) is the part of the model's error NOT common to
     the two configs: a per-model or per-device offset (what the absolute interval is mostly made
-    of) cancels in it, and so does a harness offset (the `lt pareto` TTFT figures, not fitted as
-    absolute figures, count here)."""
+    of) cancels in it. The figures are those the fit uses: the `lt pareto` harness's TTFTs only with
+    `fit_pareto_ttft` (they scatter 45-73 ms over configs the demo times alike)."""
     i = ("speed", "ttft").index(metric)
     groups: dict[tuple, list[tuple[str, float, float]]] = {}
     for r in rows:
         pub = (r.speed, r.ttft)[i]
-        if not pub or not covered(r):
+        if not pub or not covered(r) or (i == 1 and r.harness == "pareto" and not fit_pareto_ttft):
             continue
         res = _predict(r, params)
         pred = (res.speed_tsu, res.ttft_ms)[i]

@@ -244,7 +244,8 @@ def _between_terms(path: str) -> dict:
     rows = [Row(**r) for r in data.get("rows") or ()]
     level = (data.get("intervals") or {}).get("level", 0.9)
     params = Params.from_dict(data["params"])
-    return {m: between_config_fit(config_pairs(rows, params, m), level) for m in ("speed", "ttft")}
+    fpt = bool((data.get("calibration") or {}).get("fit_pareto_ttft", False))
+    return {m: between_config_fit(config_pairs(rows, params, m, fpt), level) for m in ("speed", "ttft")}
 
 
 def between_terms(metric: str, path: str | Path | None = None) -> dict | None:
