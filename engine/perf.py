@@ -268,8 +268,9 @@ def between_interval(metric: str, value: float, reference: float, device: str | 
     predicted ratios between configs of one published setting), scaled like the absolute interval
     for a system off the calibration data (interval's distance term; an unseen model does not widen
     it: the leave-one-model-out error is an offset common to the model's configs). It leaves out
-    the error common to every config of the model on the device, which `interval` includes: the
-    reference's own bar is nil. None without a calibration."""
+    the error common to every config of the model on the device, which `interval` includes (the
+    plots draw the reference itself without a bar: its ratio to itself is 1). None without a
+    calibration."""
     t = between_terms(metric, path)
     if t is None or not (value > 0 and reference > 0):
         return None

@@ -98,6 +98,8 @@ def _ci(p: Point, objective: str, reference: Point | None = None) -> tuple[float
     if pm and reference is not None:
         from engine.perf import between_interval
 
+        if p.number == reference.number:  # its ratio to itself is known: 1
+            return (p.value(objective), p.value(objective))
         return between_interval(pm[0], p.value(objective), reference.value(objective), pm[1], p.record.model)
     return None
 
@@ -540,14 +542,19 @@ def _write_top_index(out: Path) -> Path:
     return path
 
 
-__all__ = ["Figure", "PlotResult", "front_table", "plot_front", "short_config", "write_index", "write_plots"]
+__all__ = ["Figure", "PlotResult", "front_figure", "front_table", "plot_front", "plot_profile", "profile_figure", "save_figure",
+           "short_config", "write_index", "write_plots"]
 
 
-def plot_profile(profile, path: Path, title: str, column: str = "d_kld") -> Path:
-    """A sensitivity profile as a layers x (family=choice) heatmap of `column` (delta-KLD, nats;
-    symmetric-log colours: red hurts, blue helps). PNG; returns its path."""
+def profile_figure(profile, title: str, column: str = "d_kld"):
+    """The heatmap of `plot_profile` as a matplotlib Figure (Agg canvas), sized from the number of
+    layers and columns so it works at any size: 0.22 in per layer row, 0.34 in per column, a
+    minimum width that keeps the title (wrapped to it) and the colour bar inside, column labels
+    rotated upright, every k-th layer labelled when rows get too thin for a label each, constrained
+    layout placing title, labels and colour bar without overlap."""
     import numpy as np
     from matplotlib.colors import SymLogNorm
+    from matplotlib.ticker import FixedLocator
 
     probes = profile[profile["layer"] >= 0]
     cols = list(dict.fromkeys(f"{r.family}={r.choice}" for r in probes.itertuples()))
@@ -556,17 +563,43 @@ def plot_profile(profile, path: Path, title: str, column: str = "d_kld") -> Path
     for r in probes.itertuples():
         grid[layers.index(int(r.layer)), cols.index(f"{r.family}={r.choice}")] = getattr(r, column)
     vmax = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
-    fig = MplFigure(figsize=(1.6 + 0.42 * len(cols), 1.6 + 0.22 * len(layers)), dpi=110)
+    vmax = vmax if vmax > 0 else 1.0
+    longest = max((len(c) for c in cols), default=4)
+    width = max(5.2, 1.5 + 0.34 * len(cols) + 1.3)  # y label + ticks, the cells, the colour bar
+    title_lines = textwrap.wrap(title, max(30, int((width - 0.3) * 72 / 5.6)))  # ~5.6 pt a char at 10 pt
+    height = (0.45 + 0.2 * len(title_lines)) + min(0.22 * len(layers), 30.0) + 0.35 + 0.065 * longest  # + labels
+    fig = MplFigure(figsize=(width, max(3.0, height)), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_axes([0.12, 0.2, 0.74, 0.72])
-    im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=SymLogNorm(linthresh=max(vmax * 1e-3, 1e-6), vmin=-vmax, vmax=vmax))
-    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7.5)
-    ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
+    ax = fig.add_subplot()
+    linthresh = max(vmax * 1e-3, 1e-6)
+    im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", interpolation="nearest",
+                   norm=SymLogNorm(linthresh=linthresh, vmin=-vmax, vmax=vmax, base=10))
+    ax.set_xticks(range(len(cols)), cols, rotation=90, ha="center", va="top", fontsize=7.5)  # upright: never touch
+    row_pt = 72 * min(0.22 * len(layers), 30.0) / max(1, len(layers))  # points per layer row
+    step = max(1, math.ceil(9.0 / row_pt))  # a 7 pt label needs about 9 pt of height
+    shown = list(range(0, len(layers), step))
+    ax.set_yticks(shown, [str(layers[i]) for i in shown], fontsize=7)
     ax.set_ylabel("decoder layer")
-    ax.set_title(title, fontsize=10)
-    cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    ax.set_title("\n".join(title_lines), fontsize=10)
+    cb = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.02, aspect=30)
+    # colour-bar ticks: 0 and the decades above the linear range, both signs (no crowding at 0)
+    top = math.floor(math.log10(vmax))
+    decades = [10.0 ** k for k in range(top - 2, top + 1) if 10.0 ** k > linthresh * 3]
+    ticks = sorted([-d for d in decades] + [0.0] + decades)
+    cb.ax.yaxis.set_major_locator(FixedLocator(ticks))
+    cb.ax.yaxis.set_minor_locator(FixedLocator([]))
+    cb.ax.set_yticklabels([("0" if t == 0 else f"{t:.0e}".replace("e-0", "e-").replace("e+0", "e")) for t in ticks],
+                          fontsize=7)
     cb.set_label("delta KLD vs base (nats)" if column == "d_kld" else column, fontsize=8)
+    return fig
+
+
+def plot_profile(profile, path: Path, title: str, column: str = "d_kld") -> Path:
+    """A sensitivity profile as a layers x (family=choice) heatmap of `column` (delta-KLD, nats;
+    symmetric-log colours: red hurts, blue helps); `profile_figure` sizes it. PNG (deterministic:
+    no Software chunk); returns its path."""
+    fig = profile_figure(profile, title, column)
     path = Path(path).with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, png=path)
     return path
