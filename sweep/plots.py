@@ -132,6 +132,8 @@ def absolute_text(objective: str, reference: Point) -> str:
 
 
 def _err_label(x: str, y: str, xerr, yerr, reference: Point | None) -> str | None:
+    if not (_perf_metric(x) or _perf_metric(y)):
+        return "95% Wilson interval" if (xerr or yerr) else None
     kinds = []
     for o, e in ((x, xerr), (y, yerr)):
         if not e:
@@ -496,6 +498,7 @@ def write_index(analysis: Analysis, sdir: Path, sections) -> Path:
     lines.append(f"Speed and TTFT are performance-model predictions, not measurements ({calibration_text(analysis)}). "
                  "Accuracy error bars are 95% Wilson intervals.")
     lines.append("")
+    lines += [between_text(), ""]
     lines.append(f"Front over all study objectives ({', '.join(info.objectives)}): trials "
                  f"{', '.join(map(str, analysis.front)) or 'none'}; knee {analysis.knee}; hypervolume "
                  f"{analysis.hypervolume:.6g} with reference point ({analysis.reference_text()}).")
@@ -531,6 +534,25 @@ def write_index(analysis: Analysis, sdir: Path, sections) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
     return path
+
+
+def between_text() -> str:
+    """The index page's paragraph on the speed / TTFT error bars, with the fitted figures."""
+    from engine.perf import between_terms
+
+    s, t = between_terms("speed"), between_terms("ttft")
+    if s is None or t is None:
+        return "Speed and TTFT carry no error bars: the performance model has no calibration."
+    fig = lambda m, x: (f"{100 * x['a']:.1f}% + {x['b']:.2f} x the predicted difference ({x['pairs']} pairs, "
+                        f"{100 * x['coverage']:.0f}% inside)")
+    return ("Speed and TTFT error bars are between-config intervals: the 90% interval of each config's figure "
+            "given the reference trial's (the device's knee; no bar on it), i.e. the error of the predicted ratio "
+            "between two configs of one model on one device, which is what choosing among them depends on. Their "
+            "half-width comes from the calibration rows that differ only in config (same model, device and run "
+            f"settings): speed {fig('speed', s)}, TTFT {fig('ttft', t)} "
+            "(engine.perf.between_interval, a 90% quantile regression in engine.calibrate.between_config_fit). The "
+            "model's absolute error (its 90% prediction interval) is mostly an offset common to all configs of the "
+            "model on the device: each plot states it once, above the axes, instead of drawing it on every point.")
 
 
 def _write_top_index(out: Path) -> Path:
