@@ -217,6 +217,28 @@ def test_speed_bars_are_the_between_config_interval_and_smaller_than_the_absolut
         nd = 0 if metric == "ttft" else 1
         assert f"-{ref.value(obj) - alo:.{nd}f}/+{ahi - ref.value(obj):.{nd}f}" in head
         assert not any(abs((s[1][1] - s[0][1]) - (ahi - alo)) < 1e-6 for s in vertical)  # no absolute bar per point
+        # the numbers next to the points do not overlap one another
+        fig.canvas.draw()
+        nums = _boxes(fig, [t for t in ax.texts if "Absolute error" not in t.get_text()])
+        assert len(nums) >= 10
+        _assert_apart(nums)
+
+
+def test_page_bars_are_the_plots_between_config_intervals():
+    from committed_points import committed_analysis  # noqa: E402  (test fixture)
+    from engine.perf import interval
+    from sweep.html import page_data
+
+    a = committed_analysis()
+    knee = a.devices["N150"].knee
+    data = page_data(a)
+    assert "between-config" in data["bars_note"] and "absolute error" in data["bars_note"]
+    for p in data["points"]:
+        for k in ("speed", "ttft"):
+            lo, hi = p[f"{k}_ci"]["N150"]
+            alo, ahi, _ = interval(k, p[k]["N150"], "N150", a.info.model)
+            assert (hi - lo == 0) if p["n"] == knee else (0 < hi - lo < ahi - alo)
+            assert list(plots._ci(a.point(p["n"]), f"{k}:N150", a.point(knee))) == [lo, hi]
 
 
 def test_between_config_fit_recovers_a_known_line_and_widens_off_the_calibration():
