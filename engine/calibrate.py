@@ -360,6 +360,58 @@ def intervals_from(in_sample: Sequence[tuple], lomo: dict, lodo: dict, level: fl
     return out
 
 
+# --- between-config error ----------------------------------------------------------------------
+def config_pairs(rows: Sequence[Row], params: Params, metric: str, fit_pareto_ttft: bool = False
+                 ) -> list[tuple[float, float]]:
+    """(|predicted log ratio|, |its error|) of every pair of rows of one setting that differ only in
+    config: same model, device, batch, prefill, decode, DP and harness. The error of the predicted
+    ratio log(pred_i / pred_j) - log(pub_i / pub_j) is the part of the model's error NOT common to
+    the two configs: a per-model or per-device offset (what the absolute interval is mostly made
+    of) cancels in it. The figures are those the fit uses: the `lt pareto` harness's TTFTs only with
+    `fit_pareto_ttft` (they scatter 45-73 ms over configs the demo times alike)."""
+    i = ("speed", "ttft").index(metric)
+    groups: dict[tuple, list[tuple[str, float, float]]] = {}
+    for r in rows:
+        pub = (r.speed, r.ttft)[i]
+        if not pub or not covered(r) or (i == 1 and r.harness == "pareto" and not fit_pareto_ttft):
+            continue
+        res = _predict(r, params)
+        pred = (res.speed_tsu, res.ttft_ms)[i]
+        groups.setdefault((r.model, r.device, r.batch, r.prefill, r.decode, r.dp, r.harness), []).append(
+            (r.config, math.log(pred), math.log(pub)))
+    out = []
+    for g in groups.values():
+        for a in range(len(g)):
+            for b in range(a):
+                if g[a][0] != g[b][0]:
+                    d = g[a][1] - g[b][1]
+                    out.append((abs(d), abs(d - (g[a][2] - g[b][2]))))
+    return out
+
+
+def between_config_fit(pairs: Sequence[tuple[float, float]], level: float = LEVEL) -> dict:
+    """The `level` quantile of the between-config error as a line in the predicted difference:
+    |error of log(pred_i / pred_j)| <= a + b |log(pred_i / pred_j)| for a `level` share of the pairs
+    (linear quantile regression, a, b >= 0: the pinball loss minimised exactly as a linear program,
+    scipy.optimize.linprog / HiGHS; deterministic). A config predicted equal to another is off by
+    up to `a`; a predicted difference is off by up to a further share `b` of itself (the model
+    exaggerates or understates differences between configs). Returns {a, b, pairs, coverage}."""
+    import numpy as np
+    from scipy.optimize import linprog
+
+    if len(pairs) < 3:
+        return {"a": float("nan"), "b": float("nan"), "pairs": len(pairs), "coverage": float("nan")}
+    d = np.array([p[0] for p in pairs])
+    e = np.array([p[1] for p in pairs])
+    n = len(pairs)
+    # minimise sum(level * u + (1 - level) * v) subject to a + b d + u - v = e, all >= 0
+    c = np.r_[0.0, 0.0, np.full(n, level), np.full(n, 1.0 - level)]
+    a_eq = np.c_[np.ones(n), d, np.eye(n), -np.eye(n)]
+    sol = linprog(c, A_eq=a_eq, b_eq=e, bounds=[(0, None)] * (2 + 2 * n), method="highs")
+    a, b = (float(x) for x in sol.x[:2])
+    return {"a": a, "b": b, "pairs": n, "coverage": float(np.mean(e <= a + b * d + 1e-12))}
+
+
 # --------------------------------------------------------------------------------------------
 def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE, fit_pareto_ttft: bool = False,
               start: Params | None = None, loss: str = LOSS, cross_validation: bool = True) -> dict:

@@ -212,6 +212,16 @@ def interval(metric: str, value: float, device: str | Device, model: str, path: 
     leave-one-model-out residuals for an unseen model, plus (leave-one-device-out quantile - the
     in-sample one) x distance / the mean distance of the leave-one-device-out folds for a system
     off the calibration data: it widens with the distance."""
+    w = _half_width(metric, device, model, path)
+    if w is None:
+        return None
+    h, _, d = w
+    return value * math.exp(-h), value * math.exp(h), d
+
+
+def _half_width(metric: str, device: str | Device, model: str, path: str | Path | None = None
+                ) -> tuple[float, float, float] | None:
+    """(log half-width, its part without the distance term, distance) of `interval`."""
     data = params_metadata(path)
     iv, meta = data.get("intervals"), data.get("calibration") or {}
     if not iv or metric not in iv:
@@ -223,8 +233,52 @@ def interval(metric: str, value: float, device: str | Device, model: str, path: 
         pass
     base = q["in_sample"] if model in set(meta.get("models", ())) else max(q["in_sample"], q["lomo"])
     d = device_distance(device, meta.get("devices", ()))
-    h = base + max(0.0, q["lodo"] - q["in_sample"]) * d / max(iv.get("lodo_distance", 1.0), 1e-9)
-    return value * math.exp(-h), value * math.exp(h), d
+    return base + max(0.0, q["lodo"] - q["in_sample"]) * d / max(iv.get("lodo_distance", 1.0), 1e-9), base, d
+
+
+@lru_cache(maxsize=8)
+def _between_terms(path: str) -> dict:
+    from engine.calibrate import Row, between_config_fit, config_pairs
+
+    data = _load_params_file(path)[1]
+    rows = [Row(**r) for r in data.get("rows") or ()]
+    level = (data.get("intervals") or {}).get("level", 0.9)
+    params = Params.from_dict(data["params"])
+    fpt = bool((data.get("calibration") or {}).get("fit_pareto_ttft", False))
+    return {m: between_config_fit(config_pairs(rows, params, m, fpt), level) for m in ("speed", "ttft")}
+
+
+def between_terms(metric: str, path: str | Path | None = None) -> dict | None:
+    """{a, b, pairs, coverage} of the between-config error of `metric` (engine.calibrate.
+    between_config_fit over the calibration rows stored in the parameter file, with its fitted
+    parameters: computed when first asked, deterministic), or None without a calibration."""
+    p = Path(path) if path else PARAMS_FILE
+    if not p.exists() or not params_metadata(p).get("intervals"):
+        return None
+    t = _between_terms(str(p.resolve())).get(metric)
+    return t if t and math.isfinite(t["a"]) else None
+
+
+def between_interval(metric: str, value: float, reference: float, device: str | Device, model: str,
+                     path: str | Path | None = None) -> tuple[float, float] | None:
+    """(low, high) of `metric` for a config predicted at `value`, GIVEN the true figure of a
+    reference config of the same model on the same device (predicted at `reference`): the
+    interval of the ratio between the two configs, drawn around `value`. Half-width in log space
+    a + b |log(value / reference)| (between_terms: a level-quantile fit of the errors of the
+    predicted ratios between configs of one published setting), scaled like the absolute interval
+    for a system off the calibration data (interval's distance term; an unseen model does not widen
+    it: the leave-one-model-out error is an offset common to the model's configs). It leaves out
+    the error common to every config of the model on the device, which `interval` includes (the
+    plots draw the reference itself without a bar: its ratio to itself is 1). None without a
+    calibration."""
+    t = between_terms(metric, path)
+    if t is None or not (value > 0 and reference > 0):
+        return None
+    h = t["a"] + t["b"] * abs(math.log(value / reference))
+    w = _half_width(metric, device, model, path)
+    if w is not None and w[2] > 0 and w[1] > 0:
+        h *= w[0] / w[1]  # widen with the distance from the calibrated systems, as the absolute interval does
+    return value * math.exp(-h), value * math.exp(h)
 
 
 # --------------------------------------------------------------------------------------------

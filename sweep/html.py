@@ -3,10 +3,12 @@
 The page embeds plotly.js (bundled by the `plotly` package: no network at view time) and the
 study's points as JSON. Per device it draws Speed vs Top-1 and TTFT vs Top-1 with their fronts,
 plus Top-1 vs Top-5; hovering a point shows its trial number, config diff, Top-1/Top-5 intervals,
-KLD and speed (with its interval when the record has one); clicking a point or a table row shows
-its tt-metal decoder JSON and `--optimizations` string with copy buttons. Filters: device, a
-minimum Top-1, and whether to show points that break the study's constraints. The tables are the
-per-device front (as in the plots' index page) and every trial.
+KLD and speed / TTFT with their between-config intervals (as on the plots, sweep.plots: relative
+to the device's knee; the model's absolute error, common to every config, stated once in the
+subtitle); clicking a point or a table row shows its tt-metal decoder JSON and `--optimizations`
+string with copy buttons. Filters: device, a minimum Top-1, and whether to show points that break
+the study's constraints. The tables are the per-device front (as in the plots' index page) and
+every trial.
 
 Fronts are computed here in Python (sweep.pareto) over the feasible points; a minimum-Top-1 filter
 commutes with every front drawn (a point that dominates one with Top-1 >= m also has Top-1 >= m),
@@ -33,16 +35,42 @@ def _num(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _interval(rec, kind: str, device: str) -> list[float] | None:
-    """A per-device interval the record may carry (e.g. `speed_ci = {"N150": (lo, hi)}`)."""
-    table = getattr(rec, f"{kind}_ci", None)
+def _interval(p: Point, kind: str, device: str, reference: Point | None = None) -> list[float] | None:
+    """A per-device interval the record may carry (e.g. `speed_ci = {"N150": (lo, hi)}`), else the
+    between-config interval against `reference` (the device's knee), as on the plots
+    (sweep.plots: the model's absolute error is common to every config and stated once)."""
+    table = getattr(p.record, f"{kind}_ci", None)
     if isinstance(table, dict) and device in table:
         lo, hi = table[device]
         return [float(lo), float(hi)]
-    return None
+    from sweep.plots import _ci
+
+    try:
+        c = _ci(p, f"{kind}:{device}", reference) if reference is not None else None
+    except KeyError:  # no figure for this device
+        return None
+    return None if c is None else [float(c[0]), float(c[1])]
 
 
-def _point_data(p: Point, devices: list[str]) -> dict:
+def _bars_note(analysis: Analysis, refs: dict) -> str:
+    from sweep.plots import absolute_text
+
+    parts = []
+    for d, ref in refs.items():
+        if ref is None:
+            continue
+        a = [f"{'TTFT' if k == 'ttft' else k} {absolute_text(f'{k}:{d}', ref).split(': ', 1)[-1]}" for k in ("speed", "ttft")
+             if d in getattr(ref.record, k) and absolute_text(f"{k}:{d}", ref)]
+        if a:
+            parts.append(f"{d}: relative to trial {ref.number} (the knee); the model's absolute error, common to all "
+                         f"configs: {', '.join(a)}")
+    if not parts:
+        return ""
+    return ("Speed / TTFT bars: 90% between-config intervals (the error of the predicted ratio between two configs, "
+            "engine.perf.between_interval); " + "; ".join(parts) + ".")
+
+
+def _point_data(p: Point, devices: list[str], refs: dict | None = None) -> dict:
     r = p.record
     return {
         "n": p.number, "diff": short_config(p.config), "config": p.config,
@@ -50,8 +78,8 @@ def _point_data(p: Point, devices: list[str]) -> dict:
         "kld": _num(r.kld), "ppl": _num(r.ppl), "tokens": r.tokens, "feasible": p.feasible,
         "speed": {d: _num(r.speed.get(d)) for d in devices},
         "ttft": {d: _num(r.ttft.get(d)) for d in devices},
-        "speed_ci": {d: _interval(r, "speed", d) for d in devices},
-        "ttft_ci": {d: _interval(r, "ttft", d) for d in devices},
+        "speed_ci": {d: _interval(p, "speed", d, (refs or {}).get(d)) for d in devices},
+        "ttft_ci": {d: _interval(p, "ttft", d, (refs or {}).get(d)) for d in devices},
         "decoder_json": decoder_json_of(p), "optimizations": optimizations_string(p), "tt_problem": tt_problem(p),
         "reused_from": r.reused_from or "",
     }
@@ -63,6 +91,8 @@ def page_data(analysis: Analysis) -> dict:
     pts = [p for p in analysis.points if math.isfinite(p.record.top1)]
     devices = [d for d in info.devices]
     fronts: dict[str, dict] = {}
+    by_n = {p.number: p for p in pts}
+    refs = {d: by_n.get(analysis.devices[d].knee) if d in analysis.devices else None for d in devices}
     for d in devices:
         df = analysis.devices.get(d)
         usable = [p for p in pts if d in p.record.ttft]
@@ -84,7 +114,8 @@ def page_data(analysis: Analysis) -> dict:
                         for c in (info.spec.get("constraints") or []) if isinstance(c, dict)],
         "fronts": fronts,
         "top5_front": [p.number for p in front_2d([p for p in pts if p.feasible], "top5", "top1")],
-        "points": [_point_data(p, devices) for p in pts],
+        "points": [_point_data(p, devices, refs) for p in pts],
+        "bars_note": _bars_note(analysis, refs),
         "colors": {"point": C_POINT, "front": C_FRONT, "noise": C_NOISE, "knee": C_KNEE},
     }
 
@@ -373,7 +404,7 @@ function init() {
   $("title").textContent = `Study ${DATA.study}: ${DATA.model_name} (${DATA.model})`;
   $("subtitle").textContent = `${DATA.points.length} COMPLETE trials; devices ${DATA.devices.join(", ")}; objectives ` +
     `${DATA.objectives.join(", ")}` + (DATA.constraints.length ? `; constraints ${DATA.constraints.join(", ")}` : "") +
-    `. Error bars: 95% Wilson intervals of Top-1 / Top-5.`;
+    `. Error bars: 95% Wilson intervals of Top-1 / Top-5. ${DATA.bars_note}`;
   $("calib").textContent = `Speed and TTFT are performance-model predictions, not measurements: ${DATA.calibration}`;
   const sel = $("device");
   for (const d of DATA.devices) { const o = document.createElement("option"); o.value = o.textContent = d; sel.appendChild(o); }

@@ -371,8 +371,7 @@ class Analysis:
                 row[f"knee:{d}"] = p.number == df.knee
             row["within_noise"] = any(p.number in df.within_noise for df in self.devices.values())
             row["reused_from"] = r.reused_from or ""
-            row["wall_s"] = r.wall_s
-            rows.append(row)
+            rows.append(row)  # no wall time: the committed CSV must read the same bytes on every re-run
         return pd.DataFrame(rows)
 
 

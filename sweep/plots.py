@@ -1,11 +1,25 @@
 """Front plots (PNG + SVG, matplotlib Agg) and an index page.
 
 Per model and device: Speed (t/s/u) vs Top-1 (%) (lt's plot: points numbered by trial, the front
-as a red line, each front point's config in a footnote), TTFT (ms) vs Top-1 (%); per model:
-Top-1 vs Top-5 (accuracy does not depend on the device). Accuracy error bars are the 95% Wilson
-intervals. Fronts are the 2-D fronts of each projection (sweep.pareto), not Optuna's plot. Points
-"within noise of the front" follow sweep.pareto's rule (a paired test on the per-token records;
-the footnote and the index page name the test used).
+as a red line, a footnote table mapping each number to its config, wrapped), TTFT (ms) vs Top-1
+(%); per model: Top-1 vs Top-5 (accuracy does not depend on the device). Accuracy error bars are
+the 95% Wilson intervals. Fronts are the 2-D fronts of each projection (sweep.pareto), not
+Optuna's plot. Points "within noise of the front" follow sweep.pareto's rule (a paired test on the
+per-token records; the footnote and the index page name the test used).
+
+Speed and TTFT error bars are BETWEEN-CONFIG intervals (engine.perf.between_interval): the 90%
+interval of each config's figure relative to one reference config (the device's knee; its own bar
+is nil), i.e. the error of the predicted RATIO between two configs of one model on one device,
+which is what choosing among them depends on. They come from a quantile fit of the errors of the
+predicted ratios between configs of one published setting in the calibration data, half-width
+a + b |log ratio| (engine.calibrate.between_config_fit). The model's absolute error (the 90%
+prediction interval of engine.perf.interval: a per-model, per-device offset, largely common to
+all configs) would move every point together; it is stated once, under the title and in the
+footnote, not drawn on every point, where it would hide the differences between configs.
+
+Files are deterministic (`save_figure`): SVG with a fixed `svg.hashsalt` (clip-path and glyph
+ids) and no Date or Creator metadata, PNG without the Software text chunk; rendering the same
+study twice writes the same bytes.
 """
 from __future__ import annotations
 
@@ -51,28 +65,88 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
 
 
-def _ci(p: Point, objective: str) -> tuple[float, float] | None:
+SVG_SALT = "ttsweep"  # svg.hashsalt: fixed clip-path / glyph ids, the same bytes on every re-run
+FOOT_CHARS = 128  # footnote line length (7.5 pt monospace on a 9-inch figure, with margins)
+
+
+def save_figure(fig, png: Path | None = None, svg: Path | None = None) -> None:
+    """Write `fig` deterministically: SVG ids from a fixed salt and no Date / Creator metadata
+    (no timestamp, no version string), PNG without the Software text chunk."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.hashsalt": SVG_SALT}):
+        if png is not None:
+            fig.savefig(png, metadata={"Software": None})
+        if svg is not None:
+            fig.savefig(svg, metadata={"Date": None, "Creator": None})
+
+
+def _perf_metric(objective: str) -> tuple[str, str] | None:
+    metric, _, device = objective.partition(":")
+    return (metric, device) if metric in ("speed", "ttft") and device else None
+
+
+def _ci(p: Point, objective: str, reference: Point | None = None) -> tuple[float, float] | None:
+    """The error bar of one point: the 95% Wilson interval for Top-1 / Top-5; for speed / TTFT the
+    between-config interval relative to `reference` (engine.perf.between_interval; nil for the
+    reference itself)."""
     if objective == "top1":
         return tuple(p.record.top1_ci)
     if objective == "top5":
         return tuple(p.record.top5_ci)
-    metric, _, device = objective.partition(":")
-    if metric in ("speed", "ttft") and device:  # the performance model's prediction interval
-        from engine.perf import interval
+    pm = _perf_metric(objective)
+    if pm and reference is not None:
+        from engine.perf import between_interval
 
-        iv = interval(metric, p.value(objective), device, p.record.model)
-        return None if iv is None else iv[:2]
+        if p.number == reference.number:  # its ratio to itself is known: 1
+            return (p.value(objective), p.value(objective))
+        return between_interval(pm[0], p.value(objective), reference.value(objective), pm[1], p.record.model)
     return None
 
 
-def _err_label(x: str, y: str, xerr, yerr) -> str | None:
-    kinds = [("90% prediction interval" if o.partition(":")[0] in ("speed", "ttft") else "95% Wilson interval")
-             for o, e in ((x, xerr), (y, yerr)) if e]
+def absolute_interval(objective: str, reference: Point) -> tuple[float, float] | None:
+    """(low, high) of the performance model's absolute 90% prediction interval at the reference
+    point (engine.perf.interval): the error common to every config of the model on the device."""
+    pm = _perf_metric(objective)
+    if not pm:
+        return None
+    from engine.perf import interval
+
+    iv = interval(pm[0], reference.value(objective), pm[1], reference.record.model)
+    return None if iv is None else iv[:2]
+
+
+UNIT = {"speed": "t/s/u", "ttft": "ms"}
+NAME = {"speed": "speed", "ttft": "TTFT"}
+
+
+def absolute_text(objective: str, reference: Point) -> str:
+    """"absolute error, common to all configs: -22.5/+27.4 t/s/u (90%)", or "" without a calibration."""
+    iv = absolute_interval(objective, reference)
+    if iv is None:
+        return ""
+    v = reference.value(objective)
+    nd = 0 if objective.startswith("ttft") else 1
+    return (f"absolute error, common to all configs: "
+            f"-{v - iv[0]:.{nd}f}/+{iv[1] - v:.{nd}f} {UNIT[objective.partition(':')[0]]} (90%)")
+
+
+def _err_label(x: str, y: str, xerr, yerr, reference: Point | None) -> str | None:
+    if not (_perf_metric(x) or _perf_metric(y)):
+        return "95% Wilson interval" if (xerr or yerr) else None
+    kinds = []
+    for o, e in ((x, xerr), (y, yerr)):
+        if not e:
+            continue
+        if _perf_metric(o):
+            kinds.append(f"{NAME[_perf_metric(o)[0]]}: 90% between configs, vs trial {reference.number}")
+        else:
+            kinds.append(f"{LABEL[o].split(' (')[0]}: 95% Wilson")
     return " / ".join(dict.fromkeys(kinds)) or None
 
 
-def _err(points: Sequence[Point], objective: str):
-    cis = [_ci(p, objective) for p in points]
+def _err(points: Sequence[Point], objective: str, reference: Point | None = None):
+    cis = [_ci(p, objective, reference) for p in points]
     if any(c is None for c in cis):
         return None
     vals = [p.value(objective) for p in points]
@@ -103,10 +177,11 @@ def _label_offsets() -> list[tuple[float, float]]:
     return near + far
 
 
-def _place_labels(ax, fig, xs, ys, texts, colors, rings=()):
-    """Number the points, choosing for each label the offset that overlaps least with the labels
-    and markers already placed (greedy; good enough for tens of points). Labels moved out of a
-    cluster are joined to their point by a leader line. Returns the placed labels' pixel boxes."""
+def _place_labels(ax, fig, xs, ys, texts, colors, rings=(), lines=()):
+    """Number the points, choosing for each label the offset that overlaps least with the labels,
+    markers and `lines` (polylines in data coordinates, e.g. the front) already drawn (greedy;
+    good enough for tens of points). Labels moved out of a cluster are joined to their point by a
+    leader line. Returns the placed labels' pixel boxes."""
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     axb = ax.get_window_extent(renderer)
@@ -117,6 +192,13 @@ def _place_labels(ax, fig, xs, ys, texts, colors, rings=()):
     for bx, by, r in rings:
         px, py = ax.transData.transform((bx, by))
         marker_boxes.append((px - r, py - r, px + r, py + r))
+    for lx, ly in lines:  # a line counts as a row of small boxes along it, a few pixels apart
+        pix = [tuple(ax.transData.transform((x, y))) for x, y in zip(lx, ly)]
+        for (x0, y0), (x1, y1) in zip(pix, pix[1:]):
+            n = max(1, int(math.hypot(x1 - x0, y1 - y0) / 4))
+            for k in range(n + 1):
+                px, py = x0 + (x1 - x0) * k / n, y0 + (y1 - y0) * k / n
+                marker_boxes.append((px - 1.5, py - 1.5, px + 1.5, py + 1.5))
     placed = []
     offsets = _label_offsets()
     n_near = 12
@@ -191,32 +273,76 @@ class Figure:
     front: list[int]
 
 
-def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, *, noise: Sequence[int] = (),
-               knee: int | None = None, footer: str = "") -> Figure:
-    """Scatter of y against x, points numbered by trial, the 2-D front as a red line, error bars
-    from the accuracy intervals, and a footnote mapping front numbers to config diffs."""
+def _wrap(line: str, width: int = FOOT_CHARS, indent: int = 2) -> list[str]:
+    """One footnote entry wrapped (at ", " when it can), continuation lines indented past its
+    `N: ` so a long config reads as one block instead of running off the right edge."""
+    head, sep, _ = line.partition(": ")
+    sub = " " * (indent + (len(head) + len(sep) if sep and len(head) < 8 else 2))
+    return textwrap.wrap(line, width, initial_indent=" " * indent, subsequent_indent=sub,
+                         break_long_words=True, break_on_hyphens=False) or [""]
+
+
+def config_table(points: Sequence[Point], front: Sequence[Point], many: bool) -> list[str]:
+    """The footnote's number -> config table: the front's configs, then (unless there are too many
+    points to number) every other trial's, each wrapped."""
+    fnums = {p.number for p in front}
+    out = ["Front (red line):"]
+    for p in sorted(front, key=lambda p: p.number):
+        out += _wrap(f"{p.number}: {short_config(p.config)}")
+    rest = sorted((p for p in points if p.number not in fnums), key=lambda p: p.number)
+    if rest and not many:
+        out.append("Other trials:")
+        for p in rest:
+            out += _wrap(f"{p.number}: {short_config(p.config)}")
+    elif rest:
+        out.append(f"Other trials ({len(rest)}, not numbered): see the study's points CSV.")
+    return out
+
+
+def _reference(pts: Sequence[Point], front: Sequence[Point], reference: int | None) -> Point | None:
+    by_n = {p.number: p for p in pts}
+    if reference in by_n:
+        return by_n[reference]
+    return front[len(front) // 2] if front else (pts[0] if pts else None)
+
+
+def front_figure(points: Sequence[Point], x: str, y: str, title: str, *, noise: Sequence[int] = (),
+                 knee: int | None = None, footer: str = "", reference: int | None = None):
+    """The figure of `plot_front` (matplotlib Figure, Agg canvas) and its front. Speed / TTFT error
+    bars are relative to trial `reference` (default: the knee, else the front's middle point)."""
     pts = _usable(points, [x, y])
     front = front_2d(pts, x, y)
     fnums = {p.number for p in front}
     noise = set(noise) - fnums
-    legend_lines = [f"{p.number}: {short_config(p.config)}" for p in sorted(front, key=lambda p: p.number)]
-    foot = ["Front (red line):"] + ["  " + s for s in legend_lines]
+    many = len(pts) > MAX_NUMBERED
+    perf = [o for o in (x, y) if _perf_metric(o)]
+    ref = _reference(pts, front, reference if reference is not None else knee) if perf else None
+    sub = []
+    for o in perf:
+        a = absolute_text(o, ref) if ref else ""
+        if a:
+            sub.append(f"{NAME[_perf_metric(o)[0]].capitalize().replace('Ttft', 'TTFT')} bars: 90% between configs, relative to trial {ref.number}"
+                       f"{' (knee)' if ref.number == knee else ''}. {a[0].upper() + a[1:]}")
+    foot = config_table(pts, front, many)
+    if sub:
+        foot += textwrap.wrap(
+            f"{'/'.join(NAME[_perf_metric(o)[0]] for o in perf).capitalize().replace('Ttft', 'TTFT')} error bars: the 90% interval of each config's figure given trial {ref.number}'s, i.e. the error of the "
+            "predicted ratio between two configs (engine.perf.between_interval, fitted on the calibration's configs of "
+            "one setting). The model's absolute error moves every config of the model on the device together: stated "
+            "once above the plot, not drawn on each point.", FOOT_CHARS, subsequent_indent="  ")
     if footer:
-        foot += textwrap.wrap(footer, 118, subsequent_indent="  ")
-    n_foot = len(foot)
-    foot_h = 0.13 * n_foot + 0.08  # inches of footnote (7.5 pt monospace lines)
-    fig_h = 5.0 + foot_h
-    fig = MplFigure(figsize=(9.0, fig_h), dpi=110)  # Agg canvas, no pyplot: no global backend state
+        foot += textwrap.wrap(footer, FOOT_CHARS, subsequent_indent="  ")
+    title_lines = textwrap.wrap(title, 92) or [""]
+    sub_lines = [w for t in sub for w in textwrap.wrap(t, 125)]
+    fig = MplFigure(figsize=(9.0, 6.0), dpi=110)  # Agg canvas, no pyplot: no global backend state
     FigureCanvasAgg(fig)
-    bottom = (foot_h + 0.55) / fig_h
-    ax = fig.add_axes([0.09, bottom, 0.88, 1 - bottom - 0.45 / fig_h])
+    ax = fig.add_axes([0.09, 0.2, 0.88, 0.7])  # placed below, once the legend's size is known
     xs = [p.value(x) for p in pts]
     ys = [p.value(y) for p in pts]
-    xerr, yerr = _err(pts, x), _err(pts, y)
-    many = len(pts) > MAX_NUMBERED
+    xerr, yerr = _err(pts, x, ref), _err(pts, y, ref)
     ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="#9aa7b8", elinewidth=0.8, capsize=0 if many else 2,
                 alpha=0.35 if many else 1.0, zorder=1,
-                label=_err_label(x, y, xerr, yerr))
+                label=_err_label(x, y, xerr, yerr, ref))
     bad = [i for i, p in enumerate(pts) if not p.feasible]
     if bad:
         ax.scatter([xs[i] for i in bad], [ys[i] for i in bad], s=26, marker="x", color="#888888", zorder=3,
@@ -244,13 +370,16 @@ def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, 
                    label="knee")
     ax.set_xlabel(_label(x))
     ax.set_ylabel(_label(y))
-    ax.set_title(title, fontsize=10.5)
+    ax.set_title("\n".join(title_lines), fontsize=10.5, pad=6 + 10.5 * len(sub_lines))
+    if sub_lines:
+        ax.annotate("\n".join(sub_lines), (0.5, 1.0), xycoords="axes fraction", xytext=(0, 4),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8, color="#444444")
     ax.grid(True, alpha=0.3)
     # a little room so labels at the edges fit; a predicted speed/TTFT axis spans at least 2% of
     # its level, so differences far below the model's resolution do not fill the plot
     for obj, getter, setter in ((x, ax.get_xlim, ax.set_xlim), (y, ax.get_ylim, ax.set_ylim)):
         lo, hi = getter()
-        if obj.partition(":")[0] in ("speed", "ttft"):
+        if _perf_metric(obj):
             vals = [p.value(obj) for p in pts]
             if vals:
                 mid = (min(vals) + max(vals)) / 2
@@ -260,16 +389,35 @@ def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, 
         pad = (hi - lo) * 0.05 or 1.0
         setter(lo - pad, hi + pad)
     ax.ticklabel_format(useOffset=False, style="plain")
-    ax.legend(loc="best", fontsize=8, framealpha=0.85)
+    # the legend goes under the axes, the number -> config table under it: nothing covers a point
+    handles, names = ax.get_legend_handles_labels()
+    ncol = 3 if sum(len(n) for n in names) < 150 else 2
+    legend_h = 0.19 * math.ceil(len(names) / ncol) + 0.12
+    foot_h = 0.13 * len(foot) + 0.08  # inches of footnote (7.5 pt monospace lines)
+    top_h = 0.3 + 0.19 * len(title_lines) + 0.15 * len(sub_lines)  # inches above the axes
+    fig_h = 4.6 + legend_h + foot_h + top_h
+    fig.set_size_inches(9.0, fig_h)
+    bottom = (foot_h + legend_h + 0.5) / fig_h
+    ax.set_position([0.09, bottom, 0.88, 1 - bottom - top_h / fig_h])
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.53, (foot_h + legend_h + 0.02) / fig_h),
+               ncol=ncol, fontsize=8, frameon=False, handletextpad=0.4, columnspacing=1.6)
     numbered = [i for i, p in enumerate(pts) if not many or p.number in fnums]
     _place_labels(ax, fig, [xs[i] for i in numbered], [ys[i] for i in numbered],
                   [str(pts[i].number) for i in numbered],
-                  [C_FRONT if pts[i].number in fnums else "#222222" for i in numbered], rings)
+                  [C_FRONT if pts[i].number in fnums else "#222222" for i in numbered], rings, [(fx, fy)])
     fig.text(0.02, 0.012, "\n".join(foot), fontsize=7.5, family="monospace", va="bottom", ha="left")
+    return fig, front
+
+
+def plot_front(points: Sequence[Point], x: str, y: str, path: Path, title: str, *, noise: Sequence[int] = (),
+               knee: int | None = None, footer: str = "", reference: int | None = None) -> Figure:
+    """Scatter of y against x, points numbered by trial, the 2-D front as a red line, error bars
+    (Wilson for accuracy, between-config for speed / TTFT: see the module docstring), and a
+    footnote table mapping numbers to config diffs. Writes `path`.png and `path`.svg."""
+    fig, front = front_figure(points, x, y, title, noise=noise, knee=knee, footer=footer, reference=reference)
     path.parent.mkdir(parents=True, exist_ok=True)
     png, svg = path.with_suffix(".png"), path.with_suffix(".svg")
-    fig.savefig(png)
-    fig.savefig(svg)
+    save_figure(fig, png, svg)
     return Figure(png, svg, title, [p.number for p in front])
 
 
@@ -305,7 +453,7 @@ def write_plots(analysis: Analysis, out: str | Path) -> PlotResult:
                             footer=speed_note + (f" Hollow orange: within noise of the front ({df.noise_rule})." if df else ""))
             f2 = plot_front(pts, "top1", f"ttft:{dev}", sdir / f"{_slug(model)}_{dev}_ttft_vs_top1",
                             f"{name} on {dev}: TTFT vs Top-1 ({analysis.info.name}, {ntr})",
-                            footer=speed_note)
+                            footer=speed_note, reference=knee)
             figs += [(dev, f1), (dev, f2)]
         f3 = plot_front(pts, "top5", "top1", sdir / f"{_slug(model)}_top1_vs_top5",
                         f"{name}: Top-1 vs Top-5 ({analysis.info.name}, {ntr}; any device)")
@@ -350,6 +498,7 @@ def write_index(analysis: Analysis, sdir: Path, sections) -> Path:
     lines.append(f"Speed and TTFT are performance-model predictions, not measurements ({calibration_text(analysis)}). "
                  "Accuracy error bars are 95% Wilson intervals.")
     lines.append("")
+    lines += [between_text(), ""]
     lines.append(f"Front over all study objectives ({', '.join(info.objectives)}): trials "
                  f"{', '.join(map(str, analysis.front)) or 'none'}; knee {analysis.knee}; hypervolume "
                  f"{analysis.hypervolume:.6g} with reference point ({analysis.reference_text()}).")
@@ -387,6 +536,25 @@ def write_index(analysis: Analysis, sdir: Path, sections) -> Path:
     return path
 
 
+def between_text() -> str:
+    """The index page's paragraph on the speed / TTFT error bars, with the fitted figures."""
+    from engine.perf import between_terms
+
+    s, t = between_terms("speed"), between_terms("ttft")
+    if s is None or t is None:
+        return "Speed and TTFT carry no error bars: the performance model has no calibration."
+    fig = lambda m, x: (f"{100 * x['a']:.1f}% + {x['b']:.2f} x the predicted difference ({x['pairs']} pairs, "
+                        f"{100 * x['coverage']:.0f}% inside)")
+    return ("Speed and TTFT error bars are between-config intervals: the 90% interval of each config's figure "
+            "given the reference trial's (the device's knee; no bar on it), i.e. the error of the predicted ratio "
+            "between two configs of one model on one device, which is what choosing among them depends on. Their "
+            "half-width comes from the calibration rows that differ only in config (same model, device and run "
+            f"settings): speed {fig('speed', s)}, TTFT {fig('ttft', t)} "
+            "(engine.perf.between_interval, a 90% quantile regression in engine.calibrate.between_config_fit). The "
+            "model's absolute error (its 90% prediction interval) is mostly an offset common to all configs of the "
+            "model on the device: each plot states it once, above the axes, instead of drawing it on every point.")
+
+
 def _write_top_index(out: Path) -> Path:
     studies = sorted(p.parent.name for p in out.glob("*/index.md"))
     lines = ["# Pareto plots", "", "One page per study (written by `sweep pareto`):", ""]
@@ -396,14 +564,19 @@ def _write_top_index(out: Path) -> Path:
     return path
 
 
-__all__ = ["Figure", "PlotResult", "front_table", "plot_front", "short_config", "write_index", "write_plots"]
+__all__ = ["Figure", "PlotResult", "front_figure", "front_table", "plot_front", "plot_profile", "profile_figure", "save_figure",
+           "short_config", "write_index", "write_plots"]
 
 
-def plot_profile(profile, path: Path, title: str, column: str = "d_kld") -> Path:
-    """A sensitivity profile as a layers x (family=choice) heatmap of `column` (delta-KLD, nats;
-    symmetric-log colours: red hurts, blue helps). PNG; returns its path."""
+def profile_figure(profile, title: str, column: str = "d_kld"):
+    """The heatmap of `plot_profile` as a matplotlib Figure (Agg canvas), sized from the number of
+    layers and columns so it works at any size: 0.22 in per layer row, 0.34 in per column, a
+    minimum width that keeps the title (wrapped to it) and the colour bar inside, column labels
+    rotated upright, every k-th layer labelled when rows get too thin for a label each, constrained
+    layout placing title, labels and colour bar without overlap."""
     import numpy as np
     from matplotlib.colors import SymLogNorm
+    from matplotlib.ticker import FixedLocator
 
     probes = profile[profile["layer"] >= 0]
     cols = list(dict.fromkeys(f"{r.family}={r.choice}" for r in probes.itertuples()))
@@ -412,17 +585,43 @@ def plot_profile(profile, path: Path, title: str, column: str = "d_kld") -> Path
     for r in probes.itertuples():
         grid[layers.index(int(r.layer)), cols.index(f"{r.family}={r.choice}")] = getattr(r, column)
     vmax = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
-    fig = MplFigure(figsize=(1.6 + 0.42 * len(cols), 1.6 + 0.22 * len(layers)), dpi=110)
+    vmax = vmax if vmax > 0 else 1.0
+    longest = max((len(c) for c in cols), default=4)
+    width = max(5.2, 1.5 + 0.34 * len(cols) + 1.3)  # y label + ticks, the cells, the colour bar
+    title_lines = textwrap.wrap(title, max(30, int((width - 0.3) * 72 / 5.6)))  # ~5.6 pt a char at 10 pt
+    height = (0.45 + 0.2 * len(title_lines)) + min(0.22 * len(layers), 30.0) + 0.35 + 0.065 * longest  # + labels
+    fig = MplFigure(figsize=(width, max(3.0, height)), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_axes([0.12, 0.2, 0.74, 0.72])
-    im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=SymLogNorm(linthresh=max(vmax * 1e-3, 1e-6), vmin=-vmax, vmax=vmax))
-    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7.5)
-    ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
+    ax = fig.add_subplot()
+    linthresh = max(vmax * 1e-3, 1e-6)
+    im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", interpolation="nearest",
+                   norm=SymLogNorm(linthresh=linthresh, vmin=-vmax, vmax=vmax, base=10))
+    ax.set_xticks(range(len(cols)), cols, rotation=90, ha="center", va="top", fontsize=7.5)  # upright: never touch
+    row_pt = 72 * min(0.22 * len(layers), 30.0) / max(1, len(layers))  # points per layer row
+    step = max(1, math.ceil(9.0 / row_pt))  # a 7 pt label needs about 9 pt of height
+    shown = list(range(0, len(layers), step))
+    ax.set_yticks(shown, [str(layers[i]) for i in shown], fontsize=7)
     ax.set_ylabel("decoder layer")
-    ax.set_title(title, fontsize=10)
-    cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    ax.set_title("\n".join(title_lines), fontsize=10)
+    cb = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.02, aspect=30)
+    # colour-bar ticks: 0 and the decades above the linear range, both signs (no crowding at 0)
+    top = math.floor(math.log10(vmax))
+    decades = [10.0 ** k for k in range(top - 2, top + 1) if 10.0 ** k > linthresh * 3]
+    ticks = sorted([-d for d in decades] + [0.0] + decades)
+    cb.ax.yaxis.set_major_locator(FixedLocator(ticks))
+    cb.ax.yaxis.set_minor_locator(FixedLocator([]))
+    cb.ax.set_yticklabels([("0" if t == 0 else f"{t:.0e}".replace("e-0", "e-").replace("e+0", "e")) for t in ticks],
+                          fontsize=7)
     cb.set_label("delta KLD vs base (nats)" if column == "d_kld" else column, fontsize=8)
+    return fig
+
+
+def plot_profile(profile, path: Path, title: str, column: str = "d_kld") -> Path:
+    """A sensitivity profile as a layers x (family=choice) heatmap of `column` (delta-KLD, nats;
+    symmetric-log colours: red hurts, blue helps); `profile_figure` sizes it. PNG (deterministic:
+    no Software chunk); returns its path."""
+    fig = profile_figure(profile, title, column)
     path = Path(path).with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, png=path)
     return path

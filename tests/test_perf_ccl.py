@@ -287,11 +287,19 @@ def test_plots_and_report_notes_carry_the_speed_interval():
     res = predict("Llama3.1-8B", "TG")
     rec = SimpleNamespace(model="Llama3.1-8B", speed={"TG": res.speed_tsu, "N300": 40.0},
                           ttft={"TG": res.ttft_ms, "N300": 70.0})
-    point = SimpleNamespace(record=rec, value=lambda obj: getattr(rec, obj.partition(":")[0])[obj.partition(":")[2]])
-    assert plots._ci(point, "speed:TG") == pytest.approx(res.speed_interval)
-    assert plots._ci(point, "ttft:TG") == pytest.approx(res.ttft_interval)
-    lo, hi = plots._ci(point, "speed:N300")
-    assert lo < 40.0 < hi and (hi / lo) < (res.speed_interval[1] / res.speed_interval[0])  # TG is farther out
-    assert plots._err_label("top1", "speed:TG", [[1], [1]], [[1], [1]]) == "95% Wilson interval / 90% prediction interval"
+    point = SimpleNamespace(number=0, record=rec,
+                            value=lambda obj: getattr(rec, obj.partition(":")[0])[obj.partition(":")[2]])
+    # the absolute interval, stated once per plot, is the prediction interval
+    assert plots.absolute_interval("speed:TG", point) == pytest.approx(res.speed_interval)
+    assert plots.absolute_interval("ttft:TG", point) == pytest.approx(res.ttft_interval)
+    # the bars: between configs (relative to a reference), narrower, and wider on TG than on N300
+    other = SimpleNamespace(number=1, record=rec, value=lambda obj: 0.95 * point.value(obj))
+    lo, hi = plots._ci(other, "speed:TG", point)
+    assert lo < other.value("speed:TG") < hi and (hi / lo) < (res.speed_interval[1] / res.speed_interval[0])
+    lo3, hi3 = plots._ci(other, "speed:N300", point)
+    assert lo3 < 0.95 * 40.0 < hi3 and (hi3 / lo3) < (hi / lo)  # TG is farther out
+    assert plots._ci(point, "speed:TG", point) == (point.value("speed:TG"),) * 2  # the reference: no bar
+    assert plots._err_label("top1", "speed:TG", [[1], [1]], [[1], [1]], point) == (
+        "Top-1: 95% Wilson / speed: 90% between configs, vs trial 0")
     text = report.interval_text(point, ["N300", "TG"])
     assert text.startswith("90% prediction intervals") and f"TG {res.speed_interval[0]:.1f}-" in text

@@ -1,10 +1,12 @@
 """Front plots and the index page (sweep.plots, sweep pareto)."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import optuna
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from synthetic_study import build_study, journal_storage, lt_pareto_configs, synthetic_record  # noqa: E402
@@ -98,3 +100,182 @@ def test_labels_do_not_overlap_and_stacked_points_share_one_label():
     for i in range(len(boxes)):
         for j in range(i):
             assert plots._overlap(boxes[i], boxes[j]) == 0, (labels[i], labels[j])
+
+
+# --- deterministic files -------------------------------------------------------------------------
+def _profile_frame(layers: int, cols: list[tuple[str, str]]):
+    import math as m
+
+    import pandas as pd
+
+    rows = [{"layer": -1, "family": "base", "choice": "base", "d_kld": 0.0}]
+    for L in range(layers):
+        for k, (f, c) in enumerate(cols):
+            rows.append({"layer": L, "family": f, "choice": c, "d_kld": 0.02 * m.sin(0.7 * L + k) ** 3})
+    return pd.DataFrame(rows)
+
+
+def test_plots_are_the_same_bytes_on_every_render(tmp_path):
+    """Two renders of one study (and of one heatmap) write identical files: no SVG date, no
+    random clip-path ids, no version strings in the PNG/SVG metadata."""
+    a = pareto.analyze(build_study())
+    r1 = plots.write_plots(a, tmp_path / "one")
+    r2 = plots.write_plots(a, tmp_path / "two")
+    assert len(r1.images) == len(r2.images) == 10
+    for p1, p2 in zip(r1.images, r2.images):
+        assert p1.read_bytes() == p2.read_bytes(), p1.name
+        if p1.suffix == ".svg":
+            text = p1.read_text()
+            assert "<dc:date>" not in text and "Matplotlib v" not in text
+            assert 'clip-path="url(#p' in text  # ids are there, and equal between the renders
+        else:
+            assert b"Software" not in p1.read_bytes()[:4096] and b"tEXt" not in p1.read_bytes()[:4096]
+    prof = _profile_frame(6, [("ff1_3", "bfp4"), ("wo", "bfp4")])
+    h1 = plots.plot_profile(prof, tmp_path / "h1", "title")
+    h2 = plots.plot_profile(prof, tmp_path / "h2", "title")
+    assert h1.read_bytes() == h2.read_bytes()
+
+
+# --- the heatmap at any size ---------------------------------------------------------------------
+def _boxes(fig, texts):
+    r = fig.canvas.get_renderer()
+    return [(t.get_text(), t.get_window_extent(r)) for t in texts if t.get_visible() and t.get_text()]
+
+
+def _assert_apart(boxes):
+    for i in range(len(boxes)):
+        for j in range(i):
+            (ta, a), (tb, b) = boxes[i], boxes[j]
+            assert not a.overlaps(b), f"tick labels {ta!r} and {tb!r} overlap"
+
+
+def _assert_inside(fig, boxes):
+    w, h = fig.canvas.get_width_height()
+    for t, b in boxes:
+        assert b.x0 >= -0.5 and b.y0 >= -0.5 and b.x1 <= w + 0.5 and b.y1 <= h + 0.5, f"{t!r} leaves the figure"
+
+
+FAMILIES = [("ff1_3", "bfp4"), ("ff1_3", "bf16"), ("ff2", "bfp4"), ("ff2", "bf16"), ("wqkv", "bfp4"), ("wqkv", "bf16"),
+            ("wo", "bfp4"), ("wo", "bf16"), ("kv_cache", "bfp4"), ("kv_cache", "bf16"), ("activation", "bf16"),
+            ("activation", "bfp8"), ("sdpa_decode", "lofi"), ("sdpa_decode", "hifi4"), ("sdpa_prefill", "lofi"),
+            ("sdpa_prefill", "hifi2")]
+
+
+def test_heatmap_works_at_any_size():
+    """One family, two families (the case whose title was clipped and ticks overlapped), the
+    full 16 columns, 80 and 200 layers: tick labels (both axes and the colour bar) never overlap,
+    and the title and every label stay inside the figure."""
+    title = "SmolLM2-135M: delta KLD of one change to defaults (128+127 tokens)"
+    for layers, cols in ((30, FAMILIES[:1]), (30, [FAMILIES[0], FAMILIES[8]]), (30, FAMILIES[:4]), (30, FAMILIES),
+                         (80, FAMILIES[:4]), (200, FAMILIES[:2]), (3, FAMILIES)):
+        fig = plots.profile_figure(_profile_frame(layers, cols), title)
+        fig.canvas.draw()
+        ax, cax = fig.axes[0], fig.axes[1]
+        xt, yt, ct = (_boxes(fig, ax.get_xticklabels()), _boxes(fig, ax.get_yticklabels()),
+                      _boxes(fig, cax.get_yticklabels()))
+        assert len(xt) == len(cols) and len(yt) >= min(layers, 10) and len(ct) >= 3
+        for boxes in (xt, yt, ct):
+            _assert_apart(boxes)
+            _assert_inside(fig, boxes)
+        tb = _boxes(fig, [ax.title])
+        _assert_inside(fig, tb)
+        assert tb[0][0].replace("\n", " ") == title
+
+
+# --- speed bars: between configs, the absolute error once ----------------------------------------
+def test_speed_bars_are_the_between_config_interval_and_smaller_than_the_absolute():
+    """On the committed lt-pareto results: each speed bar is engine.perf.between_interval of the
+    point against the knee (nil for the knee itself), every one narrower than the absolute 90%
+    prediction interval (what the bars used to be), which the plot states once, above the axes."""
+    from matplotlib.collections import LineCollection
+
+    from committed_points import committed_analysis  # noqa: E402  (test fixture)
+    from engine.perf import between_interval, interval
+
+    a = committed_analysis()
+    knee = a.devices["N150"].knee
+    ref = a.point(knee)
+    pts = [p for p in a.points if p.feasible]
+    for obj in ("speed:N150", "ttft:N150"):
+        fig, _ = plots.front_figure(pts, "top1", obj, "t", knee=knee)
+        ax = fig.axes[0]
+        vertical = [s for c in ax.collections if isinstance(c, LineCollection) for s in c.get_segments()
+                    if len(s) == 2 and s[0][0] == s[1][0] and s[0][1] != s[1][1]]
+        metric = obj.split(":")[0]
+        widths = {}
+        for p in pts:
+            v, r0 = p.value(obj), ref.value(obj)
+            lo, hi = between_interval(metric, v, r0, "N150", p.record.model) if p.number != knee else (v, v)
+            alo, ahi, _ = interval(metric, v, "N150", p.record.model)
+            assert hi - lo < 0.75 * (ahi - alo), (p.number, obj)
+            widths[p.number] = hi - lo
+            if p.number != knee:
+                assert any(abs(s[0][1] - lo) < 1e-6 and abs(s[1][1] - hi) < 1e-6 for s in vertical), (p.number, obj)
+        assert widths[knee] == 0
+        head = " ".join(t.get_text() for t in ax.texts if "Absolute error" in t.get_text())
+        alo, ahi, _ = interval(metric, ref.value(obj), "N150", ref.record.model)
+        nd = 0 if metric == "ttft" else 1
+        assert f"-{ref.value(obj) - alo:.{nd}f}/+{ahi - ref.value(obj):.{nd}f}" in head
+        assert not any(abs((s[1][1] - s[0][1]) - (ahi - alo)) < 1e-6 for s in vertical)  # no absolute bar per point
+        # the numbers next to the points do not overlap one another
+        fig.canvas.draw()
+        nums = _boxes(fig, [t for t in ax.texts if "Absolute error" not in t.get_text()])
+        assert len(nums) >= 10
+        _assert_apart(nums)
+
+
+def test_page_bars_are_the_plots_between_config_intervals():
+    from committed_points import committed_analysis  # noqa: E402  (test fixture)
+    from engine.perf import interval
+    from sweep.html import page_data
+
+    a = committed_analysis()
+    knee = a.devices["N150"].knee
+    data = page_data(a)
+    assert "between-config" in data["bars_note"] and "absolute error" in data["bars_note"]
+    for p in data["points"]:
+        for k in ("speed", "ttft"):
+            lo, hi = p[f"{k}_ci"]["N150"]
+            alo, ahi, _ = interval(k, p[k]["N150"], "N150", a.info.model)
+            assert (hi - lo == 0) if p["n"] == knee else (0 < hi - lo < ahi - alo)
+            assert list(plots._ci(a.point(p["n"]), f"{k}:N150", a.point(knee))) == [lo, hi]
+
+
+def test_between_config_fit_recovers_a_known_line_and_widens_off_the_calibration():
+    from engine.calibrate import between_config_fit
+    from engine.perf import between_interval, between_terms
+
+    # errors 0.02 + (0.1 .. 0.5) x the difference, evenly: the 80% line is 0.02 + 0.4 d
+    pairs = [(d / 100, 0.02 + d / 100 * f) for d in range(1, 101) for f in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    t = between_config_fit(pairs, level=0.8)
+    assert t["a"] == pytest.approx(0.02, abs=1e-9) and t["b"] == pytest.approx(0.4, abs=1e-9)
+    assert t["pairs"] == 500 and t["coverage"] >= 0.8
+    s = between_terms("speed")
+    assert s["pairs"] >= 20 and 0 < s["a"] < 0.1 and 0 <= s["b"] < 1.5
+    assert between_interval("speed", 120.0, 120.0, "N150", "smollm2-135m") == pytest.approx(
+        (120 * math.exp(-s["a"]), 120 * math.exp(s["a"])))
+    near = between_interval("speed", 120.0, 124.0, "N150", "smollm2-135m")
+    far = between_interval("speed", 120.0, 150.0, "N150", "smollm2-135m")
+    assert far[1] - far[0] > near[1] - near[0]  # a larger predicted difference is less certain
+    tg = between_interval("speed", 120.0, 124.0, "TG", "smollm2-135m")
+    assert tg[1] - tg[0] > near[1] - near[0]  # off the calibrated systems it widens like `interval`
+
+
+# --- readable labels -----------------------------------------------------------------------------
+def test_long_configs_wrap_inside_the_figure_and_every_trial_has_its_config():
+    """The footnote table lists every numbered trial's config, wrapped, never cut at the right edge."""
+    a = pareto.analyze(build_study())
+    pts = a.points
+    long = max(pts, key=lambda p: len(plots.short_config(p.config)))
+    fig, front = plots.front_figure(pts, "top1", "speed:N150", "a title " * 20, knee=a.devices["N150"].knee)
+    fig.canvas.draw()
+    _assert_inside(fig, _boxes(fig, fig.texts + fig.axes[0].texts + [fig.axes[0].title]))
+    foot = next(t.get_text() for t in fig.texts if t.get_text().startswith("Front"))
+    flat = " ".join(foot.split())
+    for p in pts:
+        assert f"{p.number}: {' '.join(plots.short_config(p.config).split())}" in flat
+    assert len(plots.short_config(long.config)) < 128 or any(len(line) <= 128 for line in foot.splitlines())
+    assert all(len(line) <= plots.FOOT_CHARS for line in foot.splitlines())
+    # the legend sits under the axes: it covers no point
+    leg = fig.legends[0].get_window_extent(fig.canvas.get_renderer())
+    assert leg.y1 < fig.axes[0].get_window_extent(fig.canvas.get_renderer()).y0

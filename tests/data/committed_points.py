@@ -29,7 +29,7 @@ def committed_analysis(path: Path = POINTS, objectives=("top1", "top5", "speed:N
             ppl=r["ppl"], ref_ppl=r["ref_ppl"], tokens=int(r["tokens"]),
             speed={d: r[f"speed:{d}"] for d in devices if not math.isnan(r[f"speed:{d}"])},
             ttft={d: r[f"ttft:{d}"] for d in devices if not math.isnan(r[f"ttft:{d}"])},
-            wall_s=r["wall_s"], reused_from=r["reused_from"] if isinstance(r["reused_from"], str) else None,
+            wall_s=r.get("wall_s", 0.0), reused_from=r["reused_from"] if isinstance(r["reused_from"], str) else None,
             decoder_json=mc.to_decoder_json(),
         )
         points.append(Point(int(r["trial"]), rec, {}, bool(r["feasible"])))
