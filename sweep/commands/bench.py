@@ -1,4 +1,4 @@
-"""`sweep bench [numerics|engine|perf|sweep|all|allocate]`: run the benchmark scripts under bench/.
+"""`sweep bench [numerics|engine|perf|sweep|all|allocate|fisher|stream]`: run the benchmark scripts under bench/.
 
 Benchmarks, not tests, check speed and memory targets: each prints its figures as ratios to a
 baseline measured in the same run, so a busy shared machine moves both sides alike.
@@ -12,7 +12,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 SUITES = ("numerics", "engine", "perf", "sweep")  # `all`
-ON_DEMAND = ("allocate", "fisher")  # long, on the real model (allocate needs a measured profile): not in `all`
+ON_DEMAND = ("allocate", "fisher", "stream")  # long (allocate needs a measured profile; stream writes
+# checkpoints of the seed's sizes): not in `all`
 
 
 def register(sub) -> None:
