@@ -38,9 +38,13 @@ def main(argv=None) -> int:
     ap.add_argument("--nsga2", help="an NSGA-II study file over the same choices (run with `sweep run` first, or here)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="reports/allocate")
+    ap.add_argument("--cost-only", action="store_true",
+                    help="only time the profile's cost and rewrite that line of <out>/README.md (no study needed)")
     args = ap.parse_args(argv)
     if args.quick:
         args.random = min(args.random, 5)
+    if args.cost_only:
+        return _cost_only(args)
 
     from sweep.profile import damage_table, measured, trials_by_config
     from sweep.space import load_spec
@@ -97,17 +101,13 @@ def main(argv=None) -> int:
             best = min(best, time.perf_counter() - t0)
         return best
 
-    one_trial = timed(Evaluator(spec.model, **spec.eval, device=spec.primary, **spec.numerics_kwargs()))
-    one_probe = timed(Evaluator(spec.model, prefill=sspec.eval["prefill"], decode=sspec.eval["decode"], device=spec.primary,
-                                **spec.numerics_kwargs()))
+    cost = profile_cost(spec, sspec, space, args.workers)
+    one_trial = cost["one_trial_s"]
     t0 = time.perf_counter()
     pb = alloc.build_problem(spec.model, spec.primary, space, damage, spec.perf)
     a = alloc.allocate(pb, alloc.Budget(min_speed=float(allocs_speed(out) or alloc.fastest_speed(pb))))
     solve_s = time.perf_counter() - t0
-    n_probes = space.size
-    cost = {"one_trial_s": one_trial, "one_probe_s": one_probe, "probes": n_probes,
-            "profile_trials": n_probes * one_probe / one_trial, "allocation_s": solve_s,
-            "allocation_trials": solve_s / one_trial, "rounds": a.rounds}
+    cost |= {"allocation_s": solve_s, "allocation_trials": solve_s / one_trial, "rounds": a.rounds}
     # 3b. the allocator's damage rule: the estimates against the upper ends of their intervals,
     # each allocation measured on the profile's window (queued in the sensitivity study)
     rule_rows = []
@@ -193,6 +193,71 @@ def _config_of(row: dict, spec, out: Path) -> str:
     return str(ModelConfig.parse(str(out / row["config_file"]), spec.n_layers, spec.model))
 
 
+def _timed(ev, config, repeat: int = 2) -> float:
+    """Best of `repeat` warm runs (after one warm-up) of `config` on `ev`."""
+    ev.evaluate(config)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        ev.evaluate(config)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def profile_cost(spec, sspec, space, workers: int) -> dict:
+    """The profile's cost in full trials, all timed in this process: each worker runs the base once
+    to keep every layer's input (the anchor), then a probe of layer L recomputes layers L.. and the
+    head. One probe per layer is timed (a probe's cost depends on its layer, not its family);
+    `probe_unanchored_s` is a probe run from scratch, as before anchors."""
+    from collections import Counter
+
+    from engine.accuracy import Evaluator
+
+    one_trial = _timed(Evaluator(spec.model, **spec.eval, device=spec.primary, **spec.numerics_kwargs()), space.base)
+    ev = Evaluator(spec.model, prefill=sspec.eval["prefill"], decode=sspec.eval["decode"], device=spec.primary,
+                   **spec.numerics_kwargs())
+    unanchored = _timed(ev, space.base)
+    t0 = time.perf_counter()
+    ev.set_anchor(space.base)
+    anchor_s = time.perf_counter() - t0
+    at = Counter(p.layer for p in space.probes if p.layer is not None)
+    total = workers * anchor_s + _timed(ev, space.base, 1)  # the anchors, and the base's own probe
+    for layer in sorted(at):
+        probe = next(p for p in space.probes if p.layer == layer)
+        total += at[layer] * _timed(ev, space.probe_config(probe), 1)
+    n = space.size
+    return {"one_trial_s": one_trial, "probes": n, "one_probe_s": total / n, "probe_unanchored_s": unanchored,
+            "anchor_s": anchor_s, "workers": workers, "profile_s": total, "profile_trials": total / one_trial,
+            "profile_trials_unanchored": n * unanchored / one_trial}
+
+
+def _cost_only(args) -> int:
+    import re
+
+    from sweep.space import load_spec
+
+    spec = load_spec(args.study)
+    sspec = spec.sensitivity_study()
+    cost = profile_cost(spec, sspec, sspec.space, args.workers)
+    line = _cost_line(spec, cost)
+    print(line)
+    readme = Path(args.out) / "README.md"
+    if readme.is_file():
+        text = readme.read_text()
+        readme.write_text(re.sub(r"^- Profile cost: .*$", lambda _m: line, text, count=1, flags=re.M))
+        print(f"rewrote the profile-cost line of {readme}")
+    return 0
+
+
+def _cost_line(spec, cost) -> str:
+    return (f"- Profile cost: {cost['probes']} probes x {cost['one_probe_s']:.2f} s on average (each probe recomputes "
+            f"from its layer on, from the base's cached layer inputs; plus {cost['workers']} anchor run(s) of "
+            f"{cost['anchor_s']:.2f} s) = {cost['profile_trials']:.1f} full trials, against "
+            f"{cost['profile_trials_unanchored']:.1f} with every probe run from scratch ({cost['probe_unanchored_s']:.2f} s); "
+            f"one full {spec.eval['prefill']}+{spec.eval['decode']} trial: {cost['one_trial_s']:.2f} s; all timed in one "
+            "process, the ratio is what carries to another machine.")
+
+
 def _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, nsga, rule_rows) -> None:
     from sweep.report import display_name
 
@@ -203,9 +268,7 @@ def _write_readme(out, spec, sspec, info, cost, rho, r_lin, add_rows, allocs, ns
          f"- Base `{info.get('base', 'defaults')}`, {info.get('probes', '?')} probes over {info.get('layers', '?')} layers "
          f"({', '.join(info.get('families', {}))}), each on a {sspec.eval['prefill']}+{sspec.eval['decode']}-token "
          "teacher-forced window: `profile.csv`, heatmap `profile-heatmap.png`.",
-         f"- Profile cost: {cost['probes']} probes x {cost['one_probe_s']:.2f} s = {cost['profile_trials']:.1f} full "
-         f"trials (one full {spec.eval['prefill']}+{spec.eval['decode']} trial: {cost['one_trial_s']:.2f} s; both timed "
-         "in one process, the ratio is what carries to another machine).",
+         _cost_line(spec, cost),
          f"- One allocation (pricing every option and solving, {cost['rounds']} solve(s)): {cost['allocation_s']:.2f} s = "
          f"{cost['allocation_trials']:.3f} full trials."]
     if "fisher_spearman" in info:

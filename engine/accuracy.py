@@ -218,7 +218,8 @@ def compute_reference(loaded: loaders.LoadedModel, prefill: int, decode: int, wi
     length = reference_length(prefill, decode)
     tok = loaded.tokenizer
     if tok is None:
-        raise FileNotFoundError(f"model {loaded.spec.name!r} ({loaded.source}) has no tokenizer files; cannot tokenize the text")
+        raise FileNotFoundError(f"model {loaded.spec.name!r} ({loaded.source}) has no tokenizer files; cannot tokenize the text: "
+                                "put the checkpoint's tokenizer.json and tokenizer_config.json next to its config.json")
     tokens = window_tokens(tok, length, window)
     if max(tokens) >= loaded.spec.vocab:
         raise ValueError(f"tokenizer produced id {max(tokens)} >= vocab {loaded.spec.vocab}")
@@ -448,8 +449,9 @@ class Evaluator:
             raise ValueError(f"windows must be an integer >= 1 (got {windows!r})")
         self.model_name = str(model_name)
         self.prefill, self.decode = int(prefill), int(decode)
+        self.loaded = loaders.load(model_name, cache=cache_dir)
+        self.loaded.require_tokenizer()  # before anything is written to the cache
         self.cache_dir = loaders.cache_dir(cache_dir)
-        self.loaded = loaders.load(model_name, cache=self.cache_dir)
         self.spec: ModelSpec = self.loaded.spec
         if prefill + decode > self.spec.max_seq:
             raise ValueError(f"prefill + decode = {prefill + decode} exceeds {self.spec.name}'s context of {self.spec.max_seq}")

@@ -153,6 +153,16 @@ class LoadedModel:
             self._tokenizer = self._tokenizer_factory()
         return self._tokenizer
 
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None or self._tokenizer_factory is not None
+
+    def require_tokenizer(self) -> None:
+        """FileNotFoundError (one line, with the fix) when the model has no tokenizer files."""
+        if not self.has_tokenizer:
+            raise FileNotFoundError(f"{self.source}: no tokenizer files (tokenizer.json, tokenizer_config.json or "
+                                    "tokenizer.model); put the checkpoint's tokenizer files next to its config.json")
+
     def __iter__(self):  # unpacking: spec, weights, tokenizer, source = load(name)
         return iter((self.spec, self.weights, self.tokenizer, self.source))
 
@@ -236,18 +246,11 @@ def check_model_files(name: str | os.PathLike, cache: str | os.PathLike | None =
     tensor table; each safetensors file's header), so a study fails before it writes anything."""
     spec = model_spec(name, cache)
     src = _resolve(name, Path(cache) if cache else None)
-    if src.kind == "hf":
-        from safetensors import SafetensorError, safe_open
-
-        n = 0
-        for f in _safetensors_files(src.path):
-            try:
-                with safe_open(str(f), framework="numpy") as h:
-                    n += len(list(h.keys()))
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise ModelFormatError(f"{f}: cannot read safetensors file ({exc}); re-save the checkpoint with save_pretrained") from None
-        if not n:
+    if src.kind == "hf":  # every header parsed and checked against config.json (no tensor is read)
+        loaded = load_hf_dir(src.path, src.name)
+        if not len(loaded.raw):
             raise ModelFormatError(f"{src.path}: the safetensors files hold no tensors")
+        loaded.require_tokenizer()
     return spec
 
 

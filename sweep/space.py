@@ -528,7 +528,7 @@ def _model_layers(where: str, model: str, runs: Mapping[str, Mapping[str, int]] 
         if names and type(exc).__name__ == "UnknownModel":
             raise _fail(where, f"unknown study.model {model!r}; legal values: {', '.join(names)} "
                                "(or a path to a .gguf file or a Hugging Face model directory)") from None
-        legal = f"; registry names: {', '.join(names)}" if names else ""
+        legal = f"; registry names: {', '.join(names)}" if names and not isinstance(exc, ValueError) else ""
         raise _fail(where, f"study.model {model!r} cannot be used ({type(exc).__name__}: {exc}){legal}") from None
     from engine.accuracy import device_layout
     from engine.programs import Unsupported, check_tp

@@ -104,7 +104,7 @@ def test_study_whose_model_has_no_safetensors_fails_before_storage(capsys, work,
 
 def test_study_whose_safetensors_is_corrupt_fails_before_storage(capsys, work, tiny_llama_dir):
     _hf_dir_without(work, tiny_llama_dir, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
-    fails(capsys, ["run", "s.toml"], work, "cannot read safetensors file", "save_pretrained")
+    fails(capsys, ["run", "s.toml"], work, "corrupt safetensors header", "re-download")
     assert not (work / ".runs").exists()
 
 
@@ -237,3 +237,52 @@ def test_bad_decoder_json_files(capsys, work, config, needles):
                 ["perf", "--model", "tiny-llama", "--config", config],
                 ["compare", "--model", "tiny-llama", "--config", "defaults", "--config", config]):
         fails(capsys, cmd, work, f"sweep {cmd[0]}: error:", *needles)
+
+
+# --- a local Hugging Face checkpoint that cannot be used (issue 21): one line, exit 2, nothing written
+def _broken(kind: str, d: Path) -> None:
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shards = sorted(d.glob("shard-*.safetensors"))
+    target = "model.layers.1.self_attn.q_proj.weight"
+    holder = next(f for f in shards if target in load_file(str(f)))
+    if kind == "missing shard":
+        holder.unlink()
+    elif kind == "index names a missing file":
+        idx = json.loads((d / "model.safetensors.index.json").read_text())
+        idx["weight_map"][target] = "model-99999.safetensors"
+        (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    elif kind in ("wrong shape", "wrong dtype"):
+        t = load_file(str(holder))
+        t[target] = t[target][:, :32].contiguous() if kind == "wrong shape" else t[target].to(torch.int32)
+        save_file(t, str(holder))
+    elif kind == "truncated shard":
+        holder.write_bytes(holder.read_bytes()[:-64])
+    elif kind == "no tokenizer":
+        (d / "byte_tokenizer.json").unlink()
+
+
+@pytest.mark.parametrize("kind, needles", [
+    ("missing shard", ["are missing", "download them"]),
+    ("index names a missing file", ["model-99999.safetensors", "missing"]),
+    ("wrong shape", [".q_proj.weight has shape (64, 32), expected (64, 64)", "config.json"]),
+    ("wrong dtype", ["stored as I32", "bf16"]),
+    ("truncated shard", ["truncated safetensors file", "re-download"]),
+    ("no tokenizer", ["no tokenizer files", "next to its config.json"]),
+])
+def test_a_broken_checkpoint_directory_fails_in_one_line(capsys, work, monkeypatch, kind, needles):
+    from engine.shapes import ModelShape
+    from engine.synthetic import write_checkpoint
+
+    d = write_checkpoint(work / "ckpt", ModelShape("ckpt", n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                                                   intermediate=128, vocab=256), shard_bytes=40_000)
+    _broken(kind, d)
+    (work / "s.toml").write_text(STUDY.format(model=d, prefill=16, sampler=""))
+    monkeypatch.setenv("TTSWEEP_CACHE", str(work / "cache"))
+    fails(capsys, ["eval", "--model", str(d), "--prefill", "16", "--decode", "15", "--cache-dir", str(work / "cache")],
+          work, *needles)
+    fails(capsys, ["run", "s.toml"], work, "s.toml: study.model", *needles)
+    assert not (work / ".runs").exists() and not (work / "cache").exists()

@@ -141,7 +141,11 @@ class Worker:
             kw = {"torch_device": self.torch_device} if self.torch_device else {}  # CPU runs: the engine's default
             kw |= self.spec.numerics_kwargs()
             with locks.study_lock(self.spec, "evaluator"):
-                self.evaluators[lay] = Evaluator(self.spec.model, **self.spec.eval, device=emulated, **kw)  # prefill, decode, windows
+                ev = self.evaluators[lay] = Evaluator(self.spec.model, **self.spec.eval, device=emulated, **kw)  # prefill, decode, windows
+            from sweep.probes import ProbeSpace
+
+            if isinstance(self.spec.space, ProbeSpace):  # every trial is the base with one layer changed:
+                ev.set_anchor(self.spec.space.base)  # a probe of layer L recomputes from layer L on
         self.evaluator = self.evaluators[lay]
         return self.evaluator
 
