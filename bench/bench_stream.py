@@ -3,7 +3,7 @@
 For each model shape (engine.shapes: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B; Llama3.1-70B cut to
 a few layers) a random-weight Hugging Face checkpoint is written (engine.synthetic: bf16
 safetensors shards, the byte tokenizer), then measured in FRESH processes, so each peak RSS
-(getrusage maxrss) is that phase's alone:
+(VmHWM: getrusage's maxrss would carry the parent's over) is that phase's alone:
   reference   the streamed fp32 transformers reference over the window (computed and cached)
   trial cold  one trial of --config: every weight read, quantized and written to the disk cache
   trial warm  the same trial in a new process: quantized weights read from the disk cache
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -55,7 +54,9 @@ def _child(args) -> None:
         if ev.weight_cache is not None:
             out |= {"cache_hits": ev.weight_cache.hits, "cache_misses": ev.weight_cache.misses,
                     "cache_gb": ev.weight_cache.size / 2**30}
-    out["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    from engine.store import peak_rss_bytes
+
+    out["peak_gb"] = peak_rss_bytes() / 2**30
     if args.torch_device and args.torch_device.startswith("cuda"):
         import torch
 

@@ -55,6 +55,22 @@ def give_back_memory() -> None:
 _TRIM = None
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM (Linux; a fresh process starts at zero), else
+    getrusage's ru_maxrss, which Linux carries over from the parent across fork + exec."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
 class WeightStore(Mapping):
     """Read-only name -> fp32 tensor mapping, each access a fresh read (see the module docstring)."""
 

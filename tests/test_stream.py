@@ -187,11 +187,12 @@ def test_memory_budget_decides_streaming(monkeypatch):
 
 # --- the memory law ------------------------------------------------------------------------------
 _CHILD = """
-import json, resource, sys
+import json, sys
 from engine.accuracy import Evaluator
+from engine.store import peak_rss_bytes
 ev = Evaluator(sys.argv[1], prefill=32, decode=31, cache_dir=sys.argv[2])
 ev.evaluate("performance")
-print(json.dumps({"stream": ev.stream, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"stream": ev.stream, "peak": peak_rss_bytes()}))
 """
 
 
