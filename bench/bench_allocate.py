@@ -224,7 +224,7 @@ def profile_cost(spec, sspec, space, workers: int) -> dict:
     total = workers * anchor_s + _timed(ev, space.base, 1)  # the anchors, and the base's own probe
     for layer in sorted(at):
         probe = next(p for p in space.probes if p.layer == layer)
-        total += at[layer] * _timed(ev, space.probe_config(probe), 1)
+        total += at[layer] * _timed(ev, space.probe_config(probe))
     n = space.size
     return {"one_trial_s": one_trial, "probes": n, "one_probe_s": total / n, "probe_unanchored_s": unanchored,
             "anchor_s": anchor_s, "workers": workers, "profile_s": total, "profile_trials": total / one_trial,
