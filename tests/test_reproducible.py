@@ -92,6 +92,9 @@ def test_reference_packages_are_pinned_to_the_fingerprints_versions():
     assert {p: pins.get(p) for p in PINNED} == {p: FINGERPRINT["versions"][p] for p in PINNED}
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert not [d for d in deps if d.startswith("accelerate")], "accelerate is not needed (see the test below)"
+    test_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    assert [d for d in test_extra if d.startswith("accelerate")], (
+        "the test extra needs accelerate: transformers loads a GGUF only with it (tests/test_loaders.py)")
 
 
 def test_installed_versions_match_the_pins():
