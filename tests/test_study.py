@@ -254,15 +254,34 @@ def test_a_crashing_trial_is_recorded_fail_and_the_study_goes_on(tmp_path, monke
     assert cli_main(["status", str(spec.path)]) == 0
     assert "FAIL: NonFiniteLogits" in capsys.readouterr().out
 
-    # a failed config stays failed on resume ...
+    # a failed config stays failed on resume, and the run says so: exit 1, how to retry, no "resume"
     monkeypatch.delenv("SWEEP_TEST_FAIL")
     prep = prepare(spec)
     assert prep.enqueued == 0
+    assert cli_main(["run", str(spec.path), "--no-progress"]) == 1
+    out, err = capsys.readouterr()
+    assert "12 planned: 9 complete, 3 failed, 0 to run" in out and "resume" not in out
+    assert err.count("\n") == 1 and "3 trial(s) failed" in err and f"sweep run {spec.path} --retry-failed" in err
     # ... unless asked to retry
     prep = prepare(spec, retry_failed=True)
     assert prep.enqueued == 3 and prep.requeued_failed == 3
     Worker(prep.study, spec).run()
     assert_each_config_complete_once(spec)
+    assert cli_main(["run", str(spec.path), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "12 planned: 12 complete, 0 to run" in out and "12 complete, 0 failed (+3 re-queued), 0 running, 0 waiting of 12;" in out
+    assert "resume" not in out and not err
+
+    # a config queued from outside the space (an allocation) counts apart from the planned grid
+    from engine.config import ModelConfig
+    from sweep.study import enqueue_config
+
+    assert enqueue_config(load_study(spec), ModelConfig.parse("accuracy", spec.n_layers, spec.model), {})
+    assert cli_main(["run", str(spec.path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "12 planned + 1 queued from outside the space (allocations): 12 complete, 1 to run" in out
+    assert "13 complete, 0 failed (+3 re-queued), 0 running, 0 waiting of 13 (12 planned + 1 queued from outside the space)" in out
+    assert "resume" not in out
 
 
 

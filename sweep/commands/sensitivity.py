@@ -38,8 +38,11 @@ def run(args) -> int:
     from sweep.study import load_study
     from sweep.study import run as run_study
 
+    from sweep.commands.paths import check_output
+
     spec = load_spec(args.study, storage=args.storage)
     sspec = spec.sensitivity_study()  # no [sensitivity]: a one-line error before anything is written
+    check_output(args.out, "--out", kind="dir", default=DEFAULT_OUT)
     summary = run_study(sspec, workers=args.workers, progress=not args.no_progress)
     if summary.worker_errors and summary.counts.get("WAITING", 0):
         return 1

@@ -301,6 +301,7 @@ class Worker:
                     n += 1
         finally:
             self._hb_stop.set()
+            self._hb.join(timeout=5)  # a beat in flight ends; no thread of ours outlives the worker
         return done
 
 
