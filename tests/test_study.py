@@ -519,3 +519,25 @@ def test_torch_device_reaches_the_evaluator(tmp_path):
     spec = load_spec(small_grid(tmp_path))
     prep = prepare(spec)
     assert Worker(prep.study, spec, torch_device="cpu").run() == {"COMPLETE": 4}
+
+
+# --- workers exit cleanly ---------------------------------------------------------------------------
+def test_workers_exit_0_with_a_thread_still_inside_torch(tmp_path):
+    """`sweep worker` once printed "done (exit 0)" and then aborted in the interpreter's teardown
+    ("terminate called without an active exception", exit 134): a thread still inside torch's C++
+    at exit. SWEEP_TEST_BUSY_THREAD leaves one running; the worker (and `sweep run`'s workers) must
+    still exit 0 once everything is stored."""
+    path = tmp_path / "one.toml"
+    path.write_text(SMALL + '[space]\nff1_3 = ["bfp8", "bf16"]\n')
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SWEEP_TEST_BUSY_THREAD="1")
+    out = subprocess.run([sys.executable, "-m", "sweep.cli", "worker", str(path)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "done (exit 0)" in out.stdout and "terminate called" not in out.stderr
+    assert status(load_spec(path))["counts"]["COMPLETE"] == 2
+    path2 = tmp_path / "two.toml"
+    path2.write_text(SMALL + '[space]\nff2 = ["bfp8", "bf16"]\n')
+    out = subprocess.run([sys.executable, "-m", "sweep.cli", "run", str(path2), "--no-progress"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "died" not in out.stdout, out.stdout + out.stderr
+    assert status(load_spec(path2))["counts"]["COMPLETE"] == 2
