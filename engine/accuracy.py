@@ -532,7 +532,10 @@ class Evaluator:
         self.tp, self.topology = device_layout(self.device)
         check_tp(self.spec, self.tp)  # tt_transformers' own layout asserts, before any trial
         self.windows = windows
-        self.references = [load_reference(self.loaded, self.prefill, self.decode, self.cache_dir, w) for w in range(windows)]
+        from engine.progress import bar
+
+        self.references = [load_reference(self.loaded, self.prefill, self.decode, self.cache_dir, w)
+                           for w in bar(range(windows), desc=f"fp32 reference of {self.spec.name}", unit="window")]
         for ref in self.references:
             ref.prepared()
         self.reference = self.references[0]
@@ -595,10 +598,12 @@ class Evaluator:
     def evaluate(self, config: ModelConfig | Config | str) -> EvalResult:
         """One trial over every window: metrics over all scored positions, per-window Top-1,
         llama.cpp-style KLD statistics and the per-token record."""
+        from engine.progress import bar
+
         mc = self.model_config(config)
         t0 = time.perf_counter()
         parts = []
-        for w, ref in enumerate(self.references):
+        for w, ref in enumerate(bar(self.references, desc="evaluating", unit="window")):
             logits = self.run(mc, w)
             with torch.inference_mode():
                 parts.append(score_tokens(logits.cpu(), ref))

@@ -282,12 +282,12 @@ def _run(spec: StudySpec, workers: int, progress: bool, retry_failed: bool, out,
         next_index = n_workers
         respawns = 0
         fatal = False
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        from engine.progress import bar as progress_bar
 
-            bar = tqdm(total=total, initial=min(tl.done, total), desc=spec.name, unit="trial",
-                       file=sys.stderr, dynamic_ncols=True)
+        bar = progress_bar(total=total, initial=min(tl.done, total), desc=spec.name, unit="trial", leave=True,
+                           show=progress)  # on a terminal only: trials done, rate, time left
+        if bar.disable:
+            bar = None
         last_done = tl.done
         try:
             while procs:
