@@ -44,18 +44,18 @@ def run(args) -> int:
     return failed_status("run", args.study, summary.counts, args.storage)
 
 
-def failed_status(command: str, study: str, counts: dict, storage: str | None = None) -> int:
+def failed_status(command: str, study: str, counts: dict, storage: str | None = None, rerun: str = "run") -> int:
     """1 with one line on how to retry when the study holds failed trials (counts["FAIL"]: real
-    failures, not re-queued ones), else 0."""
+    failures, not re-queued ones), else 0. `rerun`: the command that queues them again."""
     import shlex
     import sys
 
     n = counts.get("FAIL", 0)
     if not n:
         return 0
-    again = f"sweep run {shlex.quote(study)}" + (" --storage URL" if storage else "") + " --retry-failed"
-    print(f"sweep {command}: {n} trial(s) failed (reasons above; `sweep status {shlex.quote(study)}` lists them); "
-          f"fix the cause, then run them again with `{again}`", file=sys.stderr)
+    again = f"sweep {rerun} {shlex.quote(study)}" + (" --storage URL" if storage else "") + " --retry-failed"
+    print(f"sweep {command}: {n} trial(s) failed (reasons above); fix the cause, then run them again with "
+          f"`{again}`", file=sys.stderr)
     return 1
 
 
