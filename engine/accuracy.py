@@ -136,6 +136,40 @@ def kl_divergence(ref_logp: torch.Tensor, trial_logp: torch.Tensor) -> torch.Ten
     return torch.where(p > 0, p * diff, torch.zeros((), dtype=p.dtype)).sum(-1).clamp_min(0.0)  # >= 0 (rounding)
 
 
+# --- reproducibility across CPUs -----------------------------------------------------------------
+FP32_U = 2.0 ** -24  # unit roundoff of fp32 (round to nearest)
+MIN_SIMD_LANES = 8  # ATen's Vectorized<float> holds >= 8 floats on every build (AVX2, NEON pairs, the
+#                     scalar "default" capability; AVX-512 holds 16)
+OTHER_ROUNDINGS = 1000  # allowance, in units of FP32_U, for every rounding but the normaliser's sum
+
+
+def vocab_sum_error(vocab: int) -> float:
+    """Bound on the relative error of an fp32 sum of `vocab` positive terms accumulated in at least
+    MIN_SIMD_LANES lanes (each lane adds vocab / lanes terms one after another, then the lanes add
+    pairwise): (ceil(V / L) - 1 + log2 L) * u (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2nd ed., section 4.2; each partial sum is a sum of positive terms)."""
+    lanes = MIN_SIMD_LANES
+    return (math.ceil(vocab / lanes) - 1 + math.log2(lanes)) * FP32_U
+
+
+def cross_cpu_tolerance(vocab: int) -> float:
+    """How far two CPUs may disagree on ln(ref_ppl) or on a mean KLD (nats), both computed in fp32.
+
+    The figures that depend on summation order are means over positions of log-softmax values.
+    Measured (docs/NUMERICS.md, "Reproducibility across CPUs"): the engine's logits and the
+    reference's token and top-5 ids are bit-identical across ATen's CPU kernels; what moves is
+    the log-softmax normaliser log(sum_v exp(z_v - max)), an fp32 sum of V positive terms whose
+    order depends on the kernel's vector width. Its relative error eps = vocab_sum_error(V) is an
+    absolute error eps of every log q_v of a row (all with the same sign), hence of each NLL
+    and of each row's sum_v p_v log q_v (sum p = 1). Everything else (exp, log and subtraction
+    roundings, ATen's cascade sums in the dot products, the forward pass's reordered matmuls,
+    which move the logits ~20 u and the mean NLL ~1e-7 by measurement) is covered by
+    OTHER_ROUNDINGS u. Each CPU's figure is within eps + OTHER_ROUNDINGS u of the exact value,
+    so two CPUs' figures are within twice that: for SmolLM2 (V = 49152) 8.5e-4, against the
+    8.3e-6 (ln ppl) and 7.7e-6 nats (KLD) measured between AVX2 and AVX-512 kernels."""
+    return 2.0 * (vocab_sum_error(vocab) + OTHER_ROUNDINGS * FP32_U)
+
+
 # --- the reference -------------------------------------------------------------------------------
 @dataclass
 class Reference:
@@ -462,7 +496,10 @@ class Evaluator:
         self.tp, self.topology = device_layout(self.device)
         check_tp(self.spec, self.tp)  # tt_transformers' own layout asserts, before any trial
         self.windows = windows
-        self.references = [load_reference(self.loaded, self.prefill, self.decode, self.cache_dir, w) for w in range(windows)]
+        from engine.progress import bar
+
+        self.references = [load_reference(self.loaded, self.prefill, self.decode, self.cache_dir, w)
+                           for w in bar(range(windows), desc=f"fp32 reference of {self.spec.name}", unit="window")]
         for ref in self.references:
             ref.prepared()
         self.reference = self.references[0]
@@ -559,10 +596,12 @@ class Evaluator:
     def evaluate(self, config: ModelConfig | Config | str) -> EvalResult:
         """One trial over every window: metrics over all scored positions, per-window Top-1,
         llama.cpp-style KLD statistics and the per-token record."""
+        from engine.progress import bar
+
         mc = self.model_config(config)
         t0 = time.perf_counter()
         parts = []
-        for w, ref in enumerate(self.references):
+        for w, ref in enumerate(bar(self.references, desc="evaluating", unit="window")):
             logits = self.run(mc, w)
             with torch.inference_mode():
                 parts.append(score_tokens(logits.cpu(), ref))

@@ -262,13 +262,13 @@ def _residuals(x, rows: Sequence[Row], base: Params, names: Sequence[str], fit_p
 
 
 def fit(rows: Sequence[Row], start: Params | None = None, names: Sequence[str] = FIT_PARAMS,
-        fit_pareto_ttft: bool = False, loss: str = LOSS, starts: int = 2, max_nfev: int = 300) -> Params:
+        fit_pareto_ttft: bool = False, loss: str = LOSS, starts: int = 2, max_nfev: int = 300, tick=None) -> Params:
     """Least-squares fit of the named global parameters (log space, bounded, deterministic:
     scipy.optimize.least_squares, trust-region reflective, from `starts` fixed starting points).
 
     `loss` "soft_l1" (default) is robust least squares: a residual beyond ~10% (F_SCALE) counts
     linearly, so a few inconsistent published figures cannot drag every global parameter;
-    "linear" is plain least squares."""
+    "linear" is plain least squares. `tick()` is called after each start (progress)."""
     if loss not in ("soft_l1", "linear"):
         raise ValueError(f"unknown loss {loss!r}; legal: soft_l1, linear")
     check_calibration_rows(rows)
@@ -293,6 +293,8 @@ def fit(rows: Sequence[Row], start: Params | None = None, names: Sequence[str] =
                             loss=loss, f_scale=F_SCALE, xtol=1e-8, ftol=1e-8, gtol=1e-8, max_nfev=max_nfev)
         if float(sol.cost) < best_cost - 1e-12:
             best_x, best_cost = sol.x, float(sol.cost)
+        if tick is not None:
+            tick()
     return base.replace(**{n: float(math.exp(v)) for n, v in zip(names, best_x)})
 
 
@@ -313,16 +315,18 @@ def _log_residuals(rows: Sequence[Row], params: Params, fit_pareto_ttft: bool) -
 
 
 def cross_validate(rows: Sequence[Row], by: str, fit_pareto_ttft: bool = False, loss: str = LOSS,
-                   start: Params | None = None) -> dict[str, dict]:
+                   start: Params | None = None, tick=None) -> dict[str, dict]:
     """Leave-one-`by`-out ("device" or "model"): refit without each group's rows and predict
-    them. Returns group -> {speed_mape, ttft_mape, n, residuals: [(speed log-res, ttft log-res)]}."""
+    them. Returns group -> {speed_mape, ttft_mape, n, residuals: [(speed log-res, ttft log-res)]}.
+    `tick()` is called after each refit (progress)."""
     rows = [r for r in rows if covered(r)]
     groups = list(dict.fromkeys(getattr(r, by) for r in rows))
     out = {}
     for g in groups:
         train = [r for r in rows if getattr(r, by) != g]
         test = [r for r in rows if getattr(r, by) == g]
-        prm = fit(train, start=start or Params(), fit_pareto_ttft=fit_pareto_ttft, loss=loss, starts=1, max_nfev=CV_NFEV)
+        prm = fit(train, start=start or Params(), fit_pareto_ttft=fit_pareto_ttft, loss=loss, starts=1, max_nfev=CV_NFEV,
+                  tick=tick)
         res = _log_residuals(test, prm, fit_pareto_ttft)
         sp = [100 * abs(math.exp(s) - 1) for _, s, _ in res if s is not None]
         tt = [100 * abs(math.exp(t) - 1) for _, _, t in res if t is not None]
@@ -438,7 +442,12 @@ def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE,
     used = [r for r in rows if r.device not in HELD_BACK and covered(r)]
     if start is None:
         start = Params()
-    params = fit(used, start=start, fit_pareto_ttft=fit_pareto_ttft, loss=loss, starts=MAIN_STARTS)
+    from engine.progress import bar
+
+    refits = len({r.device for r in used}) + len({r.model for r in used}) if cross_validation else 0
+    steps = bar(total=MAIN_STARTS + refits, desc="perf calibrate (fit, then leave-one-out refits)", unit="fit")
+    tick = lambda: steps.update(1)  # noqa: E731
+    params = fit(used, start=start, fit_pareto_ttft=fit_pareto_ttft, loss=loss, starts=MAIN_STARTS, tick=tick)
     rep = errors(used, params, fit_pareto_ttft)
     by_device = {d: errors([r for r in used if r.device == d], params, fit_pareto_ttft)["mape"]
                  for d in dict.fromkeys(r.device for r in used)}
@@ -472,13 +481,14 @@ def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE,
         "calibration": meta,
     }
     if cross_validation:
-        lodo = cross_validate(used, "device", fit_pareto_ttft, loss)
-        lomo = cross_validate(used, "model", fit_pareto_ttft, loss)
+        lodo = cross_validate(used, "device", fit_pareto_ttft, loss, tick=tick)
+        lomo = cross_validate(used, "model", fit_pareto_ttft, loss, tick=tick)
         strip = lambda cv: {g: {k: v for k, v in e.items() if k != "residuals"} for g, e in cv.items()}
         meta["lodo"], meta["lomo"] = strip(lodo), strip(lomo)
         meta["cv_method"] = (f"each group's rows predicted by a refit without them (one start from the defaults, "
                              f"at most {CV_NFEV} evaluations)")
         data["intervals"] = intervals_from(_log_residuals(used, params, fit_pareto_ttft), lomo, lodo)
+    steps.close()
     data["rows"] = [r.to_dict() for r in used]
     if out:
         Path(out).write_text(json.dumps(data, indent=1) + "\n")

@@ -136,12 +136,17 @@ def fisher_profile(ev: "Evaluator", base: ModelConfig | Config | str,
     hf = reference_model(ev.loaded).to(model.device)
     for p in hf.parameters():
         p.requires_grad_(False)
+    from engine.progress import bar
+
+    steps = bar(total=len(ev.references) * (n + 1), desc="Fisher (backward, then layer by layer)", unit="step")
     for ref in ev.references:
         t0 = time.perf_counter()
         act = activations(hf, torch.from_numpy(ref.tokens.astype("int64")).to(model.device), P, D)
         t1 = time.perf_counter()
         t_backward += t1 - t0
+        steps.update(1)
         for layer in range(n):
+            steps.update(1)
             h, g = act.h[layer], act.g[layer]
 
             def output(cfg: Config, h_fmt: str) -> torch.Tensor:
@@ -155,6 +160,7 @@ def fisher_profile(ev: "Evaluator", base: ModelConfig | Config | str,
                 scores[k] += fisher_score(g, output(cfg, model.input_format(swapped, layer)) - y_ref)
         t_probes += time.perf_counter() - t1
         del act
+    steps.close()
     deltas = [scores[k] - base_scores[layer] for k, (layer, _) in enumerate(probes)]
     return FisherProfile(scores=scores, base=base_scores, deltas=deltas,
                          seconds_backward=t_backward, seconds_probes=t_probes)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 # Each entry is a module under sweep.commands that defines register(subparsers).
@@ -29,8 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status. Called as the `sweep` program (`argv` None), a command
+    that sets `hard_exit` (`sweep worker`) ends the process here without interpreter teardown,
+    once its output is flushed: everything it did is stored by then, and the teardown of torch's
+    or the native kernel's thread pools can abort a process ("terminate called without an active
+    exception", exit 134) after it reported success."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    rc = _run(args)
+    if argv is None and getattr(args, "hard_exit", False):
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError, KeyError) as exc:

@@ -697,13 +697,14 @@ def check_report(text: str, model: str | None = None, evaluator_factory=None, em
     the table (tt-metal's rule: measured Top-1 / Top-5 >= table - 0.5). Prints one verdict per row.
 
     Each row is measured as its notes line says (prefill, decode, windows; 1 window when it says
-    none); `windows` overrides the window count (`sweep check --windows N`)."""
+    none); `windows` overrides the window count (`sweep check --windows N`). A progress bar counts
+    the distinct evaluations with the time left (engine.progress: on a terminal only)."""
+    from engine.progress import bar, enabled
+    from engine.progress import write as bar_write
+
     factory = evaluator_factory or default_evaluator
     want = None if model is None else registry_name(model)
-    evaluators: dict[tuple, object] = {}
-    broken: dict[str, str] = {}
-    results: dict[tuple, tuple[float, float]] = {}
-    verdicts: list[Verdict] = []
+    rows: list[tuple[Verdict, str, tuple, object]] = []  # (verdict, model, evaluator key, config)
     for block in sections(text):
         t = block.table()
         if t is None:
@@ -726,30 +727,39 @@ def check_report(text: str, model: str | None = None, evaluator_factory=None, em
             cfg = section_config(block.header, reg)
             if cfg is None:
                 continue
-            v = Verdict(block.header, disp, dev, t1, t5)
-            verdicts.append(v)
-            if reg in broken:
-                v.reason = broken[reg]
-                emit(v.line())
-                continue
             st = accuracy_settings(block, disp)
             if windows is not None:
                 st["windows"] = windows
-            key = (reg, st["prefill"], st["decode"], st["windows"])
-            try:
-                if key not in evaluators:
-                    extra = (st["windows"],) if st["windows"] != 1 else ()  # factories of (model, prefill, decode) still work
-                    evaluators[key] = factory(reg, st["prefill"], st["decode"], *extra)
-            except Exception as exc:  # noqa: BLE001 - a model this machine cannot run: skip its rows
-                broken[reg] = f"cannot run model {reg!r}: {exc}"
-                v.reason = broken[reg]
-                emit(v.line())
-                continue
-            rkey = key + (str(cfg),)
-            if rkey not in results:
-                res = evaluators[key].evaluate(cfg)
-                results[rkey] = (float(res.top1), float(res.top5), list(getattr(res, "top1_windows", None) or []))
-            v.top1, v.top5, v.top1_windows = results[rkey]
-            v.ok = all(got >= exp - TOLERANCE for got, exp in ((v.top1, t1), (v.top5, t5)) if exp is not None)
-            emit(v.line())
+            rows.append((Verdict(block.header, disp, dev, t1, t5), reg, (reg, st["prefill"], st["decode"], st["windows"]), cfg))
+    evaluators: dict[tuple, object] = {}
+    broken: dict[str, str] = {}
+    results: dict[tuple, tuple[float, float]] = {}
+    verdicts: list[Verdict] = []
+    steps = bar(total=len({key + (str(cfg),) for _, _, key, cfg in rows}), desc="sweep check", unit="config")
+    say = (lambda line: bar_write(line)) if emit is print and enabled() else emit
+    for v, reg, key, cfg in rows:
+        verdicts.append(v)
+        if reg in broken:
+            v.reason = broken[reg]
+            say(v.line())
+            continue
+        try:
+            if key not in evaluators:
+                extra = (key[3],) if key[3] != 1 else ()  # factories of (model, prefill, decode) still work
+                evaluators[key] = factory(reg, key[1], key[2], *extra)
+        except Exception as exc:  # noqa: BLE001 - a model this machine cannot run: skip its rows
+            broken[reg] = f"cannot run model {reg!r}: {exc}"
+            v.reason = broken[reg]
+            say(v.line())
+            continue
+        rkey = key + (str(cfg),)
+        if rkey not in results:
+            res = evaluators[key].evaluate(cfg)
+            results[rkey] = (float(res.top1), float(res.top5), list(getattr(res, "top1_windows", None) or []))
+            steps.update(1)
+        v.top1, v.top5, v.top1_windows = results[rkey]
+        t1, t5 = v.table_top1, v.table_top5
+        v.ok = all(got >= exp - TOLERANCE for got, exp in ((v.top1, t1), (v.top5, t5)) if exp is not None)
+        say(v.line())
+    steps.close()
     return verdicts

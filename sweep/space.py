@@ -745,6 +745,13 @@ def _parse_sampler(where: str, d: Any) -> SamplerSpec:
     return out
 
 
+def canonical_storage_url(url: str) -> str:
+    """`postgres://` (and `postgres+driver://`), the scheme many tools print, as SQLAlchemy's
+    `postgresql://`; any other URL unchanged."""
+    m = re.match(r"^postgres(?=[+:])", url, flags=re.IGNORECASE)
+    return "postgresql" + url[m.end():] if m else url
+
+
 def _parse_storage(where: str, url: Any, name: str, path: str | None) -> str:
     folder = Path(path).resolve().parent if path else Path.cwd()
     if url is None:
@@ -761,7 +768,7 @@ def _parse_storage(where: str, url: Any, name: str, path: str | None) -> str:
         p = Path(rest).expanduser()
         return f"journal:{p if p.is_absolute() else (folder / p).resolve()}"
     if re.match(r"^[a-z][a-z0-9+]*://", url):
-        return url
+        return canonical_storage_url(url)
     raise _fail(where, f"study.storage {url!r} is not a storage URL; legal forms: journal:PATH, sqlite:///PATH, "
                        "postgresql://..., mysql://... (any Optuna/SQLAlchemy URL)")
 

@@ -199,10 +199,13 @@ def test_overflowing_config_raises_not_scores(tiny_evaluators, monkeypatch):
     from engine import loaders
 
     ev = tiny_evaluators["tiny-phi3"]
-    loaded = loaders.load("tiny-phi3")
-    weights = {k: loaded.weights[k] for k in loaded.weights}  # the checkpoint's store is read-only
-    weights["model.layers.1.mlp.down_proj.weight"] *= 1e38
     from engine.model import Model
+    from engine.store import DictStore
+
+    loaded = loaders.load("tiny-phi3")
+    weights = DictStore({k: loaded.weights[k] for k in loaded.weights})  # the lazy store is read-only
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name] = weights[name] * 1e38
 
     monkeypatch.setattr(ev, "_model", Model(loaded.spec, weights))
     with pytest.raises(NonFiniteLogits):

@@ -225,3 +225,18 @@ def test_allocate_refuses_bad_budgets(tiny_llama_dir, tmp_path, capsys):
     assert main(["sensitivity", str(nosens)]) == 2
     assert "no [sensitivity] section" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sensitivity_with_failed_probes_exits_1_and_retries(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    """A profile with failed probes is not written: exit 1 naming --retry-failed, which then finishes it."""
+    study = tmp_path / "tiny.toml"
+    study.write_text(STUDY.format(dir=tmp_path))
+    out = tmp_path / "out"
+    monkeypatch.setenv("SWEEP_TEST_FAIL", "kv_cache: bfp4")  # the workers' test hook: these probes raise
+    assert main(["sensitivity", str(study), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "trial(s) failed" in err and f"sweep sensitivity {study} --retry-failed" in err
+    assert not (out / "profile.csv").exists()
+    monkeypatch.delenv("SWEEP_TEST_FAIL")
+    assert main(["sensitivity", str(study), "--out", str(out), "--no-progress", "--retry-failed"]) == 0
+    assert len(list(csv.DictReader((out / "profile.csv").open()))) == 1 + 2 * 2 * 2

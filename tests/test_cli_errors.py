@@ -286,3 +286,82 @@ def test_a_broken_checkpoint_directory_fails_in_one_line(capsys, work, monkeypat
           work, *needles)
     fails(capsys, ["run", "s.toml"], work, "s.toml: study.model", *needles)
     assert not (work / ".runs").exists() and not (work / "cache").exists()
+
+
+# --- run / worker inputs refused before anything is written (issue 19) ----------------------------
+@pytest.mark.parametrize("cmd", ["run", "worker"])
+def test_a_torch_device_that_cannot_run_is_refused_up_front(capsys, work, cmd):
+    """Once every trial failed with a raw torch error and the run exited 0."""
+    (work / "s.toml").write_text(STUDY.format(model="tiny-llama", prefill=16, sampler=""))
+    fails(capsys, [cmd, "s.toml", "--torch-device", "tpu"], work, f"sweep {cmd}: error: --torch-device 'tpu' is not a "
+          "torch device", "use cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        fails(capsys, [cmd, "s.toml", "--torch-device", "cuda:0"], work, "--torch-device cuda:0: this torch sees no "
+              "CUDA GPU", "--torch-device cpu")
+    assert not (work / ".runs").exists()
+
+
+def test_check_torch_device():
+    from sweep.study.runner import check_torch_device
+
+    check_torch_device(None)
+    check_torch_device("cpu")
+    for bad, needle in (("tpu", "is not a torch device"), ("meta", "runs on cpu, cuda or mps devices, not meta"),
+                        ("cuda:99", "cuda:99")):
+        with pytest.raises(ValueError, match=needle):
+            check_torch_device(bad)
+
+
+def test_postgres_scheme_is_postgresql():
+    from sweep.space import canonical_storage_url
+
+    assert canonical_storage_url("postgres://u:p@h:5432/db") == "postgresql://u:p@h:5432/db"
+    assert canonical_storage_url("postgres+psycopg://h/db") == "postgresql+psycopg://h/db"
+    assert canonical_storage_url("POSTGRES://h/db") == "postgresql://h/db"
+    for same in ("postgresql://h/db", "journal:/x/postgres.log", "mysql+pymysql://h/db", "sqlite:///postgres://"):
+        assert canonical_storage_url(same) == same
+
+
+def test_storage_urls_fail_in_one_line(capsys, work):
+    """`postgres://` (many tools' spelling) reaches the server as postgresql:// (here: none listens on
+    port 1) instead of SQLAlchemy's NoSuchModuleError traceback; an unknown driver is one line too."""
+    (work / "s.toml").write_text(STUDY.format(model="tiny-llama", prefill=16, sampler=""))
+    fails(capsys, ["run", "s.toml", "--storage", "postgres://u:secret@127.0.0.1:1/db"], work,
+          "storage postgresql://u:***@127.0.0.1:1/db: cannot connect to the database")
+    fails(capsys, ["run", "s.toml", "--storage", "postgresql+nosuch://u@127.0.0.1:1/db"], work,
+          "SQLAlchemy has no such database driver", "postgresql+psycopg://")
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["run", "s.toml", "--storage", "journal:missing/dir/x.log"], ["storage folder", "no directory", "missing"]),
+    (["worker", "s.toml", "--storage", "journal:missing/dir/x.log"], ["storage folder", "no directory", "missing"]),
+    (["run", "s.toml", "--report", "missing/dir/PERF.md"], ["--report missing/dir/PERF.md: no directory missing;",
+                                                           "mkdir -p missing/dir"]),
+    (["run", "s.toml", "--plots", "missing/plots"], ["--plots missing/plots: no directory missing;"]),
+    (["report", "s.toml", "-o", "missing/PERF.md"], ["-o missing/PERF.md: no directory missing;"]),
+    (["report", "s.toml", "--csv", "missing/p.csv"], ["--csv missing/p.csv: no directory missing;"]),
+    (["pareto", "s.toml", "--out", "missing/dir/plots"], ["--out missing/dir/plots: no directory missing;"]),
+    (["pareto", "s.toml", "--html", "missing/index.html"], ["--html missing/index.html: no directory missing;"]),
+    (["perf", "calibrate", str(ROOT / "reference" / "PERF-seed.md"), "--out", "missing/p.json"],
+     ["--out missing/p.json: no directory missing;"]),
+])
+def test_no_command_creates_a_folder_the_user_did_not_ask_for(capsys, work, argv, needles):
+    """A mistyped folder once got created silently (journal:/nonexistent/dir/x.log, -o /nonexistent/dir/PERF.md)."""
+    (work / "s.toml").write_text(STUDY.format(model="tiny-llama", prefill=16, sampler=""))
+    fails(capsys, argv, work, *needles)
+    assert not (work / "missing").exists()
+
+
+def test_bench_numerics_times_every_fidelity_setting(capsys):
+    """`sweep bench numerics --quick` once died on an AttributeError (fidelity.HIFI3 had become a SETTINGS row)."""
+    import runpy
+
+    mod = runpy.run_path(str(ROOT / "bench" / "bench_numerics.py"))
+    mod["bench_matmul"](8, 64, 32, 1)
+    out = capsys.readouterr().out
+    from engine.fidelity import SETTINGS
+
+    for name, s in SETTINGS.items():
+        assert (f"  {name} " in out) == bool(s.kernel.phases), name  # every setting but the emulator's exact

@@ -93,6 +93,7 @@ def test_page_from_sweep_pareto(browser, tmp_path):
     log = tmp_path / "lt-pareto.log"
     build_study(storage=journal_storage(log), constraints=lambda r: {"top1": 89.0 - r.top1})  # some infeasible
     page = tmp_path / "site" / "index.html"
+    page.parent.mkdir()  # `sweep pareto` creates no folder the user did not ask for
     assert main(["pareto", str(log), "--out", str(tmp_path / "plots"), "--html", str(page)]) == 0
     text = page.read_text()
     assert not re.search(r"<script[^>]*\bsrc=|<link\b", text), "the page must not load anything from elsewhere"

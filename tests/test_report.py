@@ -227,6 +227,9 @@ def test_cli_report(tmp_path, capsys):
     log = tmp_path / "lt.log"
     build_study(storage=journal_storage(log))
     out = tmp_path / "reports" / "PERF.md"
+    assert cli.main(["report", str(log), "-o", str(out)]) == 2  # a missing folder is a typo: never created
+    assert "no directory" in capsys.readouterr().err and not out.parent.exists()
+    out.parent.mkdir()
     assert cli.main(["report", str(log), "-o", str(out)]) == 0
     text = out.read_text()
     assert [b.header for b in report.sections(text)][1:] == seed_config_headers()

@@ -254,15 +254,34 @@ def test_a_crashing_trial_is_recorded_fail_and_the_study_goes_on(tmp_path, monke
     assert cli_main(["status", str(spec.path)]) == 0
     assert "FAIL: NonFiniteLogits" in capsys.readouterr().out
 
-    # a failed config stays failed on resume ...
+    # a failed config stays failed on resume, and the run says so: exit 1, how to retry, no "resume"
     monkeypatch.delenv("SWEEP_TEST_FAIL")
     prep = prepare(spec)
     assert prep.enqueued == 0
+    assert cli_main(["run", str(spec.path), "--no-progress"]) == 1
+    out, err = capsys.readouterr()
+    assert "12 planned: 9 complete, 3 failed, 0 to run" in out and "resume" not in out
+    assert err.count("\n") == 1 and "3 trial(s) failed" in err and f"sweep run {spec.path} --retry-failed" in err
     # ... unless asked to retry
     prep = prepare(spec, retry_failed=True)
     assert prep.enqueued == 3 and prep.requeued_failed == 3
     Worker(prep.study, spec).run()
     assert_each_config_complete_once(spec)
+    assert cli_main(["run", str(spec.path), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "12 planned: 12 complete, 0 to run" in out and "12 complete, 0 failed (+3 re-queued), 0 running, 0 waiting of 12;" in out
+    assert "resume" not in out and not err
+
+    # a config queued from outside the space (an allocation) counts apart from the planned grid
+    from engine.config import ModelConfig
+    from sweep.study import enqueue_config
+
+    assert enqueue_config(load_study(spec), ModelConfig.parse("accuracy", spec.n_layers, spec.model), {})
+    assert cli_main(["run", str(spec.path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "12 planned + 1 queued from outside the space (allocations): 12 complete, 1 to run" in out
+    assert "13 complete, 0 failed (+3 re-queued), 0 running, 0 waiting of 13 (12 planned + 1 queued from outside the space)" in out
+    assert "resume" not in out
 
 
 
@@ -500,3 +519,25 @@ def test_torch_device_reaches_the_evaluator(tmp_path):
     spec = load_spec(small_grid(tmp_path))
     prep = prepare(spec)
     assert Worker(prep.study, spec, torch_device="cpu").run() == {"COMPLETE": 4}
+
+
+# --- workers exit cleanly ---------------------------------------------------------------------------
+def test_workers_exit_0_with_a_thread_still_inside_torch(tmp_path):
+    """`sweep worker` once printed "done (exit 0)" and then aborted in the interpreter's teardown
+    ("terminate called without an active exception", exit 134): a thread still inside torch's C++
+    at exit. SWEEP_TEST_BUSY_THREAD leaves one running; the worker (and `sweep run`'s workers) must
+    still exit 0 once everything is stored."""
+    path = tmp_path / "one.toml"
+    path.write_text(SMALL + '[space]\nff1_3 = ["bfp8", "bf16"]\n')
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SWEEP_TEST_BUSY_THREAD="1")
+    out = subprocess.run([sys.executable, "-m", "sweep.cli", "worker", str(path)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "done (exit 0)" in out.stdout and "terminate called" not in out.stderr
+    assert status(load_spec(path))["counts"]["COMPLETE"] == 2
+    path2 = tmp_path / "two.toml"
+    path2.write_text(SMALL + '[space]\nff2 = ["bfp8", "bf16"]\n')
+    out = subprocess.run([sys.executable, "-m", "sweep.cli", "run", str(path2), "--no-progress"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "died" not in out.stdout, out.stdout + out.stderr
+    assert status(load_spec(path2))["counts"]["COMPLETE"] == 2

@@ -215,3 +215,24 @@ def test_an_unreachable_server_is_one_line_without_the_password(tmp_path, capsys
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "cannot connect to the database" in err
     assert "u:***@127.0.0.1:1/db" in err and "secret" not in err
+
+
+def test_postgres_scheme_reaches_the_database(tmp_path, pg_url, capsys):
+    """`postgres://` (psql's and many hosting services' spelling) once died in SQLAlchemy's
+    NoSuchModuleError traceback; it is PostgreSQL."""
+    from sweep.cli import main
+
+    path = tmp_path / "s.toml"
+    path.write_text('[study]\nmodel = "tiny-llama"\nobjectives = ["top1", "speed:N150"]\n[eval]\nprefill = 16\n'
+                    'decode = 15\n[space]\nff1_3 = ["bfp8", "bf16"]\n')
+    alias = pg_url.replace("postgresql://", "postgres://", 1)
+    assert alias.startswith("postgres://")
+    spec = load_spec(path, storage=alias)
+    assert spec.storage == pg_url
+    assert main(["run", str(path), "--storage", alias, "--plan"]) == 0
+    from sweep.study import prepare
+
+    assert prepare(spec).enqueued == 2
+    capsys.readouterr()
+    assert main(["status", str(path), "--storage", alias, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["WAITING"] == 2

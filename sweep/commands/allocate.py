@@ -59,8 +59,11 @@ def run(args) -> int:
     from sweep.space import load_spec
     from sweep.study import StudyNotFound, load_study
 
+    from sweep.commands.paths import check_output
+
     spec = load_spec(args.study, storage=args.storage)
     sspec = spec.sensitivity_study()
+    check_output(args.out, "--out", kind="dir", default=DEFAULT_OUT)
     device = next((d for d in spec.devices if d.lower() == args.device.lower()), None)
     if device is None:
         raise UserError(f"--device {args.device}: study {spec.name} evaluates {', '.join(spec.devices)}; "

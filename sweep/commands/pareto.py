@@ -17,13 +17,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from sweep.commands.paths import check_output
     from sweep.plots import write_plots
 
-    a = load_analysis(args)
+    check_output(args.out, "--out", kind="dir", default="reports/plots")
     if getattr(args, "html", None) and Path(args.html).is_dir():
         from sweep.cli import UserError
 
         raise UserError(f"--html {args.html} is a directory; give the page's file name, e.g. {Path(args.html) / 'index.html'}")
+    check_output(getattr(args, "html", None), "--html")
+    a = load_analysis(args)
     res = write_plots(a, args.out)
     print(f"{len(res.images)} plots under {args.out}; index: {res.index}")
     if getattr(args, "html", None):

@@ -48,3 +48,23 @@ def check_study_target(target: str) -> None:
         ok = False
     if not ok:
         raise _user_error(f"{p} is not an Optuna journal file; {STUDY_HINT}")
+
+
+def check_output(path: str | Path | None, flag: str, kind: str = "file", default: str | None = None) -> None:
+    """An output the user named on the command line (`kind` "file" or "dir"): its parent folder
+    must exist. A command creates the output folder the user names, and folders inside it, but
+    never a missing parent: `-o /nonexistent/dir/PERF.md` is a typo, not a request for
+    /nonexistent/dir. An option left at its `default` is the tool's own layout and is created."""
+    if path is None or (default is not None and str(path) == default):
+        return
+    p = Path(path)
+    if kind == "file" and p.is_dir():
+        raise _user_error(f"{flag} {path} is a directory; give a file name inside it")
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise _user_error(f"{flag} {path} is a file; give a folder")
+    parent = p.parent
+    if not parent.is_dir():
+        missing = parent
+        while not missing.parent.is_dir() and missing.parent != missing:
+            missing = missing.parent
+        raise _user_error(f"{flag} {path}: no directory {missing}; create it first (mkdir -p {parent}) or fix the path")

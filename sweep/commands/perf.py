@@ -133,6 +133,9 @@ def run_calibrate(args) -> int:
     from engine import calibrate as cal
     from engine.perf import PARAMS_FILE, _load_params_file
 
+    from sweep.commands.paths import check_output
+
+    check_output(args.out, "--out")
     out = None if args.dry_run else (args.out or PARAMS_FILE)
     result = cal.calibrate(args.tables, out=out, fit_pareto_ttft=args.fit_pareto_ttft, loss=args.loss,
                            cross_validation=not args.no_cv)

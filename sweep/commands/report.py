@@ -38,8 +38,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from sweep.commands.paths import check_output
     from sweep.report import write_report
 
+    check_output(args.output, "-o", default="reports/PERF.md")
+    check_output(args.csv, "--csv")
+    check_output(args.front_dir, "--front-dir", kind="dir")
     a = load_analysis(args)
     files = write_report(a, args.output, csv=args.csv, front_dir=args.front_dir, configs=args.configs)
     print(f"{files.report}: {len(files.sections)} sections for {a.info.model} "

@@ -23,11 +23,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from sweep.commands.paths import check_output
     from sweep.space import load_spec
+    from sweep.study.runner import check_torch_device
 
     spec = load_spec(args.study, storage=args.storage)  # validates everything before anything is written
     if args.plan:
         return _plan(spec)
+    check_torch_device(args.torch_device)
+    check_output(args.report, "--report")
+    check_output(args.plots, "--plots", kind="dir")
     from sweep.study import run as run_study
 
     summary = run_study(spec, workers=args.workers, progress=not args.no_progress, retry_failed=args.retry_failed,
@@ -36,7 +41,22 @@ def run(args) -> int:
         return 1
     if args.report or args.plots:
         _write_outputs(args)
-    return 0
+    return failed_status("run", args.study, summary.counts, args.storage)
+
+
+def failed_status(command: str, study: str, counts: dict, storage: str | None = None, rerun: str = "run") -> int:
+    """1 with one line on how to retry when the study holds failed trials (counts["FAIL"]: real
+    failures, not re-queued ones), else 0. `rerun`: the command that queues them again."""
+    import shlex
+    import sys
+
+    n = counts.get("FAIL", 0)
+    if not n:
+        return 0
+    again = f"sweep {rerun} {shlex.quote(study)}" + (" --storage URL" if storage else "") + " --retry-failed"
+    print(f"sweep {command}: {n} trial(s) failed (reasons above); fix the cause, then run them again with "
+          f"`{again}`", file=sys.stderr)
+    return 1
 
 
 def _write_outputs(args) -> None:

@@ -29,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--fisher", action="store_true",
                    help="also compute the first-order (Fisher) estimate and its rank agreement with the measured profile")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="queue again the probes whose trials FAILed; by default they stay failed")
     p.set_defaults(func=run)
 
 
@@ -38,11 +40,19 @@ def run(args) -> int:
     from sweep.study import load_study
     from sweep.study import run as run_study
 
+    from sweep.commands.paths import check_output
+
     spec = load_spec(args.study, storage=args.storage)
     sspec = spec.sensitivity_study()  # no [sensitivity]: a one-line error before anything is written
-    summary = run_study(sspec, workers=args.workers, progress=not args.no_progress)
+    check_output(args.out, "--out", kind="dir", default=DEFAULT_OUT)
+    summary = run_study(sspec, workers=args.workers, progress=not args.no_progress,
+                        retry_failed=getattr(args, "retry_failed", False))
     if summary.worker_errors and summary.counts.get("WAITING", 0):
         return 1
+    from sweep.commands.run import failed_status
+
+    if failed_status("sensitivity", args.study, summary.counts, args.storage, rerun="sensitivity"):
+        return 1  # a profile with failed probes is not written
     study = load_study(sspec)
     profile = measured(study, sspec.space)
     out = Path(args.out)

@@ -20,7 +20,8 @@ def register(sub) -> None:
                    help="torch device of the evaluations (cuda:0, cpu; default: the engine's, or cuda:0 when "
                         "CUDA_VISIBLE_DEVICES names a GPU). Not the Wormhole --device")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
-    p.set_defaults(func=run)
+    # the process ends without interpreter teardown once everything is stored (sweep.cli.main)
+    p.set_defaults(func=run, hard_exit=True)
 
 
 def run(args) -> int:
@@ -29,11 +30,12 @@ def run(args) -> int:
 
     from sweep.space import load_spec
     from sweep.study import identity
-    from sweep.study.runner import cuda_env_set
+    from sweep.study.runner import check_torch_device, cuda_env_set
     from sweep.study.storage import backend
     from sweep.study.trials import Tally
     from sweep.study.worker import open_worker_study, serve
 
+    check_torch_device(args.torch_device)
     if Path(args.study).is_file() or args.study.endswith(".toml"):
         spec = load_spec(args.study, storage=args.storage)
         storage_url = spec.storage
@@ -59,6 +61,10 @@ def run(args) -> int:
 
     tally = Tally.of(optuna.load_study(study_name=spec.name, storage=storage).get_trials(deepcopy=False))
     c = tally.counts
+    if rc == 0 and c["FAIL"]:
+        from sweep.commands.run import failed_status
+
+        rc = failed_status("worker", args.study, c, args.storage)
     print(f"sweep worker: {host} pid {pid} done (exit {rc}); study {spec.name}: {c['COMPLETE']} complete, "
-          f"{c['FAIL']} failed, {c['REQUEUED']} re-queued, {c['RUNNING']} running, {c['WAITING']} waiting")
+          f"{c['FAIL']} failed, {c['REQUEUED']} re-queued, {c['RUNNING']} running, {c['WAITING']} waiting", flush=True)
     return rc

@@ -24,7 +24,9 @@ from sweep.space import StudySpec
 
 def lock_path(spec: StudySpec, what: str) -> Path:
     """`<runs dir>/<study>.<what>.lock`, the file behind this study's flocks on this machine."""
-    spec.runs_dir.mkdir(parents=True, exist_ok=True)
+    from sweep.study.storage import journal_folder
+
+    journal_folder(spec.runs_dir)
     return spec.runs_dir / f"{spec.name}.{what}.lock"
 
 

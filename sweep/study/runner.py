@@ -37,7 +37,7 @@ STORAGE_ENV = "TTSWEEP_STORAGE"  # the storage URL handed to workers (not in arg
 @dataclass
 class RunSummary:
     name: str
-    total: int
+    total: int  # trials the study aims at: the planned grid (or the sampler budget) + `extra`
     size: int
     skipped: int
     counts: dict[str, int]
@@ -47,6 +47,8 @@ class RunSummary:
     interrupted: bool = False
     recovered: list[int] = field(default_factory=list)
     worker_errors: list[str] = field(default_factory=list)
+    planned: int = 0  # grid configs planned (sampler: its budget)
+    extra: int = 0  # trials queued from outside the space (allocations and the configs they face)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -81,6 +83,36 @@ def visible_gpus() -> list[str]:
 def cuda_env_set() -> bool:
     """CUDA_VISIBLE_DEVICES names at least one GPU (set empty or to -1, it hides them all)."""
     return bool([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip() not in ("", "-1")])
+
+
+def check_torch_device(device: str | None) -> None:
+    """`--torch-device`, checked before anything is written: a device this torch can run on here.
+    ValueError naming the problem and the fix (a bad device would otherwise fail every trial)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--torch-device {device!r} is not a torch device; use cpu, cuda or cuda:N "
+                         "(mps on Apple silicon); --device names the Wormhole system") from None
+    if d.type == "cpu":
+        return
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--torch-device {device}: this torch sees no CUDA GPU (torch {torch.__version__}, "
+                             "CUDA_VISIBLE_DEVICES, drivers); run without it, or with --torch-device cpu")
+        if d.index is not None and d.index >= n:
+            raise ValueError(f"--torch-device {device}: only {n} GPU(s) visible (cuda:0..cuda:{n - 1})")
+        return
+    backend = {"mps": getattr(torch.backends, "mps", None)}.get(d.type, getattr(torch, d.type, None))
+    available = getattr(backend, "is_available", None)
+    if available is None:
+        raise ValueError(f"--torch-device {device}: the engine runs on cpu, cuda or mps devices, not {d.type}")
+    if not available():
+        raise ValueError(f"--torch-device {device}: no {d.type} device is available here; use cpu or cuda")
 
 
 def device_plan(workers: int, torch_device: str | None, gpus: list[str], cuda_env_set: bool = False
@@ -119,6 +151,25 @@ def _spawn(spec: StudySpec, index: int, log_dir: Path, threads: int,
         )
     finally:
         log.close()
+
+
+def extra_trials(trials: list[FrozenTrial]) -> int:
+    """Trials queued with a config from outside the study's space (`sweep allocate`), superseded
+    copies and pruned duplicates left out."""
+    from sweep.records import QUEUED_CONFIG
+
+    sups = superseded_numbers(trials)
+    return sum(1 for t in trials if QUEUED_CONFIG in t.user_attrs and t.number not in sups
+               and t.state != TrialState.PRUNED)
+
+
+def _aim(spec: StudySpec, planned: int, tl: Tally, trials: list[FrozenTrial]) -> tuple[int, int]:
+    """(trials the study aims at, of which queued from outside the space). A grid aims at its
+    planned configs plus the extra trials; a sampler at its budget, which extra trials use up too."""
+    extra = extra_trials(trials)
+    if spec.is_grid:
+        return planned + extra, extra
+    return max(planned, tl.slots), extra
 
 
 def _best_text(trials: list[FrozenTrial], primary: str) -> str:
@@ -186,30 +237,38 @@ def _run(spec: StudySpec, workers: int, progress: bool, retry_failed: bool, out,
     if workers > 1 and not backend(spec.storage).atomic_claim:
         raise ValueError("SQLite storage cannot hand out trials to several workers safely (a trial can run twice); "
                          "use a journal file (journal:PATH, one machine) or PostgreSQL/MySQL, or --workers 1")
+    check_torch_device(torch_device)
     cuda_env = cuda_env_set()
     wants_gpus = torch_device == "cuda" or (torch_device is None and cuda_env)
     devices = device_plan(workers, torch_device, visible_gpus() if wants_gpus else [], cuda_env)
     t0 = time.time()
     prep = prepare(spec, retry_failed=retry_failed)
     study, queue = prep.study, prep.queue
-    msg = f"study {spec.name}: {prep.size} configs in the space"
-    if spec.is_grid:
-        msg += f", {prep.skipped} skipped as equal in numerics to a faster config, {prep.total} to run"
-    else:
-        msg += f", {spec.sampler.kind} sampler, budget {prep.total} trials"
-    if prep.recovered:
-        msg += f"; recovered {len(prep.recovered)} trial(s) of dead workers ({', '.join(map(str, prep.recovered))})"
-    print(msg, file=out, flush=True)
 
     def tally() -> tuple[Tally, list[FrozenTrial]]:
         ts = study.get_trials(deepcopy=False)
         return Tally.of(ts), ts
 
     tl, trials = tally()
+    total, extra = _aim(spec, prep.total, tl, trials)
     if spec.is_grid:
         remaining = tl.counts["WAITING"] + tl.counts["RUNNING"]
     else:
-        remaining = max(prep.total - tl.done, tl.counts["WAITING"])
+        remaining = max(total - tl.done, tl.counts["WAITING"])
+    c = tl.counts
+    msg = f"study {spec.name}: {prep.size} configs in the space"
+    if spec.is_grid:
+        msg += f", {prep.skipped} skipped as equal in numerics to a faster config; {prep.total} planned"
+    else:
+        msg += f", {spec.sampler.kind} sampler, budget {prep.total} trials"
+    if extra:
+        msg += f" + {extra} queued from outside the space (allocations)"
+    msg += f": {c['COMPLETE']} complete" + (f", {c['FAIL']} failed" if c["FAIL"] else "") + f", {remaining} to run"
+    if prep.requeued_failed:
+        msg += f" ({prep.requeued_failed} failed trial(s) queued again)"
+    if prep.recovered:
+        msg += f"; recovered {len(prep.recovered)} trial(s) of dead workers ({', '.join(map(str, prep.recovered))})"
+    print(msg, file=out, flush=True)
     errors: list[str] = []
     interrupted = False
     recovered = list(prep.recovered)
@@ -223,12 +282,12 @@ def _run(spec: StudySpec, workers: int, progress: bool, retry_failed: bool, out,
         next_index = n_workers
         respawns = 0
         fatal = False
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        from engine.progress import bar as progress_bar
 
-            bar = tqdm(total=prep.total, initial=min(tl.done, prep.total), desc=spec.name, unit="trial",
-                       file=sys.stderr, dynamic_ncols=True)
+        bar = progress_bar(total=total, initial=min(tl.done, total), desc=spec.name, unit="trial", leave=True,
+                           show=progress)  # on a terminal only: trials done, rate, time left
+        if bar.disable:
+            bar = None
         last_done = tl.done
         try:
             while procs:
@@ -259,7 +318,7 @@ def _run(spec: StudySpec, workers: int, progress: bool, retry_failed: bool, out,
                 if bar is not None:
                     tl, trials = tally()
                     if tl.done != last_done:
-                        bar.update(min(tl.done, prep.total) - bar.n)
+                        bar.update(min(tl.done, total) - bar.n)
                         last_done = tl.done
                         bar.set_postfix_str(_best_text(trials, spec.primary), refresh=True)
                 if not procs and not fatal and respawns < 2 * workers:
@@ -280,11 +339,12 @@ def _run(spec: StudySpec, workers: int, progress: bool, retry_failed: bool, out,
         finally:
             if bar is not None:
                 tl, trials = tally()
-                bar.update(max(0, min(tl.done, prep.total) - bar.n))
+                bar.update(max(0, min(tl.done, total) - bar.n))
                 bar.close()
     tl, trials = tally()
-    summary = RunSummary(spec.name, prep.total, prep.size, prep.skipped, tl.counts, tl.done, time.time() - t0,
-                         n_workers, interrupted, recovered, errors)
+    total, extra = _aim(spec, prep.total, tl, trials)
+    summary = RunSummary(spec.name, total, prep.size, prep.skipped, tl.counts, tl.done, time.time() - t0,
+                         n_workers, interrupted, recovered, errors, prep.total, extra)
     _print_summary(summary, trials, spec, out)
     if interrupted:
         raise KeyboardInterrupt
@@ -315,7 +375,8 @@ def _print_summary(s: RunSummary, trials: list[FrozenTrial], spec: StudySpec, ou
     sups = superseded_numbers(trials)
     line = (f"study {s.name}: {c['COMPLETE']} complete, {c['FAIL']} failed"
             + (f" (+{c['REQUEUED']} re-queued)" if c["REQUEUED"] else "")
-            + f", {c['RUNNING']} running, {c['WAITING']} waiting of {s.total}")
+            + f", {c['RUNNING']} running, {c['WAITING']} waiting of {s.total}"
+            + (f" ({s.planned} planned + {s.extra} queued from outside the space)" if s.extra else ""))
     if spec.is_grid:
         line += f"; {s.skipped} skipped as equal in numerics"
     line += f"; wall {s.wall_s:.1f} s with {s.workers} worker(s)"
@@ -328,8 +389,11 @@ def _print_summary(s: RunSummary, trials: list[FrozenTrial], spec: StudySpec, ou
     for t in trials:
         if t.state == TrialState.FAIL and t.number not in sups:
             print(f"  trial {t.number} FAIL: {fail_reason(t, trials)}", file=out)
-    if s.interrupted or c["WAITING"] or c["RUNNING"]:
-        print("  run the same command again to resume", file=out)
+    if c["WAITING"]:
+        print(f"  {c['WAITING']} trial(s) not run yet: run the same command again to resume", file=out)
+    if c["RUNNING"]:
+        print(f"  {c['RUNNING']} trial(s) still RUNNING in other workers (or in dead ones: the next run recovers them); "
+              "`sweep status` lists them", file=out)
     out.flush()
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import optuna
 
 from sweep.metric_names import set_metric_names
-from sweep.space import StudySpec
+from sweep.space import StudySpec, canonical_storage_url
 from sweep.study import locks
 
 JOURNAL_LOCK_GRACE_S = 10  # seconds before a journal lock left by a killed process is broken
@@ -92,6 +92,22 @@ def backend(url: str) -> Backend:
                          ) from None
 
 
+def journal_folder(path: Path) -> None:
+    """Make sure the folder of a journal file (and of the study's lock files) exists. Only a
+    `.runs` folder inside an existing one is created (the default storage beside a study file);
+    any other missing folder is the user's typo, refused in one line before anything is written."""
+    if path.is_dir():
+        return
+    if path.name == ".runs" and path.parent.is_dir():
+        path.mkdir(exist_ok=True)
+        return
+    missing = path
+    while not missing.parent.is_dir() and missing.parent != missing:
+        missing = missing.parent
+    raise ValueError(f"storage folder {path} does not exist (no directory {missing}); create it first "
+                     f"(mkdir -p {path}) or fix the journal:PATH / --storage path")
+
+
 def storage_exists(spec: StudySpec) -> bool:
     jp = spec.journal_path
     if jp is not None:
@@ -103,6 +119,7 @@ def storage_exists(spec: StudySpec) -> bool:
 
 def lock(url: str, name: str):
     """The database lock `name` of a shared storage (context manager)."""
+    url = canonical_storage_url(url)
     b = backend(url)
     return locks.db_lock(url, name, b.lock_sql, b.unlock_sql, b.lock_id)
 
@@ -112,6 +129,7 @@ def open_storage(url: str, create: bool = True, stale_callback=None):
 
     On a shared database `stale_callback` turns on Optuna's heartbeats (`heartbeat_interval`,
     `grace_period`) with that callback for trials whose worker stopped beating."""
+    url = canonical_storage_url(url)
     b = backend(url)
     if b.name == "journal":
         from optuna.storages import JournalStorage
@@ -120,7 +138,7 @@ def open_storage(url: str, create: bool = True, stale_callback=None):
         path = Path(url[len("journal:"):])
         if not create and not path.is_file():
             raise StudyNotFound(f"no journal file {path}: the study has not been run yet")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        journal_folder(path.parent)
         # A worker SIGKILLed while appending leaves the lock file behind; Optuna breaks such a lock
         # after `grace_period` s of waiting. Appends hold it for milliseconds, so 10 s (not the
         # default 30) is still far above any real hold and shortens the stall on resume.
@@ -143,6 +161,9 @@ def open_storage(url: str, create: bool = True, stale_callback=None):
     except ImportError as exc:
         raise ValueError(missing_driver(url, b, exc)) from None
     except Exception as exc:  # noqa: BLE001 - sqlalchemy.exc.OperationalError & co: server down, bad login
+        if type(exc).__name__ == "NoSuchModuleError":  # an unknown dialect or driver: postgresql+nosuch://
+            raise ValueError(f"storage {redact(url)}: SQLAlchemy has no such database driver ({exc}); write "
+                             "postgresql://..., postgresql+psycopg://... or mysql+pymysql://...") from None
         if type(exc).__module__.startswith("sqlalchemy") and "OperationalError" in type(exc).__name__:
             orig = str(getattr(exc, "orig", None) or exc).strip()
             why = orig.splitlines()[0] if orig else type(exc).__name__

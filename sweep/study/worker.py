@@ -305,6 +305,7 @@ class Worker:
                     n += 1
         finally:
             self._hb_stop.set()
+            self._hb.join(timeout=5)  # a beat in flight ends; no thread of ours outlives the worker
         return done
 
 
@@ -313,8 +314,23 @@ def _test_hook(cfg: str) -> None:
 
     SWEEP_TEST_HANG=PATH   the first trial to evaluate (whoever creates PATH) writes its pid
                            there and sleeps, so a test can SIGKILL a worker mid-trial;
-    SWEEP_TEST_FAIL=TEXT   trials whose config string contains TEXT raise NonFiniteLogits.
+    SWEEP_TEST_FAIL=TEXT   trials whose config string contains TEXT raise NonFiniteLogits;
+    SWEEP_TEST_BUSY_THREAD=1  the first trial starts a daemon thread that multiplies matrices with
+                           torch until the process ends: a thread inside torch's C++ at exit, as a
+                           library's can be, which aborts a process that tears its interpreter down
+                           ("terminate called without an active exception", exit 134).
     """
+    if os.environ.get("SWEEP_TEST_BUSY_THREAD") and not getattr(_test_hook, "busy", None):
+        import torch
+
+        a = torch.ones(512, 512)
+
+        def spin():
+            while True:
+                a @ a
+
+        _test_hook.busy = threading.Thread(target=spin, daemon=True, name="test-busy")
+        _test_hook.busy.start()
     hang = os.environ.get("SWEEP_TEST_HANG")
     if hang:
         try:
