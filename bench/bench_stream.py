@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 TARGET_8B_GB, TARGET_70B_LAYER_GB, TARGET_RATIO = 8.0, 16.0, 4.0
 DEFAULT_MODELS = ["Llama3.2-1B", "Llama3.2-3B", "Llama3.1-8B", "Llama3.1-70B"]
-CUT = {"Llama3.1-70B": (2, 4)}  # measured depths of shapes too big to write whole
+CUT = {"Llama3.1-70B": (1, 2)}  # measured depths of shapes too big to write whole
 
 
 def _child(args) -> None:
