@@ -33,7 +33,7 @@ BF16_HIFI4 = str(Config(**{g.value: "bf16" for g in TensorGroup}, **{o.value: "h
 
 
 def lt_pareto() -> list[tuple[str, str]]:
-    """The 12 configs of the seed's `lt pareto` sweep (tt-numerics.md section 6), labelled."""
+    """The 12 configs of the seed's `lt pareto` sweep (docs/NUMERICS.md), labelled."""
     opts = {"bfp4": "lofi", "bfp8": "hifi2", "bf16": "hifi4"}
     out = [(f"pareto {a}/{b}", f"precision_cfg = {{ff1_3: {a}, ff2: {b}}}, fidelity_cfg = {{li_ff1_3: {opts[a]}, li_ff2: {opts[b]}}}")
            for a in opts for b in opts]

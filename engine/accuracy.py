@@ -1,5 +1,5 @@
 """Accuracy of a config against the fp32 reference: tt-metal's teacher-forced Top-1 / Top-5 method
-(tt-numerics.md section 4), plus KL divergence and perplexity.
+(docs/NUMERICS.md), plus KL divergence and perplexity.
 
 Method
 ------

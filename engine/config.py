@@ -1,6 +1,6 @@
 """Precision / fidelity configuration: the tt-metal vocabulary, config strings, presets, decoder JSON.
 
-The enums carry tt-metal's exact values (section 1 of tt-numerics.md), so `str(Config)` is the
+The enums carry tt-metal's exact values (docs/NUMERICS.md), so `str(Config)` is the
 seed's section header character for character and `Config.parse` reads it back. Two emulator-only
 values extend the vocabulary: precision `fp32` and fidelity `exact` (plain fp32 math), used for the
 reference path, and `hifi3` (3 phases) which the hardware has but no named setting uses.
@@ -138,7 +138,7 @@ class Config:
     """One decoder layer's numerics: a precision per tensor group, a fidelity per op group.
 
     Field names are the enum values, so `getattr(cfg, group.value)` works for either kind of group.
-    The defaults are the seed-era tt-metal defaults (tt-numerics.md section 1).
+    The defaults are the seed-era tt-metal defaults (docs/NUMERICS.md).
     """
 
     ff1_3: Precision = Precision.BFP8

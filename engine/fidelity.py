@@ -1,5 +1,5 @@
 """Math fidelity: the Wormhole matrix engine's phased multiply and dest accumulation, and the
-vector unit's approximate exp / reciprocal (tt-numerics.md sections 1, 3 and 8.3-8.4).
+vector unit's approximate exp / reciprocal (docs/NUMERICS.md).
 
 A setting is data: `Fidelity(phases, approx, fp32_dest, packer_l1_acc)`. `SETTINGS` is THE table of
 named settings (the six tt-metal names, `hifi3` and the emulator's `exact`); engine.config's
@@ -84,7 +84,7 @@ class Fidelity:
         return "fp32" if self.fp32_dest else "bf16"
 
 
-#: THE table of named settings (tt-numerics.md section 1): the six tt-metal names (with the
+#: THE table of named settings (docs/NUMERICS.md): the six tt-metal names (with the
 #: tt-metal enum member name), `hifi3` (3 phases, fp32 dest, packer L1 acc: hardware has it, no
 #: tt-metal name) and `exact` (the emulator's reference: plain fp32 matmul, exact exp).
 @dataclass(frozen=True)

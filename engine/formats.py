@@ -4,7 +4,7 @@ Formats are `Format` records (`FORMATS`); the ops (`quantize`, `pack`, `unpack`,
 `bytes_per_element`) take a format name or record. Everything works on int32 bit patterns with
 vectorised torch ops, no Python loop per block.
 
-Block formats (tt-numerics.md section 2). A block is 16 consecutive elements along the LAST
+Block formats (docs/NUMERICS.md). A block is 16 consecutive elements along the LAST
 dimension; a last dimension that is not a multiple of 16 is padded with zeros (a zero has
 exponent 0, so padding never changes a block's exponent). The block's shared exponent E is the
 largest biased fp32 exponent field among its elements; each element keeps a sign and an

@@ -8,7 +8,7 @@ RMSNorm, RoPE in Hugging Face's rotate_half convention, grouped-query attention 
 window where the config has one), SwiGLU MLP, tied or untied head.
 Batch 1; tokens are 1-D LongTensors.
 
-Numerics of one decoder layer i, from its Config c = cfg.layers[i] (tt-numerics.md sections 1-3)
+Numerics of one decoder layer i, from its Config c = cfg.layers[i] (docs/NUMERICS.md)
 ------------------------------------------------------------------------------------------------
 Weights (host rounding, quantized once per (tensor, format) and cached in the model, held as
 torch.bfloat16, which represents every bf16/bfp8/bfp4 value exactly): stored as tt-metal stores them, [in_features, out_features], so bfp blocks of 16 run along OUTPUT features
@@ -41,7 +41,7 @@ weights and q/k/v biases are held in bf16 (fp32 in full-precision mode); a bias 
 to the matmul output before that output is rounded. RoPE's cos/sin tables are fp32 (tt-metal
 uploads them as bf16). Softmax: whole-row (tt-metal runs a chunked, online softmax) over the scaled,
 masked scores in fp32 with exact exp and division (torch.softmax), because tt_transformers runs
-SDPA's exp in exact mode whatever the setting's approx flag (tt-numerics.md section 3); with
+SDPA's exp in exact mode whatever the setting's approx flag (docs/NUMERICS.md); with
 `Model(..., sdpa_exp_approx=True)` a setting with approx mode uses the SFPU's approximate exp and
 reciprocal instead (fidelity.exp / fidelity.recip), to study that choice. P rounded to bf16
 before P @ V.

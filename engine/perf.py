@@ -1,7 +1,7 @@
 """Analytic performance model for Llama-family decoders on Tenstorrent systems (docs/PERF-MODEL.md).
 
 `predict(model, device, config)` returns decode speed (tokens/s/user) and time to first token
-(ms) from first principles (tt-numerics.md sections 5 and 7), with every op's share in
+(ms) from first principles (docs/NUMERICS.md), with every op's share in
 `PerfResult.breakdown`.
 
 Decode (one step: every user of the replica advances one token). Per decoder layer, each op:

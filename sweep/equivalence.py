@@ -2,7 +2,7 @@
 
 `numerics_key(config)` is equal for two configs exactly when this module can prove that every
 op computes bit-identical results; it is conservative (a different key does not prove different
-numerics). The facts used (engine.fidelity, tt-numerics.md sections 3 and 8):
+numerics). The facts used (engine.fidelity, docs/NUMERICS.md):
 
 * Fidelity phase p multiplies a slice of the activation (SrcB) by a slice of the weight (SrcA):
   phase 0 xh*wh, 1 xh*wl, 2 xl*wh, 3 xl*wl (xh = hidden one + top 6 bits, xl = the 7th bit;

@@ -74,7 +74,7 @@ canonical string with ``; decoders = {...}`` sets layers individually)::
       "precision_cfg = {ff1_3: bf16}, fidelity_cfg = {li_ff1_3: hifi4}",
     ]
 
-Group keys are the config vocabulary (tt-numerics.md section 1): tensor groups ``ff1_3, ff2,
+Group keys are the config vocabulary (docs/NUMERICS.md): tensor groups ``ff1_3, ff2,
 wqkv, wo, kv_cache, activation`` take ``bfp4, bfp8, bf16`` (``fp32`` emulator only; ``mixed``
 for activation only); op groups ``li_ff1_3, li_ff2, li_qkv_decode, li_o_decode, sdpa_decode,
 li_qkv_prefill, li_o_prefill, sdpa_prefill`` take ``lofi, hifi2, hifi2na, hifi2fp16, hifi3,

@@ -23,7 +23,7 @@ BFP4_LOFI_MLP = "precision_cfg = {ff1_3: bfp4, ff2: bfp4}, fidelity_cfg = {li_ff
 
 
 def lt_pareto_configs() -> list[str]:
-    """The 12 configs of the seed's `lt pareto` sweep (tt-numerics.md section 6)."""
+    """The 12 configs of the seed's `lt pareto` sweep (docs/NUMERICS.md)."""
     opts = {"bfp4": "lofi", "bfp8": "hifi2", "bf16": "hifi4"}
     grid = [f"precision_cfg = {{ff1_3: {a}, ff2: {b}}}, fidelity_cfg = {{li_ff1_3: {opts[a]}, li_ff2: {opts[b]}}}"
             for a in opts for b in opts]

@@ -95,7 +95,7 @@ def small_ints(shape, seed, lo=-8, hi=9, scale=1.0):
 
 
 def test_settings_table():
-    """tt_transformers' ModelArgs compute-kernel configs per name (tt-numerics.md section 1)."""
+    """tt_transformers' ModelArgs compute-kernel configs per name (docs/NUMERICS.md)."""
     tt = {n: s.kernel for n, s in SETTINGS.items() if s.tt_metal}
     assert tt == {
         "lofi": Fidelity(1, False, False, True),

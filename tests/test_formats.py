@@ -27,7 +27,7 @@ def bits_of(v: float) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# The slow reference: a literal per-element loop following the words of tt-numerics.md section 2.
+# The slow reference: a literal per-element loop following the words of docs/NUMERICS.md.
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """TEST FIXTURE: a synthetic lt-pareto study with realistic-looking but invented numbers.
 
-Nothing here was measured. The configs are the 12 of tt-numerics.md section 6 in the seed's
+Nothing here was measured. The configs are the 12 of docs/NUMERICS.md in the seed's
 order; Top-1/Top-5 follow the seed's pattern (bfp4 costs accuracy), intervals are 95% Wilson
 over 511 scored steps, speed/TTFT are made up with the seed's shape (bfp4 weights read faster,
 more fidelity phases cost prefill time). Used by the pareto, report, plots and notebook tests.
