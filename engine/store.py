@@ -72,7 +72,19 @@ def peak_rss_bytes() -> int:
 
 
 class WeightStore(Mapping):
-    """Read-only name -> fp32 tensor mapping, each access a fresh read (see the module docstring)."""
+    """Read-only name -> fp32 tensor mapping, each access a fresh read (see the module docstring).
+    `_names` is each store's own index (name -> where the tensor is read from)."""
+
+    _names: Mapping
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
 
     def shape(self, name: str) -> tuple[int, ...]:
         raise NotImplementedError
@@ -106,17 +118,12 @@ class DictStore(WeightStore):
     """Tensors already in memory (fp32 on read; the dict's tensors are returned, not copied)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
-        self._t = tensors
+        self._t = self._names = tensors
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self._t[name]
         return t if t.dtype == torch.float32 else t.to(torch.float32)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._t)
-
-    def __len__(self) -> int:
-        return len(self._t)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._t[name].shape)
@@ -161,6 +168,7 @@ class SafetensorsStore(WeightStore):
         self.dir = Path(directory)
         self.files = safetensors_files(self.dir)
         self._where: dict[str, Path] = {}
+        self._names = self._where
         self._info: dict[str, dict] = {}
         index = _index_map(self.dir)
         for f in self.files:
@@ -178,14 +186,6 @@ class SafetensorsStore(WeightStore):
                 raise ModelFormatError(f"{self.dir}: model.safetensors.index.json lists {len(lost)} tensors no shard holds "
                                  f"(e.g. {lost[0]} in {index[lost[0]]}); re-download that shard")
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, name) -> bool:
-        return name in self._where
 
     def dtype(self, name: str) -> str:
         return self._info[name]["dtype"]
@@ -221,6 +221,7 @@ class CanonicalStore(WeightStore):
     def __init__(self, raw: WeightStore, spec: ModelSpec):
         self.raw, self.spec = raw, spec
         self._map: dict[str, tuple[str, int, int | None]] = {}  # canonical -> (raw name, row start, row stop)
+        self._names = self._map
         q, kv, inter = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.intermediate
         for name in raw:
             if name.endswith("rotary_emb.inv_freq") or (spec.tied_embeddings and name == "lm_head.weight"):
@@ -240,14 +241,6 @@ class CanonicalStore(WeightStore):
             else:
                 self._map[name] = (name, 0, None)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._map)
-
-    def __len__(self) -> int:
-        return len(self._map)
-
-    def __contains__(self, name) -> bool:
-        return name in self._map
 
     def shape(self, name: str) -> tuple[int, ...]:
         src, a, b = self._map[name]
