@@ -217,3 +217,19 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
         peaks[n] = r["peak"]
     assert abs(peaks[32] - peaks[4]) / peaks[4] < 0.15, peaks
     print(f"peak RSS: 4 layers {peaks[4] / 2**20:.0f} MiB, 32 layers {peaks[32] / 2**20:.0f} MiB")
+
+
+def test_sweep_eval_streams_a_checkpoint_and_reports_its_weight_cache(capsys, monkeypatch, tmp_path, tiny_llama_dir):
+    from sweep.cli import main
+
+    monkeypatch.setenv("TTSWEEP_MEMORY_GB", "0")  # stream even a tiny model
+    argv = ["eval", "--model", str(tiny_llama_dir), "--prefill", "16", "--decode", "15", "--cache-dir", str(tmp_path),
+            "--config", "performance", "--json"]
+    runs = []
+    for _ in range(2):
+        assert main(argv) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    first, second = runs
+    assert first["streamed"] and first["weight_cache_quantized"] > 0 and first["weight_cache_hits"] == 0
+    assert second["weight_cache_quantized"] == 0 and second["weight_cache_hits"] == first["weight_cache_quantized"]
+    assert second["weight_cache_gb"] > 0 and (first["top1"], first["kld"]) == (second["top1"], second["kld"])

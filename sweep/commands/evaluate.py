@@ -16,6 +16,7 @@ def add_eval_args(p, windows_help: str = "disjoint 1024-token windows scored (de
     p.add_argument("--lm-head", default=None, metavar="FORMAT,FIDELITY",
                    help="override the model-level LM head, e.g. bf16,hifi4 (default bfp8,hifi2fp16 as tt_transformers)")
     p.add_argument("--cache-dir", default=None, help="cache root (default $TTSWEEP_CACHE or ~/.cache/ttsweep)")
+    p.add_argument("--torch-device", default=None, help="where the engine runs: cpu (default), cuda, cuda:N")
 
 
 def evaluator_for(args, configs, device: str | None = None):
@@ -29,13 +30,20 @@ def evaluator_for(args, configs, device: str | None = None):
 
     if args.windows < 1:
         raise UserError(f"--windows must be >= 1, not {args.windows}")
+    from sweep.study.runner import check_torch_device
+
+    try:
+        check_torch_device(getattr(args, "torch_device", None))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     spec = model_spec(args.model, cache=args.cache_dir)  # cheap: unknown models and bad configs fail fast
     check_context(from_spec(spec), args.prefill, args.decode, "--prefill + --decode")
     for c in configs:
         ModelConfig.parse(c, spec.n_layers, spec.name)
     lm_head = parse_lm_head(args.lm_head) if getattr(args, "lm_head", None) else None
     return Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir,
-                     windows=args.windows, device=device or "N150", lm_head=lm_head)
+                     windows=args.windows, device=device or "N150", lm_head=lm_head,
+                     torch_device=getattr(args, "torch_device", None))
 
 
 def register(sub) -> None:
@@ -61,7 +69,10 @@ def run(args) -> int:
     r = ev.evaluate(ev.model_config(args.config))
     if args.json:
         d = r.to_dict()
-        d |= {"prefill": args.prefill, "decode": args.decode}
+        d |= {"prefill": args.prefill, "decode": args.decode, "streamed": ev.stream}
+        if ev.weight_cache is not None:
+            d |= {"weight_cache_gb": round(ev.weight_cache.size / 2**30, 3), "weight_cache_hits": ev.weight_cache.hits,
+                  "weight_cache_quantized": ev.weight_cache.misses}
         print(json.dumps(d))
         return 0
     s = r.stats
@@ -72,6 +83,8 @@ def run(args) -> int:
         print(f"{r.model} on {r.device}: {r.tokens} teacher-forced decode steps after a {args.prefill}-token prefill")
     print(f"  config  {r.config}")
     print(f"  lm_head {r.lm_head[0]} + {r.lm_head[1]}")
+    if ev.stream:
+        print("  weights streamed layer by layer" + (f"; {ev.weight_cache.describe()}" if ev.weight_cache else ""))
     print(f"  Top-1 {r.top1:.1f}% [{r.top1_ci[0]:.1f}, {r.top1_ci[1]:.1f}]   "
           f"Top-5 {r.top5:.1f}% [{r.top5_ci[0]:.1f}, {r.top5_ci[1]:.1f}]  (95% Wilson)")
     if r.windows > 1:
