@@ -232,4 +232,4 @@ def test_sweep_eval_streams_a_checkpoint_and_reports_its_weight_cache(capsys, mo
     first, second = runs
     assert first["streamed"] and first["weight_cache_quantized"] > 0 and first["weight_cache_hits"] == 0
     assert second["weight_cache_quantized"] == 0 and second["weight_cache_hits"] == first["weight_cache_quantized"]
-    assert second["weight_cache_gb"] > 0 and (first["top1"], first["kld"]) == (second["top1"], second["kld"])
+    assert second["weight_cache_bytes"] > 0 and (first["top1"], first["kld"]) == (second["top1"], second["kld"])

@@ -71,7 +71,7 @@ def run(args) -> int:
         d = r.to_dict()
         d |= {"prefill": args.prefill, "decode": args.decode, "streamed": ev.stream}
         if ev.weight_cache is not None:
-            d |= {"weight_cache_gb": round(ev.weight_cache.size / 2**30, 3), "weight_cache_hits": ev.weight_cache.hits,
+            d |= {"weight_cache_bytes": ev.weight_cache.size, "weight_cache_hits": ev.weight_cache.hits,
                   "weight_cache_quantized": ev.weight_cache.misses}
         print(json.dumps(d))
         return 0
