@@ -233,3 +233,16 @@ def test_sweep_eval_streams_a_checkpoint_and_reports_its_weight_cache(capsys, mo
     assert first["streamed"] and first["weight_cache_quantized"] > 0 and first["weight_cache_hits"] == 0
     assert second["weight_cache_quantized"] == 0 and second["weight_cache_hits"] == first["weight_cache_quantized"]
     assert second["weight_cache_bytes"] > 0 and (first["top1"], first["kld"]) == (second["top1"], second["kld"])
+
+
+def test_readme_streaming_table_is_the_committed_benchmark():
+    """The README's memory/time table is reports/stream/bench-stream.md as bench_stream.py wrote it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bench = json.loads((root / "reports" / "stream" / "bench-stream.json").read_text())
+    table = (root / "reports" / "stream" / "bench-stream.md").read_text()
+    rows = [ln for ln in table.splitlines() if ln.startswith("| Llama")]
+    assert len(rows) == len(bench["rows"]) and all(r in (root / "README.md").read_text() for r in rows)
+    for line, r in zip(rows, bench["rows"]):
+        assert f"| {r['peak_gb']:.2f} |" in line
