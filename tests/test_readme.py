@@ -27,7 +27,7 @@ def test_readme_starts_with_the_two_commands_then_how_to_install():
     assert len(lines) == 2
     run, test = lines
     assert "sweep run studies/lt-pareto.toml" in run and test.endswith("python -m pytest -q")
-    apt = re.match(r"apt-get install -y ([\w -]+?) && ", test)
+    apt = re.match(r"apt-get update && apt-get install -y ([\w -]+?) && ", test)  # a fresh machine has no package lists
     assert apt, "the test command starts by installing the system packages the tests use"
     # the packages .ci/run installs: PostgreSQL for the multi-host tests, Chromium for the page tests
     ci = (ROOT / ".ci" / "run").read_text()
