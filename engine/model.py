@@ -69,10 +69,10 @@ import torch.nn.functional as F
 from engine import fidelity, formats, programs
 from engine.config import LM_HEAD, Config, ConfigError, FidelitySetting, ModelConfig, Precision, fidelity_of
 from engine.spec import ModelSpec
-from engine.store import DictStore, WeightStore, give_back_memory
+from engine.store import CHUNK_BYTES, DictStore, WeightStore, give_back_memory, vocab_chunks
 
 ROWS = 32  # tile height: decode and LM-head activations are padded to a multiple of it
-LM_HEAD_CHUNK_BYTES = 256 << 20  # the LM head is read, quantized and multiplied in vocabulary chunks of this many fp32 bytes
+LM_HEAD_CHUNK_BYTES = CHUNK_BYTES  # the LM head is read, quantized and multiplied in vocabulary chunks of this many fp32 bytes
 FULL = "fp32"  # the no-rounding format name
 DEFAULT_SILU = "sfpu-piecewise"  # the seed era's SFPU SiLU
 
@@ -226,10 +226,6 @@ class LayerInputs:
             n -= 1
         return n
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for hp, hd, _ in self.inputs.values() for t in (hp, hd))
-
 
 def _is_matrix(name: str) -> bool:
     """A stored weight matrix name ('L.wqkv', 'L.wo', 'L.w13', 'L.w2', 'lm_head', 'lm_head[a:b]')."""
@@ -242,8 +238,8 @@ class _Prefetcher:
     on a GPU. `ready(i)` waits for layer i's. Only when `model.prefetch` is set (default: on
     CUDA); a weight is the same tensor whichever thread made it, so results do not change."""
 
-    def __init__(self, model: "Model", layers: tuple[Config, ...], start: int):
-        self.model, self.layers, self.start = model, layers, start
+    def __init__(self, model: "Model", layers: tuple[Config, ...]):
+        self.model, self.layers = model, layers
         self.pool = self.future = None
         self.side = None
 
@@ -406,9 +402,7 @@ class Model:
     def lm_head_chunks(self) -> list[tuple[int, int]]:
         """Vocabulary ranges the LM head is read and multiplied in (multiples of 32 rows, so no bfp
         block or tile straddles two chunks): each holds at most LM_HEAD_CHUNK_BYTES of fp32."""
-        v, h = self.spec.vocab, self.spec.hidden
-        step = max(ROWS, LM_HEAD_CHUNK_BYTES // (4 * h) // ROWS * ROWS)
-        return [(a, min(v, a + step)) for a in range(0, v, step)]
+        return vocab_chunks(self.spec.vocab, self.spec.hidden, LM_HEAD_CHUNK_BYTES, ROWS)
 
     def _make_weight(self, name: str, fmt: str) -> torch.Tensor:
         w = _Reader(self)
@@ -695,8 +689,7 @@ class Model:
         n = tokens.shape[0]
         full = all(_full(c) for c in layers)
         ug = self.input_format(layers, 0)
-        h = rnd(self.w.rows("model.embed_tokens.weight", tokens).to(self.device), ug)
-        h_fmt = ug
+        h, h_fmt = self._embed(tokens, ug), ug
         if not prefill:  # pad to whole tiles of rows
             h = _pad_rows(h)
         pos, mask = self._frame(n, start, prefill, cache)
@@ -708,6 +701,10 @@ class Model:
             h, h_fmt = self._layer(i, c, h, h_fmt, n, cache, start, prefill, ropes[rfmt], mask)
         cache.length = start + n
         return self._head(h[:n] if rows is None else h[rows], h_fmt, full, ug)
+
+    def _embed(self, tokens: torch.Tensor, ug: str) -> torch.Tensor:
+        """The embedding rows of `tokens` (read row by row from the store) in dtype `ug`."""
+        return rnd(self.w.rows("model.embed_tokens.weight", tokens).to(self.device), ug)
 
     def _head(self, h: torch.Tensor, h_fmt: str, full: bool, ug: str) -> torch.Tensor:
         """Final norm and LM head of rows h [m, hidden] held in `h_fmt` -> logits [m, vocab] (fp32).
@@ -756,13 +753,13 @@ class Model:
         if start:
             hp, hd, h_fmt = resume.inputs[start]
         else:
-            h = rnd(self.w.rows("model.embed_tokens.weight", tokens).to(self.device), ug)
+            h = self._embed(tokens, ug)
             hp, hd, h_fmt = h[:P], h[P:], ug
         cap = capacity or len(tokens)
         kept = LayerInputs(layers, full) if keep_inputs else None
         if kept is not None and resume is not None:
             kept.inputs.update({i: v for i, v in resume.inputs.items() if i <= start})
-        with _Prefetcher(self, layers, start) as ahead:
+        with _Prefetcher(self, layers) as ahead:
             for i in range(start, len(layers)):
                 ahead.ready(i)  # layer i's weights are loaded; layer i+1's start loading beside it
                 if kept is not None:

@@ -21,9 +21,7 @@ from torch import nn
 
 from engine import loaders
 from engine.spec import ModelSpec
-from engine.store import WeightStore, give_back_memory
-
-HEAD_CHUNK_BYTES = 256 << 20  # fp32 bytes of one LM-head chunk (the engine's bound: engine.model)
+from engine.store import WeightStore, give_back_memory, vocab_chunks
 
 
 def hf_config_from_spec(spec: ModelSpec):
@@ -109,12 +107,10 @@ class RowGather(nn.Module):
 class ChunkedHead(nn.Module):
     """A bias-free linear layer whose [vocab, hidden] weight is read and applied in row chunks."""
 
-    def __init__(self, store: WeightStore, name: str, chunk_bytes: int = HEAD_CHUNK_BYTES):
+    def __init__(self, store: WeightStore, name: str):
         super().__init__()
         self.store, self.name = store, name
-        v, h = store.shape(name)
-        step = max(32, chunk_bytes // (4 * h) // 32 * 32)
-        self.chunks = [(a, min(v, a + step)) for a in range(0, v, step)]
+        self.chunks = vocab_chunks(*store.shape(name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([F.linear(x, self.store.row_block(self.name, a, b)) for a, b in self.chunks], -1)

@@ -35,6 +35,16 @@ class ModelFormatError(ValueError):
     """A model file or directory that cannot be read (corrupt, truncated, wrong shape or dtype, unsupported)."""
 
 
+CHUNK_BYTES = 256 << 20  # fp32 bytes of one vocabulary chunk of an embedding-sized matrix
+
+
+def vocab_chunks(vocab: int, hidden: int, chunk_bytes: int = CHUNK_BYTES, rows: int = 32) -> list[tuple[int, int]]:
+    """Row ranges of a [vocab, hidden] matrix read and applied a chunk at a time: multiples of
+    `rows` rows (no bfp block or tile straddles two chunks), each at most `chunk_bytes` of fp32."""
+    step = max(rows, chunk_bytes // (4 * hidden) // rows * rows)
+    return [(a, min(vocab, a + step)) for a in range(0, vocab, step)]
+
+
 def give_back_memory() -> None:
     """Return freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere). Layer-streamed
     runs free one layer's tensors before reading the next; without this, glibc's heap keeps the
