@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         w.writerows(add_rows)
 
     # 2. cost, as ratios to one full trial, both timed here in one process (min of 2 warm runs)
-    from engine.accuracy import Evaluator
+    from engine.accuracy.evaluator import Evaluator
 
     def timed(ev):
         ev.evaluate(space.base)
@@ -157,7 +157,7 @@ def allocs_speed(out: Path) -> float | None:
 def _vs_nsga2(nspec, spec, allocs, out: Path) -> list[dict]:
     from optuna.trial import TrialState
 
-    from engine.stats import compare
+    from engine.accuracy.stats import compare
     from sweep.profile import trials_by_config
     from sweep.records import token_record_of
     from sweep.study import load_study
@@ -188,7 +188,7 @@ def _vs_nsga2(nspec, spec, allocs, out: Path) -> list[dict]:
 
 
 def _config_of(row: dict, spec, out: Path) -> str:
-    from engine.config import ModelConfig
+    from engine.vocab.config import ModelConfig
 
     return str(ModelConfig.parse(str(out / row["config_file"]), spec.n_layers, spec.model))
 
@@ -211,7 +211,7 @@ def profile_cost(spec, sspec, space, workers: int) -> dict:
     `probe_unanchored_s` is a probe run from scratch, as before anchors."""
     from collections import Counter
 
-    from engine.accuracy import Evaluator
+    from engine.accuracy.evaluator import Evaluator
 
     one_trial = _timed(Evaluator(spec.model, **spec.eval, device=spec.primary, **spec.numerics_kwargs()), space.base)
     ev = Evaluator(spec.model, prefill=sspec.eval["prefill"], decode=sspec.eval["decode"], device=spec.primary,

@@ -1,4 +1,4 @@
-"""Fisher sensitivity benchmark: `engine.fisher.fisher_profile` for one probe per decoder layer (a
+"""Fisher sensitivity benchmark: `engine.accuracy.fisher.fisher_profile` for one probe per decoder layer (a
 group change of the base config, default ff1_3 -> bfp4 with li_ff1_3 -> lofi) on SmolLM2-135M, as
 a RATIO to one warm `Evaluator.evaluate(base)` measured in the same process (minimum of `--repeat`
 runs each). Target: the profile costs at most a quarter of what measuring the same probes costs
@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.accuracy import Evaluator  # noqa: E402
-from engine.config import Config, ConfigError, ModelConfig  # noqa: E402
-from engine.fisher import fisher_profile  # noqa: E402
+from engine.accuracy.evaluator import Evaluator  # noqa: E402
+from engine.vocab.config import Config, ConfigError, ModelConfig  # noqa: E402
+from engine.accuracy.fisher import fisher_profile  # noqa: E402
 
 TARGET_SHARE = 0.25  # of probes x one trial
 

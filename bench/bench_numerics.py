@@ -2,7 +2,7 @@
 
 Prints
   * quantize throughput (elements/s) per format and rounding on a 2048 x 8192 fp32 tensor;
-  * the cost of `engine.fidelity.matmul` for the six named settings and HiFi3, as a ratio to one
+  * the cost of `engine.numerics.fidelity.matmul` for the six named settings and HiFi3, as a ratio to one
     plain fp32 torch matmul of the same shape measured in the same run (M=1024, K=2048, N=8192).
     Targets: <= 2.0x for fp32-dest settings, <= 6.0x for bf16-dest settings.
 
@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import fidelity, formats  # noqa: E402
+from engine.numerics import fidelity
+from engine.numerics import formats  # noqa: E402
 
 FP32_TARGET, BF16_TARGET = 2.0, 6.0
 

@@ -1,7 +1,7 @@
 """Layer-streamed evaluation at the seed's model sizes: peak memory and seconds per trial.
 
-For each model shape (engine.shapes: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B; Llama3.1-70B cut to
-a few layers) a random-weight Hugging Face checkpoint is written (engine.synthetic: bf16
+For each model shape (engine.models.shapes: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B; Llama3.1-70B cut to
+a few layers) a random-weight Hugging Face checkpoint is written (engine.models.synthetic: bf16
 safetensors shards, the byte tokenizer), then measured in FRESH processes, so each peak RSS
 (VmHWM: getrusage's maxrss would carry the parent's over) is that phase's alone:
   reference   the streamed fp32 transformers reference over the window (computed and cached)
@@ -41,7 +41,7 @@ CUT = {"Llama3.1-70B": (1, 2)}  # measured depths of shapes too big to write who
 
 def _child(args) -> None:
     """One phase in this (fresh) process; prints a JSON line."""
-    from engine.accuracy import Evaluator
+    from engine.accuracy.evaluator import Evaluator
 
     t0 = time.perf_counter()
     ev = Evaluator(args.dir, prefill=args.prefill, decode=args.decode, cache_dir=args.cache,
@@ -54,7 +54,7 @@ def _child(args) -> None:
         if ev.weight_cache is not None:
             out |= {"cache_hits": ev.weight_cache.hits, "cache_misses": ev.weight_cache.misses,
                     "cache_gb": ev.weight_cache.size / 2**30}
-    from engine.store import peak_rss_bytes
+    from engine.models.store import peak_rss_bytes
 
     out["peak_gb"] = peak_rss_bytes() / 2**30
     if args.torch_device and args.torch_device.startswith("cuda"):
@@ -76,14 +76,14 @@ def _phase(kind: str, d: Path, cache: Path, a) -> dict:
 
 
 def measure(model: str, layers: int | None, a, work: Path) -> dict:
-    from engine.synthetic import write_checkpoint
+    from engine.models.synthetic import write_checkpoint
 
     name = model if layers is None else f"{model}-{layers}L"
     d, cache = work / name, work / f"{name}-cache"
     t0 = time.perf_counter()
     write_checkpoint(d, model, n_layers=layers)
     disk = sum(p.stat().st_size for p in d.glob("*.safetensors")) / 2**30
-    from engine.shapes import shape_for
+    from engine.models.shapes import shape_for
 
     row = {"model": model, "layers": layers or shape_for(model).n_layers, "disk_gb": disk, "write_s": time.perf_counter() - t0}
     print(f"{name}: {disk:.1f} GB written in {row['write_s']:.0f} s", file=sys.stderr, flush=True)
@@ -108,7 +108,7 @@ def measure(model: str, layers: int | None, a, work: Path) -> dict:
 
 def extrapolate(rows: list[dict], model: str) -> dict:
     """The full-depth row of a cut model from its two measured depths (time linear in layers)."""
-    from engine.shapes import shape_for
+    from engine.models.shapes import shape_for
 
     (lo, hi), full = CUT[model], shape_for(model).n_layers
     r = {x["layers"]: x for x in rows if x["model"] == model}
@@ -174,8 +174,8 @@ def main(argv=None) -> int:
         return 0
     if a.quick:
         a.models, a.prefill, a.decode = ["Llama3.2-1B"], 128, 127
-    from engine.devices import normalise_device  # noqa: F401 - the engine imports cleanly before hours of work
-    from engine.shapes import shape_for
+    from engine.vocab.devices import normalise_device  # noqa: F401 - the engine imports cleanly before hours of work
+    from engine.models.shapes import shape_for
 
     for m in a.models:
         shape_for(m)  # an unknown name fails before anything is written

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{spec.eval['decode']}, {spec.space.size} configs, devices {', '.join(spec.devices)}; "
               f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores", flush=True)
         t0 = time.perf_counter()
-        from engine.accuracy import Evaluator
+        from engine.accuracy.evaluator import Evaluator
 
         Evaluator(spec.model, prefill=spec.eval["prefill"], decode=spec.eval["decode"])  # reference cached once
         print(f"  warm-up (model + fp32 reference, cached): {time.perf_counter() - t0:.1f} s", flush=True)

@@ -4,7 +4,7 @@ sensitivity profile under a device budget (speed, TTFT, weight memory per chip).
 It is a multiple-choice knapsack, solved exactly as a 0-1 integer program by scipy.optimize.milp
 (HiGHS branch and bound): a binary x per option, one option per (layer, family), the summed
 predicted cost deltas within the budget, the summed damage minimised. Costs come from
-engine.perf: each option's change of the decode step time, TTFT and weight bytes when only that
+engine.perf.model: each option's change of the decode step time, TTFT and weight bytes when only that
 layer's family changes (the performance model sums per-layer costs). The activation dtype also
 changes the bytes of the other families' linears, so the sum is checked by predicting the whole
 allocated config; when it misses the budget, the budget is tightened by the miss and the program
@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from engine.config import ModelConfig
+from engine.vocab.config import ModelConfig
 from sweep.probes import ProbeSpace, family
 
 SOLVER = "scipy.optimize.milp (HiGHS)"
@@ -107,7 +107,7 @@ class Infeasible(ValueError):
 
 
 def _perf(model: str, device: str, mc: ModelConfig, perf_kw: Mapping) -> tuple[float, float, float]:
-    from engine import perf
+    from engine.perf import model as perf
 
     r = perf.predict(model, device, mc, **perf_kw)
     return r.decode_step_ms * 1e3, r.ttft_ms, r.weights_gb_per_chip

@@ -2,7 +2,7 @@
 
 `numerics_key(config)` is equal for two configs exactly when this module can prove that every
 op computes bit-identical results; it is conservative (a different key does not prove different
-numerics). The facts used (engine.fidelity, docs/NUMERICS.md):
+numerics). The facts used (engine.numerics.fidelity, docs/NUMERICS.md):
 
 * Fidelity phase p multiplies a slice of the activation (SrcB) by a slice of the weight (SrcA):
   phase 0 xh*wh, 1 xh*wl, 2 xl*wh, 3 xl*wl (xh = hidden one + top 6 bits, xl = the 7th bit;
@@ -20,7 +20,7 @@ numerics). The facts used (engine.fidelity, docs/NUMERICS.md):
 * fp32 dest and packer L1 accumulation change the accumulation (K-block partials): both stay in
   the key. Approx mode changes only SFPU functions: nothing in a linear, but the SDPA softmax's
   reciprocal follows it (and its exp too with `sdpa_exp_approx`), so the SDPA ops keep it.
-* The activation (SrcB) operand's format per op (tt_transformers' dtypes, engine.model):
+* The activation (SrcB) operand's format per op (tt_transformers' dtypes, engine.models.model):
   li_qkv_* and li_ff1_3 read a norm output (the forced activation, else bf16); li_ff2 reads
   SiLU(w1)*w3 (the activation, else bfp8); li_o_prefill reads the prefill SDPA output (Q's
   dtype: the activation, else bfp8); li_o_decode reads bf16 (decode SDPA output); the SDPA ops
@@ -33,7 +33,7 @@ Precisions themselves always stay in the key. A per-layer config's key is the tu
 layers' keys. tests/test_equivalence.py checks every merge against the engine with torch.equal.
 
 "Dominated a priori": among configs with the same key the accuracy is identical, so the one(s)
-that are no slower on any device (predicted by `engine.perf`; by phase counts when the perf
+that are no slower on any device (predicted by `engine.perf.model`; by phase counts when the perf
 model cannot price a config) dominate; a grid runs only those (`representatives`).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
-from engine.config import Config, FidelitySetting, ModelConfig, OpGroup, Precision, TensorGroup
+from engine.vocab.config import Config, FidelitySetting, ModelConfig, OpGroup, Precision, TensorGroup
 
 #: The weight (SrcA) operand of each op group.
 SRC_A: dict[OpGroup, TensorGroup] = {

@@ -67,7 +67,7 @@ def _bars_note(analysis: Analysis, refs: dict) -> str:
     if not parts:
         return ""
     return ("Speed / TTFT bars: 90% between-config intervals (the error of the predicted ratio between two configs, "
-            "engine.perf.between_interval); " + "; ".join(parts) + ".")
+            "engine.perf.calibrate.between_interval); " + "; ".join(parts) + ".")
 
 
 def _point_data(p: Point, devices: list[str], refs: dict | None = None) -> dict:

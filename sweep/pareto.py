@@ -22,7 +22,7 @@ Definitions (stated here once, used by the report, the plots and the notebook):
   dominates it at 95%. The front points compared with it are those at equal or better value on
   every other objective considered (for the 2-D Top-1 / speed front: at equal or better speed);
   each is tested against it with the exact McNemar test on the per-token Top-1 hits
-  (`engine.stats`: same tokens, so only the discordant ones count), a front point counting only
+  (`engine.accuracy.stats`: same tokens, so only the discordant ones count), a front point counting only
   when it wins more discordant tokens, and the p-values are Holm-corrected over those front
   points. A point no front point beats significantly cannot be told apart from the front.
   Studies whose trials lack per-token records fall back to the unpaired rule (`NOISE_WILSON`):
@@ -181,8 +181,8 @@ def within_noise_paired(
 ) -> np.ndarray:
     """Points off `front` that no front point at equal or better value on every column of
     `others` beats on Top-1 at level `alpha` (exact McNemar on the per-token records,
-    `engine.stats.TokenRecord`, Holm-corrected over the front points compared)."""
-    from engine.stats import holm, significantly_better
+    `engine.accuracy.stats.TokenRecord`, Holm-corrected over the front points compared)."""
+    from engine.accuracy.stats import holm, significantly_better
 
     front = np.asarray(front, dtype=bool)
     n = front.size

@@ -7,13 +7,13 @@ the 95% Wilson intervals. Fronts are the 2-D fronts of each projection (sweep.pa
 Optuna's plot. Points "within noise of the front" follow sweep.pareto's rule (a paired test on the
 per-token records; the footnote and the index page name the test used).
 
-Speed and TTFT error bars are BETWEEN-CONFIG intervals (engine.perf.between_interval): the 90%
+Speed and TTFT error bars are BETWEEN-CONFIG intervals (engine.perf.calibrate.between_interval): the 90%
 interval of each config's figure relative to one reference config (the device's knee; its own bar
 is nil), i.e. the error of the predicted RATIO between two configs of one model on one device,
 which is what choosing among them depends on. They come from a quantile fit of the errors of the
 predicted ratios between configs of one published setting in the calibration data, half-width
-a + b |log ratio| (engine.calibrate.between_config_fit). The model's absolute error (the 90%
-prediction interval of engine.perf.interval: a per-model, per-device offset, largely common to
+a + b |log ratio| (engine.perf.calibrate.between_config_fit). The model's absolute error (the 90%
+prediction interval of engine.perf.model.interval: a per-model, per-device offset, largely common to
 all configs) would move every point together; it is stated once, under the title and in the
 footnote, not drawn on every point, where it would hide the differences between configs.
 
@@ -33,7 +33,7 @@ from typing import Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
-from engine.config import Config
+from engine.vocab.config import Config
 from sweep.pareto import Analysis, Point, front_2d
 from sweep.report import calibration_text, display_name
 
@@ -88,7 +88,7 @@ def _perf_metric(objective: str) -> tuple[str, str] | None:
 
 def _ci(p: Point, objective: str, reference: Point | None = None) -> tuple[float, float] | None:
     """The error bar of one point: the 95% Wilson interval for Top-1 / Top-5; for speed / TTFT the
-    between-config interval relative to `reference` (engine.perf.between_interval; nil for the
+    between-config interval relative to `reference` (engine.perf.calibrate.between_interval; nil for the
     reference itself)."""
     if objective == "top1":
         return tuple(p.record.top1_ci)
@@ -96,7 +96,7 @@ def _ci(p: Point, objective: str, reference: Point | None = None) -> tuple[float
         return tuple(p.record.top5_ci)
     pm = _perf_metric(objective)
     if pm and reference is not None:
-        from engine.perf import between_interval
+        from engine.perf.calibrate import between_interval
 
         if p.number == reference.number:  # its ratio to itself is known: 1
             return (p.value(objective), p.value(objective))
@@ -106,11 +106,11 @@ def _ci(p: Point, objective: str, reference: Point | None = None) -> tuple[float
 
 def absolute_interval(objective: str, reference: Point) -> tuple[float, float] | None:
     """(low, high) of the performance model's absolute 90% prediction interval at the reference
-    point (engine.perf.interval): the error common to every config of the model on the device."""
+    point (engine.perf.model.interval): the error common to every config of the model on the device."""
     pm = _perf_metric(objective)
     if not pm:
         return None
-    from engine.perf import interval
+    from engine.perf.model import interval
 
     iv = interval(pm[0], reference.value(objective), pm[1], reference.record.model)
     return None if iv is None else iv[:2]
@@ -327,7 +327,7 @@ def front_figure(points: Sequence[Point], x: str, y: str, title: str, *, noise: 
     if sub:
         foot += textwrap.wrap(
             f"{'/'.join(NAME[_perf_metric(o)[0]] for o in perf).capitalize().replace('Ttft', 'TTFT')} error bars: the 90% interval of each config's figure given trial {ref.number}'s, i.e. the error of the "
-            "predicted ratio between two configs (engine.perf.between_interval, fitted on the calibration's configs of "
+            "predicted ratio between two configs (engine.perf.calibrate.between_interval, fitted on the calibration's configs of "
             "one setting). The model's absolute error moves every config of the model on the device together: stated "
             "once above the plot, not drawn on each point.", FOOT_CHARS, subsequent_indent="  ")
     if footer:
@@ -538,7 +538,7 @@ def write_index(analysis: Analysis, sdir: Path, sections) -> Path:
 
 def between_text() -> str:
     """The index page's paragraph on the speed / TTFT error bars, with the fitted figures."""
-    from engine.perf import between_terms
+    from engine.perf.calibrate import between_terms
 
     s, t = between_terms("speed"), between_terms("ttft")
     if s is None or t is None:
@@ -550,7 +550,7 @@ def between_text() -> str:
             "between two configs of one model on one device, which is what choosing among them depends on. Their "
             "half-width comes from the calibration rows that differ only in config (same model, device and run "
             f"settings): speed {fig('speed', s)}, TTFT {fig('ttft', t)} "
-            "(engine.perf.between_interval, a 90% quantile regression in engine.calibrate.between_config_fit). The "
+            "(engine.perf.calibrate.between_interval, a 90% quantile regression in engine.perf.calibrate.between_config_fit). The "
             "model's absolute error (its 90% prediction interval) is mostly an offset common to all configs of the "
             "model on the device: each plot states it once, above the axes, instead of drawing it on every point.")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
-from engine.config import (
+from engine.vocab.config import (
     MIXED,
     NATURAL,
     WEIGHT_READERS,

@@ -1,7 +1,7 @@
 """A sensitivity profile: every probe's damage against the base config, read from the trials of a
 sensitivity study (`StudySpec.sensitivity_study`, sweep.probes).
 
-Damage is paired on the same tokens (engine.stats.compare, probe minus base): delta-KLD with its
+Damage is paired on the same tokens (engine.accuracy.stats.compare, probe minus base): delta-KLD with its
 moving-block bootstrap 95% interval, delta-Top-1, and the Top-1 discordant positions (probe right
 base wrong, base right probe wrong) with the exact McNemar p.
 
@@ -46,7 +46,7 @@ def trials_by_config(study) -> dict[str, object]:
 def measured(study, space: ProbeSpace, *, allow_missing: bool = False) -> pd.DataFrame:
     """One row per probe (COLUMNS), in probe order; the base row has layer -1 and zero deltas.
     ProfileIncomplete when a probe has no trial (unless `allow_missing`: those rows are left out)."""
-    from engine.stats import compare
+    from engine.accuracy.stats import compare
     from sweep.records import token_record_of
 
     by_config = trials_by_config(study)

@@ -4,7 +4,7 @@ This is the contract between the runner (`sweep.study`, which writes it) and eve
 reads studies (`sweep.pareto`, `sweep.report`, `sweep.plots`, the notebook). The canonical config
 string is the join key for reports.
 
-The per-token record (`engine.token_record.TokenRecord`) travels with the trial as the user
+The per-token record (`engine.accuracy.token_record.TokenRecord`) travels with the trial as the user
 attribute `token_record`: base64 text of its compressed .npz (a few KB per window), so studies on
 any storage, on any host, can run paired tests (`sweep compare STUDY 3 7`, the within-noise rule
 of `sweep.pareto`). `TrialRecord.tokens_record()` / `token_record_of(attrs)` decode it.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 #: Accuracy fields of a TrialRecord: what an evaluation fills and a numerically equal trial reuses
-#: (the first ones are `engine.accuracy.EvalResult` attributes of the same name).
+#: (the first ones are `engine.accuracy.evaluator.EvalResult` attributes of the same name).
 EVAL_FIELDS = ("top1", "top5", "top1_ci", "top5_ci", "kld", "ppl", "ref_ppl", "tokens", "windows", "top1_windows")
 ACCURACY_FIELDS = EVAL_FIELDS + ("kld_stats", "token_record")
 
@@ -43,8 +43,8 @@ class TrialRecord:
     decoder_json: dict | None = None  # tt-metal decoder JSON of the config
     windows: int = 1  # disjoint evaluation windows (tokens = windows x decode)
     top1_windows: list[float] = field(default_factory=list)  # Top-1 (%) per window
-    kld_stats: dict[str, float] = field(default_factory=dict)  # engine.stats.kld_stats (llama.cpp style)
-    token_record: str | None = None  # base64 per-token record (engine.token_record); None in old studies
+    kld_stats: dict[str, float] = field(default_factory=dict)  # engine.accuracy.stats.kld_stats (llama.cpp style)
+    token_record: str | None = None  # base64 per-token record (engine.accuracy.token_record); None in old studies
     # device -> {top1, top5, top1_ci, top5_ci, kld} where the device's numerics differ from the primary
     # device's (tensor-parallel rounding); other devices' accuracy is the top-level one
     accuracy: dict[str, dict] = field(default_factory=dict)
@@ -70,7 +70,7 @@ class TrialRecord:
         return cls(**d)
 
     def tokens_record(self):
-        """The decoded per-token record (`engine.token_record.TokenRecord`), or None when the trial has none."""
+        """The decoded per-token record (`engine.accuracy.token_record.TokenRecord`), or None when the trial has none."""
         return token_record_of({"token_record": self.token_record})
 
     def objective(self, name: str) -> float:
@@ -108,13 +108,13 @@ def token_record_of(attrs: Mapping[str, Any]):
     text = attrs.get("token_record")
     if not text:
         return None
-    from engine.token_record import TokenRecord
+    from engine.accuracy.token_record import TokenRecord
 
     return TokenRecord.from_base64(text)
 
 
 def accuracy_attrs(source) -> dict[str, Any]:
-    """The accuracy fields of a TrialRecord (ACCURACY_FIELDS) from an `engine.accuracy.EvalResult`
+    """The accuracy fields of a TrialRecord (ACCURACY_FIELDS) from an `engine.accuracy.evaluator.EvalResult`
     or from the user attributes of a trial whose accuracy is reused (older trials may lack the
     newer fields: they get the defaults)."""
     if isinstance(source, Mapping):

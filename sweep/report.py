@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from engine.config import Config, ModelConfig, accuracy, performance, resolve
+from engine.vocab.config import Config, ModelConfig, accuracy, performance, resolve
 from sweep.pareto import Analysis, Point, records_by_config
 
 COLUMNS = ["Model", "Device", "Top-1 (%)", "Top-5 (%)", "Speed (t/s/u)", "TTFT (ms)"]
@@ -281,7 +281,7 @@ def calibration_text(analysis: Analysis) -> str:
     note = analysis.info.perf_calibration
     if not note:
         try:
-            from engine.perf import calibration_note
+            from engine.perf.model import calibration_note
 
             note = calibration_note()
         except Exception:  # noqa: BLE001 - the perf model may be absent; say so rather than invent
@@ -312,7 +312,7 @@ def note_text(analysis: Analysis, point: Point, config_text: str | None = None) 
 def interval_text(point: Point, devices: Sequence[str]) -> str:
     """The performance model's prediction interval of each device's speed and TTFT ("" without one)."""
     try:
-        from engine.perf import interval, params_metadata
+        from engine.perf.model import interval, params_metadata
     except ImportError:
         return ""
     level = (params_metadata().get("intervals") or {}).get("level")
@@ -504,7 +504,7 @@ def _ensure_blank_end(blocks: list[Block], i: int) -> None:
 def n_layers_of(model: str) -> int | None:
     """Decoder layer count of a registry model from its metadata (for decoder JSON), if known."""
     try:
-        from engine.loaders import model_spec
+        from engine.models.loaders import model_spec
 
         return int(model_spec(model).n_layers)
     except Exception:  # noqa: BLE001 - the record's decoder JSON is the main source; this is a fallback
@@ -686,7 +686,7 @@ def _num(cell: str) -> float | None:
 
 
 def default_evaluator(model: str, prefill: int, decode: int, windows: int = 1):
-    from engine.accuracy import Evaluator
+    from engine.accuracy.evaluator import Evaluator
 
     return Evaluator(model, prefill=prefill, decode=decode, windows=windows)
 

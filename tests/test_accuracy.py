@@ -1,4 +1,4 @@
-"""engine.accuracy: the fp32 transformers reference and its cache, the teacher-forced trial, the
+"""engine.accuracy.evaluator: the fp32 transformers reference and its cache, the teacher-forced trial, the
 metrics (Top-1/Top-5, Wilson intervals, KL divergence, perplexity), NaN handling, `sweep eval`."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine import accuracy
-from engine.accuracy import EvalResult, Evaluator, NonFiniteLogits, kl_divergence, wilson_interval
-from engine.config import DEFAULT, REFERENCE, Config, ModelConfig, TensorGroup
+from engine.accuracy import evaluator as accuracy
+from engine.accuracy.evaluator import EvalResult, Evaluator, NonFiniteLogits, kl_divergence, wilson_interval
+from engine.vocab.config import DEFAULT, REFERENCE, Config, ModelConfig, TensorGroup
 
 TINY = ("tiny-llama", "tiny-qwen2", "tiny-phi3")
 P, D = 32, 31  # short trials on the tiny models
@@ -69,7 +69,7 @@ def test_kld_zero_for_identical_and_exact_for_known():
 def test_score_kld_matches_float64_at_full_vocab():
     """score()'s fast KL (precomputed reference, one fp32 row dot) equals a float64 direct sum at
     SmolLM2's vocabulary size; Top-1/Top-5/perplexity from the same logits."""
-    from engine.accuracy import Reference, score
+    from engine.accuracy.evaluator import Reference, score
 
     v, d = 49152, 64
     g = torch.Generator().manual_seed(0)
@@ -196,11 +196,11 @@ def test_nan_logits_raise(tiny_evaluators, monkeypatch):
 
 def test_overflowing_config_raises_not_scores(tiny_evaluators, monkeypatch):
     """NaN produced inside the numerics (huge weights overflow) surfaces as NonFiniteLogits."""
-    from engine import loaders
+    from engine.models import loaders
 
     ev = tiny_evaluators["tiny-phi3"]
-    from engine.model import Model
-    from engine.store import DictStore
+    from engine.models.model import Model
+    from engine.models.store import DictStore
 
     loaded = loaders.load("tiny-phi3")
     weights = DictStore({k: loaded.weights[k] for k in loaded.weights})  # the lazy store is read-only

@@ -9,7 +9,7 @@ import random
 import pytest
 from scipy.stats import spearmanr
 
-from engine.config import DEFAULT, ConfigError, ModelConfig
+from engine.vocab.config import DEFAULT, ConfigError, ModelConfig
 from sweep import allocate as alloc
 from sweep.cli import main
 from sweep.probes import Probe, ProbeSpace, family
@@ -112,7 +112,7 @@ def test_front_budgets_end_at_the_fastest_config():
 
 # --- additivity on a real (tiny) model ---------------------------------------------------------
 def test_summed_single_layer_damage_ranks_mixed_configs(tiny_llama_dir, capsys):
-    from engine.accuracy import Evaluator
+    from engine.accuracy.evaluator import Evaluator
 
     ev = Evaluator("tiny-llama", prefill=32, decode=31)
     sp = _space(fams={"ff1_3": ("bfp4", "bfp8", "bf16"), "ff2": ("bfp4", "bfp8", "bf16"),

@@ -274,11 +274,11 @@ def _broken(kind: str, d: Path) -> None:
     ("no tokenizer", ["no tokenizer files", "next to its config.json"]),
 ])
 def test_a_broken_checkpoint_directory_fails_in_one_line(capsys, work, monkeypatch, kind, needles):
-    from engine.shapes import ModelShape
-    from engine.synthetic import write_checkpoint
+    from engine.models.spec import ModelSpec
+    from engine.models.synthetic import write_checkpoint
 
-    d = write_checkpoint(work / "ckpt", ModelShape("ckpt", n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16,
-                                                   intermediate=128, vocab=256), shard_bytes=40_000)
+    d = write_checkpoint(work / "ckpt", ModelSpec("ckpt", arch="llama", n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                                                  intermediate=128, vocab=256), shard_bytes=40_000)
     _broken(kind, d)
     (work / "s.toml").write_text(STUDY.format(model=d, prefill=16, sampler=""))
     monkeypatch.setenv("TTSWEEP_CACHE", str(work / "cache"))
@@ -361,7 +361,7 @@ def test_bench_numerics_times_every_fidelity_setting(capsys):
     mod = runpy.run_path(str(ROOT / "bench" / "bench_numerics.py"))
     mod["bench_matmul"](8, 64, 32, 1)
     out = capsys.readouterr().out
-    from engine.fidelity import SETTINGS
+    from engine.numerics.fidelity import SETTINGS
 
     for name, s in SETTINGS.items():
         assert (f"  {name} " in out) == bool(s.kernel.phases), name  # every setting but the emulator's exact

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import accuracy
-from engine.accuracy import Evaluator
-from engine.stats import A_BETTER, SAME
-from engine.token_record import TokenRecord
+from engine.accuracy import evaluator as accuracy
+from engine.accuracy.evaluator import Evaluator
+from engine.accuracy.stats import A_BETTER, SAME
+from engine.accuracy.token_record import TokenRecord
 from sweep.cli import main
 from sweep.records import TrialRecord, accuracy_attrs, token_record_of
 
@@ -226,7 +226,7 @@ def test_holm_needs_the_smallest_p_to_clear_alpha_over_k():
     speed = np.array([[1.0], [1.0], [1.0], [1.0]])
     front = np.array([True, True, True, False])
     # McNemar p of each front point vs the weak point: between 0.05/3 and 0.05 -> Holm keeps it in noise
-    from engine.stats import significantly_better
+    from engine.accuracy.stats import significantly_better
 
     ps = [significantly_better(r, recs[3]) for r in recs[:3]]
     assert all(0.05 / 3 < p < 0.05 for p in ps), ps
@@ -278,7 +278,7 @@ Notes (tiny-llama): Accuracy: 16-token prefill + 15 teacher-forced decode steps 
 
 @pytest.mark.slow
 def test_smollm2_paired_test_separates_bfp4_mlp_from_defaults(smollm2_evaluator):
-    from engine.stats import compare
+    from engine.accuracy.stats import compare
 
     from test_accuracy import BFP4_LOFI_MLP, smol
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.config import (
+from engine.vocab.config import (
     DEFAULT,
     REFERENCE,
     Config,
@@ -157,7 +157,7 @@ def test_property_string_and_diff_round_trip(cfg, base):
 
 # --- presets as tt_transformers' ModelOptimizations / parse_decoder_json define them ---------------
 def test_70b_class_is_matched_by_exact_base_name():
-    from engine.config import is_70b_class
+    from engine.vocab.config import is_70b_class
 
     for name in ("Llama3.1-70B", "Llama-3.1-70B-Instruct", "Llama3.2-90B", "Llama-3.2-90B-Vision-Instruct",
                  "Qwen2.5-72B", "DeepSeek-R1-Distill-Llama-70B"):
@@ -167,7 +167,7 @@ def test_70b_class_is_matched_by_exact_base_name():
 
 
 def test_phi3_mini_prefill_qkv_hifi2fp16_in_both_presets():
-    from engine.config import accuracy, performance
+    from engine.vocab.config import accuracy, performance
 
     for preset in (accuracy, performance):
         assert preset("Phi-3-mini-128k-instruct").li_qkv_prefill.value == "hifi2fp16"
@@ -175,7 +175,7 @@ def test_phi3_mini_prefill_qkv_hifi2fp16_in_both_presets():
 
 
 def test_decoder_json_parts_start_from_the_defaults():
-    from engine.config import DEFAULT, Config, ModelConfig, performance
+    from engine.vocab.config import DEFAULT, Config, ModelConfig, performance
 
     perf = performance("Llama3.1-8B")
     entry = {"precision_cfg": {}, "fidelity_cfg": {"LI_FF2": "LOFI"}}
@@ -188,7 +188,7 @@ def test_decoder_json_parts_start_from_the_defaults():
 
 
 def test_shipped_per_layer_preset():
-    from engine.config import DEFAULT, ModelConfig, decoder_preset
+    from engine.vocab.config import DEFAULT, ModelConfig, decoder_preset
 
     assert decoder_preset("performance", "Llama-3.1-8B-Instruct") is not None
     assert decoder_preset("performance", "Llama3.1-8B") is None  # the seed rows: uniform bfp4 (27.8 vs 24.8 t/s/u)

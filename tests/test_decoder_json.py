@@ -7,7 +7,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.config import (
+from engine.vocab.config import (
     DECODER_JSON_BASE,
     DEFAULT,
     TT_FIDELITIES,
@@ -110,7 +110,7 @@ def test_perf_of_a_file_equals_perf_of_its_config_string(tmp_path, capsys):
 def test_perf_reads_an_edited_file_again(tmp_path):
     """The perf parse cache is keyed on the file's bytes: a same-size edit (BFP4 -> BF16 is not, BFP4 ->
     BFP8 is) within the mtime's resolution is still seen."""
-    from engine.perf import predict
+    from engine.perf.model import predict
 
     low = ModelConfig.uniform(DEFAULT.replace(ff1_3="bfp4", ff2="bfp4"), 2)
     high = ModelConfig.uniform(DEFAULT.replace(ff1_3="bfp8", ff2="bfp8"), 2)
@@ -131,7 +131,7 @@ def test_compare_two_files(tmp_path, capsys):
                  "--config", b, "--device", "N150", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["a"]["config"] == str(MIXED) and out["b"]["config"] == str(DEFAULT)
-    from engine.perf import predict
+    from engine.perf.model import predict
 
     for side, mc in (("a", MIXED), ("b", ModelConfig.uniform(DEFAULT, 2))):
         assert out[side]["speed"] == predict("tiny-llama", "N150", mc).speed_tsu
@@ -143,7 +143,7 @@ def test_lowercase_and_emulator_only_values_are_refused(tmp_path):
     fail on the hardware, so they fail here."""
     import pytest
 
-    from engine.config import ConfigError
+    from engine.vocab.config import ConfigError
 
     for entry, needle in (({"precision_cfg": {"FF1_FF3": "bfp4"}}, '"bfp4" for FF1_FF3'),
                           ({"precision_cfg": {"WO": "FP32"}}, '"FP32" for WO'),

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine.config import DEFAULT, Config, FidelitySetting, ModelConfig, OpGroup, TensorGroup
+from engine.vocab.config import DEFAULT, Config, FidelitySetting, ModelConfig, OpGroup, TensorGroup
 from sweep.equivalence import (
     _SRC_B_MIXED,
     SRC_A,
@@ -27,7 +27,7 @@ def key_of(**kw):
 
 # --- the rules -----------------------------------------------------------------------------------
 def test_phase_vector_reads_the_settings_table():
-    from engine import fidelity
+    from engine.numerics import fidelity
 
     c = Config(li_ff1_3="lofi", li_ff2="hifi3", sdpa_decode="hifi4fp32")
     v = phase_vector(c)
@@ -127,7 +127,7 @@ def test_representatives_keep_the_cheapest():
 
 
 def test_representatives_with_perf_costs():
-    from engine import perf
+    from engine.perf import model as perf
 
     def cost(c):
         r = perf.predict("tiny-llama", "N150", c)
@@ -156,7 +156,7 @@ def test_key_classes_are_coarser_than_identity():
 # --- against the engine: equal keys give bit-identical logits -------------------------------------
 @pytest.fixture(scope="module")
 def engine_run():
-    from engine.accuracy import Evaluator
+    from engine.accuracy.evaluator import Evaluator
 
     ev = Evaluator("tiny-llama", prefill=16, decode=15)
     model = ev.model

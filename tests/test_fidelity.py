@@ -1,4 +1,4 @@
-"""engine.fidelity: phase slices, dest accumulation, the setting table and the SFPU functions."""
+"""engine.numerics.fidelity: phase slices, dest accumulation, the setting table and the SFPU functions."""
 import math
 
 import numpy as np
@@ -6,11 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from engine import fidelity
-from engine.fidelity import EXACT, SETTINGS, Fidelity, exp, matmul, recip, resolve
+from engine.numerics import fidelity
+from engine.numerics.fidelity import EXACT, SETTINGS, Fidelity, exp, matmul, recip, resolve
 
 HIFI3 = SETTINGS["hifi3"].kernel
-from engine.formats import quantize
+from engine.numerics.formats import quantize
 
 
 def fp32_dest(phases: int) -> Fidelity:
@@ -120,7 +120,7 @@ def test_resolve_rejects_unknown_names():
 
 
 def test_resolve_accepts_config_enum():
-    from engine.config import FidelitySetting
+    from engine.vocab.config import FidelitySetting
 
     for member in FidelitySetting:
         assert isinstance(resolve(member), Fidelity)
@@ -279,7 +279,7 @@ def test_bf16_dest_on_random_data_and_ragged_k():
 def test_compiled_kernel_equals_torch_walk(monkeypatch):
     """kernels/dest16.c and the torch fallback compute the same bits (random bf16 data, batched
     weights, init partials, ragged K)."""
-    from engine import native
+    from engine.numerics import native
 
     x, w = rand_bf16((2, 3, 37, 150), 12), rand_bf16((3, 150, 70), 13)
     runs = {}

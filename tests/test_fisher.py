@@ -1,14 +1,14 @@
-"""engine.fisher: Model.layer_forward against a whole trial, the fp32 activations and gradients,
+"""engine.accuracy.fisher: Model.layer_forward against a whole trial, the fp32 activations and gradients,
 and the Fisher scores of probes (tiny-llama, a short window)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.accuracy import Evaluator, reference_model
-from engine.config import DEFAULT, REFERENCE, Config, ModelConfig
-from engine.fisher import activations, fisher_profile, fisher_score
-from engine.model import FULL
+from engine.accuracy.evaluator import Evaluator, reference_model
+from engine.vocab.config import DEFAULT, REFERENCE, Config, ModelConfig
+from engine.accuracy.fisher import activations, fisher_profile, fisher_score
+from engine.models.model import FULL
 
 P, D = 32, 31
 MIXED_ACT = Config.parse("precision_cfg = {ff1_3: bfp4, wqkv: bfp8, kv_cache: bfp8, activation: bfp8}, "
@@ -164,7 +164,7 @@ def test_windows_add_up(ttsweep_cache, ev, profile):
 def test_bad_probes_are_refused(ev):
     with pytest.raises(ValueError, match="layer 2 is not a layer index 0..1"):
         fisher_profile(ev, DEFAULT, [(2, BFP4)])
-    with pytest.raises(TypeError, match="must be an engine.config.Config"):
+    with pytest.raises(TypeError, match="must be an engine.vocab.config.Config"):
         fisher_profile(ev, DEFAULT, [(0, "ff1_3: bfp4")])
     with pytest.raises(ValueError, match="pair"):
         fisher_profile(ev, DEFAULT, [BFP4])

@@ -1,4 +1,4 @@
-"""engine.formats: hand-built blocks per rounding rule, a literal slow reference, properties,
+"""engine.numerics.formats: hand-built blocks per rounding rule, a literal slow reference, properties,
 and the packed tile byte layout."""
 import math
 import struct
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from engine.formats import FORMATS, bytes_per_element, get_format, pack, quantize, unpack
+from engine.numerics.formats import FORMATS, bytes_per_element, get_format, pack, quantize, unpack
 
 MAG_BITS = {"bfp8": 7, "bfp4": 3}
 

@@ -1,4 +1,4 @@
-"""engine.loaders and engine.text: registry, GGUF (dequantize, names, Q/K un-permutation, metadata,
+"""engine.models.loaders and engine.accuracy.text: registry, GGUF (dequantize, names, Q/K un-permutation, metadata,
 bad files), Hugging Face directories (Llama / Qwen2 / Phi-3, shards, no pickles), tiny models."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import loaders
-from engine.loaders import (
+from engine.models import loaders
+from engine.models.loaders import (
     ByteTokenizer,
     MissingModelFile,
     ModelFormatError,
@@ -23,7 +23,7 @@ from engine.loaders import (
     permute_qk,
     unpermute_qk,
 )
-from engine.text import END_MARKER, load_text, text_tokens
+from engine.accuracy.text import END_MARKER, load_text, text_tokens
 
 TINY = ("tiny-llama", "tiny-qwen2", "tiny-phi3")
 
@@ -215,8 +215,8 @@ def _write_gguf(path, arch: str, m: loaders.LoadedModel, permute: bool):
     w.add_rope_freq_base(s.rope_theta)
     w.add_layer_norm_rms_eps(s.rms_eps)
     w.add_vocab_size(s.vocab)
-    inv = {v: k for k, v in loaders._GGUF_GLOBAL.items()}
-    layer_inv = {v: k for k, v in loaders._GGUF_LAYER.items()}
+    inv = {v: k for k, v in loaders.gguf_file._GGUF_GLOBAL.items()}
+    layer_inv = {v: k for k, v in loaders.gguf_file._GGUF_LAYER.items()}
     for name, t in m.weights.items():
         a = t.numpy()
         if name in inv:
@@ -284,8 +284,8 @@ def test_smollm2_matches_transformers_gguf_loading(smollm2_gguf):
     de-permutes independently), and our engine's REFERENCE logits match that model's."""
     from transformers import AutoModelForCausalLM
 
-    from engine.config import REFERENCE
-    from engine.model import Model
+    from engine.vocab.config import REFERENCE
+    from engine.models.model import Model
 
     m = load("smollm2-135m")
     assert m.spec.n_layers == 30 and "lm_head.weight" not in m.weights

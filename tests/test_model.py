@@ -1,13 +1,13 @@
-"""engine.model: the REFERENCE config matches transformers' fp32 models; decode_batched is S literal
+"""engine.models.model: the REFERENCE config matches transformers' fp32 models; decode_batched is S literal
 decode steps bit for bit; op groups, output-dtype rules, weight caching and per-layer configs."""
 import pytest
 import torch
 
-import engine.model as em
-from engine import formats
-from engine.config import DEFAULT, REFERENCE, Config, ConfigError, ModelConfig, performance
-from engine.model import Model, mm, rope_inv_freq
-from engine.spec import ModelSpec
+import engine.models.model as em
+from engine.numerics import formats
+from engine.vocab.config import DEFAULT, REFERENCE, Config, ConfigError, ModelConfig, performance
+from engine.models.model import Model, mm, rope_inv_freq
+from engine.models.spec import ModelSpec
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS = 64, 160, 4, 2, 16, 256, 2
 LLAMA3_ROPE = {
@@ -173,8 +173,8 @@ def test_prefill_and_decode_use_their_own_op_groups(llama, op):
 
 
 def test_every_setting_carries_the_one_table_record():
-    from engine import fidelity
-    from engine.config import FidelitySetting
+    from engine.numerics import fidelity
+    from engine.vocab.config import FidelitySetting
 
     assert [s.value for s in FidelitySetting] == list(fidelity.SETTINGS)  # one table, same order
     for s in FidelitySetting:
@@ -316,7 +316,7 @@ def test_sdpa_exp_is_exact_unless_asked_recip_follows_approx(llama, monkeypatch)
     """tt_transformers runs SDPA's exp in exact mode (exp_approx_mode=False) whatever the setting;
     the softmax's reciprocal follows the setting's math_approx_mode; `sdpa_exp_approx=True` also
     switches the exp to the SFPU's (and keeps the batched-decode equivalence)."""
-    from engine import fidelity
+    from engine.numerics import fidelity
 
     toks = _tokens(48, seed=5)
     approx_on = DEFAULT.replace(sdpa_prefill="hifi4fp32", sdpa_decode="hifi2")  # approx mode on

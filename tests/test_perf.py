@@ -1,4 +1,4 @@
-"""The analytic performance model (engine/perf.py), its calibration and the `sweep perf` command."""
+"""The analytic performance model (engine/perf/model.py), its calibration and the `sweep perf` command."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import calibrate as cal
-from engine.config import Config, ModelConfig
-from engine.devices import device_for, normalise_device
-from engine.perf import CCL_PREFIX, PARAMS_FILE, NotCovered, calibration_note, load_params, params_metadata, predict
-from engine.shapes import ModelShape, shape_for
-from engine.spec import ModelSpec
+from engine.perf import calibrate as cal
+from engine.vocab.config import Config, ModelConfig
+from engine.vocab.devices import device_for, normalise_device
+from engine.perf.model import CCL_PREFIX, PARAMS_FILE, NotCovered, calibration_note, load_params, params_metadata, predict
+from engine.models.shapes import shape_for
+from engine.models.spec import ModelSpec
 
 SEED = cal.SEED_FILE
 LOFI_ALL = dict(li_ff1_3="lofi", li_ff2="lofi", li_qkv_decode="lofi", li_o_decode="lofi")
@@ -202,12 +202,12 @@ def test_shape_from_hf_directory_spec_and_registry(tmp_path, monkeypatch):
     assert predict(str(tmp_path), "N300").speed_tsu == pytest.approx(predict("Llama3.2-11B", "N300").speed_tsu)
     spec = ModelSpec(name="x", arch="llama", n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16,
                      intermediate=128, vocab=256)
-    assert shape_for(spec) == ModelShape("x", 2, 64, 4, 2, 16, 128, 256, source="ModelSpec")
-    import engine.loaders
+    assert shape_for(spec) is spec
+    import engine.models.loaders
 
-    monkeypatch.setattr(engine.loaders, "model_spec", lambda name, cache=None: spec)
+    monkeypatch.setattr(engine.models.loaders, "model_spec", lambda name, cache=None: spec)
     assert shape_for("tiny-llama").hidden == 64
-    monkeypatch.setattr(engine.loaders, "model_spec", lambda name, cache=None: (_ for _ in ()).throw(KeyError(name)))
+    monkeypatch.setattr(engine.models.loaders, "model_spec", lambda name, cache=None: (_ for _ in ()).throw(KeyError(name)))
     with pytest.raises(ValueError, match="Llama3.1-8B"):
         shape_for("no-such-model")
 

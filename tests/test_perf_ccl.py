@@ -1,4 +1,4 @@
-"""Multi-chip performance: collectives (engine/ccl.py), topologies, data parallel, prefill chunking,
+"""Multi-chip performance: collectives (engine/perf/ccl.py), topologies, data parallel, prefill chunking,
 the device table, prediction intervals and what the model refuses."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import math
 
 import pytest
 
-from engine import calibrate as cal
-from engine import ccl
-from engine.devices import DEVICES, device_for, device_names
-from engine.perf import CCL_PREFIX, NotCovered, Params, device_distance, load_params, predict
-from engine.shapes import shape_for
+from engine.perf import calibrate as cal
+from engine.perf import ccl
+from engine.vocab.devices import DEVICES, device_for, device_names
+from engine.perf.model import CCL_PREFIX, NotCovered, Params, device_distance, load_params, predict
+from engine.models.shapes import shape_for
 
 P = 262_144.0  # bytes: 32 rows x 4096 x bf16
 
@@ -172,7 +172,7 @@ def test_long_context_decode_is_bounded_by_the_sdpa_chunk_chain():
 
 # --- the device table drives every consumer -------------------------------------------------------
 def test_device_table_drives_the_study_files(monkeypatch):
-    from engine import devices
+    from engine.vocab import devices
     from sweep import space
 
     assert space._legal_devices() == device_names() == tuple(DEVICES)

@@ -42,7 +42,7 @@ def test_bars_are_drawn_on_a_terminal_only(monkeypatch):
 
 
 def test_windowed_evaluation_shows_its_windows(monkeypatch, capsys, tiny_llama_dir):
-    from engine.accuracy import Evaluator
+    from engine.accuracy.evaluator import Evaluator
 
     monkeypatch.setenv("TTSWEEP_PROGRESS", "1")
     ev = Evaluator("tiny-llama", prefill=8, decode=8, windows=3)
@@ -75,7 +75,7 @@ def test_sweep_check_counts_its_evaluations_and_keeps_its_verdict_lines(monkeypa
 
 
 def test_calibration_ticks_once_per_fit(monkeypatch):
-    from engine import calibrate as cal
+    from engine.perf import calibrate as cal
 
     rows = [cal.Row(model="Llama3.2-1B", device="N150", config="performance", speed=84.5, ttft=26.0),
             cal.Row(model="Llama3.1-8B", device="N150", config="performance", speed=27.8, ttft=107.0),

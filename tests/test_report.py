@@ -15,7 +15,7 @@ sys.path.insert(0, str(DATA))
 from synthetic_study import (  # noqa: E402  (test fixture)
     MODEL, N_LAYERS, build_study, journal_storage, lt_pareto_configs, synthetic_record)
 
-from engine.config import DEFAULT, Config, ModelConfig, performance  # noqa: E402
+from engine.vocab.config import DEFAULT, Config, ModelConfig, performance  # noqa: E402
 from sweep import cli, pareto, report  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -61,7 +61,7 @@ def test_lt_pareto_spec_headers_equal_the_seed():
 
 
 def test_configs_listed_by_preset_name_get_only_their_preset_section():
-    from engine.config import accuracy
+    from engine.vocab.config import accuracy
 
     acc = accuracy(MODEL)
     by_name = build_study(configs=[DEFAULT, acc], space={"base": "defaults", "configs": ["defaults", "accuracy"]})
@@ -85,7 +85,7 @@ def test_sections_in_order_and_presets_only_when_measured():
 
 
 def test_accuracy_section_when_the_study_measured_it():
-    from engine.config import accuracy
+    from engine.vocab.config import accuracy
 
     cfgs = [performance("llama3.2-1b"), accuracy("llama3.2-1b"), DEFAULT.replace(wo="bfp4")]
     text = build_report(build_study(model="llama3.2-1b", configs=cfgs))
@@ -250,7 +250,7 @@ class FakeResult:
 
 
 class FakeEvaluator:
-    """Stands in for engine.accuracy.Evaluator: measures what the table says, minus `drop`."""
+    """Stands in for engine.accuracy.evaluator.Evaluator: measures what the table says, minus `drop`."""
 
     calls: list = []
 
@@ -330,9 +330,9 @@ CHECK_REPORT = DATA / "check-report.md"
 
 @pytest.mark.skipif(not CHECK_REPORT.exists(), reason="tests/data/check-report.md not committed")
 def test_sweep_check_on_the_committed_report(capsys):
-    """The real check: tiny-llama through engine.accuracy on a small committed report with one
+    """The real check: tiny-llama through engine.accuracy.evaluator on a small committed report with one
     passing and one failing section."""
-    pytest.importorskip("engine.accuracy")
+    pytest.importorskip("engine.accuracy.evaluator")
     rc = cli.main(["check", str(CHECK_REPORT), "--model", "tiny-llama"])
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith(("PASS", "FAIL", "SKIP"))]

@@ -10,7 +10,7 @@ What is exact and what is not (docs/NUMERICS.md, "Reproducibility across CPUs"):
 reference's top-5 ids, the engine's logits and so every Top-1 / Top-5 figure are the same bits on
 every CPU and are compared exactly. ln(ref_ppl) and KLD are means of fp32 log-softmax values whose
 normaliser (a sum over the vocabulary) is accumulated in the order of the CPU's vector kernels;
-they are compared within `engine.accuracy.cross_cpu_tolerance(vocab)`, the derived bound on what
+they are compared within `engine.accuracy.evaluator.cross_cpu_tolerance(vocab)`, the derived bound on what
 two summation orders can make of them, and `test_cross_cpu_tolerance_*` exercises that rule by
 perturbing the reference's summation at that scale.
 """
@@ -60,7 +60,8 @@ class HideAccelerate:
 
 sys.meta_path[:] = [HideAccelerate(list(sys.meta_path))]
 import numpy as np
-from engine import accuracy, loaders
+from engine.accuracy import evaluator as accuracy
+from engine.models import loaders
 
 prefill, decode, cache = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 ref = accuracy.compute_reference(loaders.load("smollm2-135m", cache=cache), prefill, decode)
@@ -121,8 +122,8 @@ def test_fp32_reference_matches_committed_fingerprint(smollm2_gguf, ttsweep_cach
 
 
 def _tolerance() -> float:
-    from engine.accuracy import cross_cpu_tolerance
-    from engine.loaders import model_spec
+    from engine.accuracy.evaluator import cross_cpu_tolerance
+    from engine.models.loaders import model_spec
 
     return cross_cpu_tolerance(model_spec(MODEL).vocab)
 
@@ -169,7 +170,7 @@ def test_cross_cpu_tolerance_accepts_other_summation_orders_and_rejects_coarser_
     machine's own torch fp32 kernel): each stays within half the tolerance of the exact (float64)
     figure, so any two within the tolerance. The same 8-lane sum rounded at 2^10 times the fp32
     scale (14-bit significands) lands well outside: the tolerance is not vacuous."""
-    from engine.accuracy import vocab_sum_error
+    from engine.accuracy.evaluator import vocab_sum_error
 
     ref = smollm2_evaluator.reference
     tol = _tolerance()
@@ -239,8 +240,8 @@ def test_points_csv_uses_the_fingerprinted_reference():
 
 
 def test_readme_results_table_matches_points_csv():
-    from engine.config import ModelConfig
-    from engine.loaders import model_spec
+    from engine.vocab.config import ModelConfig
+    from engine.models.loaders import model_spec
 
     df = _points()
     by_config = {c: r for c, r in zip(df["config"], df.to_dict("records"))}
@@ -319,9 +320,9 @@ def test_committed_profile_covers_the_study_probes():
 
 def test_committed_allocations_match_the_performance_model_and_the_profile():
     """Each allocations.csv row: its decoder JSON is a SmolLM2 config within the budget, its predicted
-    speed is what engine.perf predicts now, its predicted damage is the profile's sum over its changes."""
-    from engine import perf
-    from engine.config import ModelConfig
+    speed is what engine.perf.model predicts now, its predicted damage is the profile's sum over its changes."""
+    from engine.perf import model as perf
+    from engine.vocab.config import ModelConfig
     from sweep.space import load_spec
 
     spec = load_spec(ALLOC_STUDY)

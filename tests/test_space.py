@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.config import DEFAULT, Config, ModelConfig, accuracy
+from engine.vocab.config import DEFAULT, Config, ModelConfig, accuracy
 from sweep.cli import main as cli_main
 from sweep.space import NATURAL, StudyFileError, StudySpec, load_spec, parse_spec
 
@@ -75,7 +75,7 @@ def test_nsga2_full_has_every_group_and_hifi3():
 
 
 def test_shipped_studies_validate_the_model_name():
-    pytest.importorskip("engine.loaders")
+    pytest.importorskip("engine.models.loaders")
     try:
         spec = load_spec(STUDIES / "lt-pareto.toml")
     except StudyFileError as exc:  # the optional SmolLM2 wheel is missing

@@ -1,4 +1,4 @@
-"""engine.stats and engine.token_record on fixed data: exact McNemar and Holm against
+"""engine.accuracy.stats and engine.accuracy.token_record on fixed data: exact McNemar and Holm against
 statsmodels / scipy, the moving-block bootstrap against scipy and its closed form, calibration
 under token-by-token label permutation (Kolmogorov-Smirnov), llama.cpp's KLD statistics, and the
 per-token record's round trip."""
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from engine import stats
-from engine.token_record import RecordError, TokenRecord
+from engine.accuracy import stats
+from engine.accuracy.token_record import RecordError, TokenRecord
 
 
 def record(top1, kld=None, windows=1, seed=0, key="k") -> TokenRecord:

@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
-import engine.model as em
-from engine import loaders
-from engine.accuracy import Evaluator, reference_logits, window_tokens
-from engine.config import ModelConfig
-from engine.weight_cache import WeightCache
+import engine.models.model as em
+from engine.models import loaders
+from engine.accuracy.evaluator import Evaluator, reference_logits, window_tokens
+from engine.vocab.config import ModelConfig
+from engine.models.weight_cache import WeightCache
 
 P, D = 48, 47
 CONFIGS = ["defaults", "performance", "accuracy", "reference"]
@@ -114,7 +114,7 @@ def test_smollm2_streamed_reference_is_the_whole_model(smollm2_gguf):
 
 
 def test_streamed_reference_reads_one_layer_at_a_time(monkeypatch):
-    from engine import reference
+    from engine.models import reference
 
     loaded = loaders.load("tiny-llama")
     model = reference.streamed_model(loaded)
@@ -173,7 +173,7 @@ def test_streamed_study_quantizes_each_weight_once(tmp_path, tiny_llama_dir):
 
 
 def test_memory_budget_decides_streaming(monkeypatch):
-    from engine.accuracy import streams
+    from engine.accuracy.evaluator import streams
 
     loaded = loaders.load("tiny-llama")
     monkeypatch.setenv("TTSWEEP_MEMORY_GB", "4")
@@ -188,8 +188,8 @@ def test_memory_budget_decides_streaming(monkeypatch):
 # --- the memory law ------------------------------------------------------------------------------
 _CHILD = """
 import json, sys
-from engine.accuracy import Evaluator
-from engine.store import peak_rss_bytes
+from engine.accuracy.evaluator import Evaluator
+from engine.models.store import peak_rss_bytes
 ev = Evaluator(sys.argv[1], prefill=32, decode=31, cache_dir=sys.argv[2])
 ev.evaluate("performance")
 print(json.dumps({"stream": ev.stream, "peak": peak_rss_bytes()}))
@@ -200,12 +200,12 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
     """Same width, 4 and 32 decoder layers (0.04 and 0.25 GB of bf16 weights): peak RSS within 15%
     (measured 483 and 481 MiB; keeping the weights instead gives 331 and 574 MiB).
     Each run is a fresh process (reference and trial) with a memory budget that streams both."""
-    from engine.shapes import ModelShape
-    from engine.synthetic import write_checkpoint
+    from engine.models.spec import ModelSpec
+    from engine.models.synthetic import write_checkpoint
 
     peaks = {}
     for n in (4, 32):
-        shape = ModelShape("law", n_layers=n, hidden=512, n_heads=8, n_kv_heads=2, head_dim=64,
+        shape = ModelSpec("law", arch="llama", n_layers=n, hidden=512, n_heads=8, n_kv_heads=2, head_dim=64,
                            intermediate=2048, vocab=4096)
         d = write_checkpoint(tmp_path / f"law{n}", shape, shard_bytes=64 << 20)
         env = {**__import__("os").environ, "TTSWEEP_MEMORY_GB": "0.05", "OMP_NUM_THREADS": "1"}

@@ -273,7 +273,7 @@ def test_a_crashing_trial_is_recorded_fail_and_the_study_goes_on(tmp_path, monke
     assert "resume" not in out and not err
 
     # a config queued from outside the space (an allocation) counts apart from the planned grid
-    from engine.config import ModelConfig
+    from engine.vocab.config import ModelConfig
     from sweep.study import enqueue_config
 
     assert enqueue_config(load_study(spec), ModelConfig.parse("accuracy", spec.n_layers, spec.model), {})
@@ -512,10 +512,10 @@ def test_gpus_are_shared_out_one_per_worker_when_asked():
 def test_torch_device_reaches_the_evaluator(tmp_path):
     import inspect
 
-    from engine.accuracy import Evaluator
+    from engine.accuracy.evaluator import Evaluator
 
     if "torch_device" not in inspect.signature(Evaluator).parameters:
-        pytest.skip("engine.accuracy.Evaluator takes no torch_device yet (being added in parallel)")
+        pytest.skip("engine.accuracy.evaluator.Evaluator takes no torch_device yet (being added in parallel)")
     spec = load_spec(small_grid(tmp_path))
     prep = prepare(spec)
     assert Worker(prep.study, spec, torch_device="cpu").run() == {"COMPLETE": 4}

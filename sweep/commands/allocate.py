@@ -155,7 +155,7 @@ def _row(a, device: str, path: Path, base_kld: float) -> dict:
 def _evaluate(args, spec, sspec, problem, allocations, rows, damage, grid) -> None:
     """Queue every allocation (full window in the study, short window in its sensitivity study)
     and the uniform configs it faces, run them, and fill the rows' measured columns."""
-    from engine.stats import compare
+    from engine.accuracy.stats import compare
     from sweep.profile import trials_by_config
     from sweep.records import ALLOCATION, TrialRecord, token_record_of
     from sweep.study import enqueue_config, load_study
@@ -215,7 +215,7 @@ def _grid(args, spec):
 def _uniform_candidates(grid, k: int, spec, problem, allocations, damage) -> dict[str, list]:
     """Per allocation (by budget label): the grid study's configs at least as fast on its device,
     least summed damage first (`k` of them). The grid is priced once."""
-    from engine import perf
+    from engine.perf import model as perf
     from sweep import allocate as alloc
 
     priced = []

@@ -6,7 +6,7 @@
 The first form evaluates both configs (N disjoint windows, default 1); the second reads the
 per-token records of two trials of a study. Both print the exact McNemar test on the Top-1
 discordant positions, moving-block paired-bootstrap 95% intervals of delta-Top-1 and delta-KLD
-(A minus B; engine.stats says how and why) and a verdict: A better / B better / not
+(A minus B; engine.accuracy.stats says how and why) and a verdict: A better / B better / not
 distinguishable at 95% (on Top-1; the KLD verdict beside it). `--device D` adds each config's
 predicted speed on D (and is passed to the engine where it emulates per device). `--json` prints one object with p_value, discordant ([A right B wrong,
 B right A wrong]), delta_top1 and delta_kld ([estimate, lo, hi]), verdict, kld_verdict, tokens.
@@ -45,7 +45,7 @@ def run(args) -> int:
         if len(args.config) != 2:
             raise UserError(f"give exactly two --config (A then B), got {len(args.config)}; or STUDY A B")
         side_a, side_b = _from_model(args)
-    from engine.stats import compare
+    from engine.accuracy.stats import compare
 
     cmp = compare(side_a["record"], side_b["record"])
     out = cmp.to_dict() | {"a": _public(side_a), "b": _public(side_b)}
@@ -63,7 +63,7 @@ def _public(side: dict) -> dict:
 def _speed(model: str, device: str | None, config, perf: dict | None = None) -> float | None:
     if not device:
         return None
-    from engine import perf as perf_model
+    from engine.perf import model as perf_model
 
     return float(perf_model.predict(model, device, config, **(perf or {})).speed_tsu)
 
@@ -72,7 +72,7 @@ def _from_model(args) -> tuple[dict, dict]:
     from sweep.commands.evaluate import evaluator_for
 
     if args.device:
-        from engine.devices import normalise_device
+        from engine.vocab.devices import normalise_device
 
         args.device = normalise_device(args.device)  # an unknown device fails here, before any evaluation
     ev = evaluator_for(args, args.config, device=args.device)

@@ -1,5 +1,5 @@
 """`sweep eval --model NAME --config CONFIG [--device N150] [--prefill 512 --decode 511] [--windows N] [--json]`: one
-accuracy trial (engine.accuracy.Evaluator) of a preset, config string or tt-metal decoder JSON file
+accuracy trial (engine.accuracy.evaluator.Evaluator) of a preset, config string or tt-metal decoder JSON file
 against the fp32 reference, with llama.cpp-style KLD statistics and, for N windows, each window's Top-1."""
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ def add_eval_args(p, windows_help: str = "disjoint 1024-token windows scored (de
 def evaluator_for(args, configs, device: str | None = None):
     """Validate model, configs and --windows cheaply (bad input fails before any model loads),
     then build the Evaluator (given `device` when the engine emulates per device)."""
-    from engine.accuracy import Evaluator
-    from engine.config import ModelConfig
-    from engine.loaders import model_spec
-    from engine.shapes import check_context, from_spec
+    from engine.accuracy.evaluator import Evaluator
+    from engine.vocab.config import ModelConfig
+    from engine.models.loaders import model_spec
+    from engine.models.shapes import check_context
     from sweep.cli import UserError
 
     if args.windows < 1:
@@ -37,7 +37,7 @@ def evaluator_for(args, configs, device: str | None = None):
     except ValueError as exc:
         raise UserError(str(exc)) from None
     spec = model_spec(args.model, cache=args.cache_dir)  # cheap: unknown models and bad configs fail fast
-    check_context(from_spec(spec), args.prefill, args.decode, "--prefill + --decode")
+    check_context(spec, args.prefill, args.decode, "--prefill + --decode")
     for c in configs:
         ModelConfig.parse(c, spec.n_layers, spec.name)
     lm_head = parse_lm_head(args.lm_head) if getattr(args, "lm_head", None) else None
@@ -100,7 +100,7 @@ def run(args) -> int:
 
 def parse_lm_head(text: str) -> tuple[str, str]:
     """'bfp8,hifi2fp16' -> ('bfp8', 'hifi2fp16'), checked against the format and setting tables."""
-    from engine.config import ConfigError, lm_head_of
+    from engine.vocab.config import ConfigError, lm_head_of
 
     fmt, sep, fid = (t.strip() for t in text.partition(","))
     if not sep:

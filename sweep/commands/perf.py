@@ -71,8 +71,8 @@ def _pi(iv, digits: int) -> str:
 
 
 def run_predict(args) -> int:
-    from engine.perf import predict
-    from engine.shapes import check_context, shape_for
+    from engine.perf.model import predict
+    from engine.models.shapes import check_context, shape_for
 
     if not args.model:
         raise ValueError("--model is required (or use `sweep perf calibrate` / `sweep perf table` / `sweep perf devices`)")
@@ -113,8 +113,8 @@ def run_predict(args) -> int:
 
 def _does_not_fit(res, args) -> None:
     """A prediction for a model that does not fit in DRAM is no prediction: one line, exit 2."""
-    from engine.devices import device_for, device_names
-    from engine.perf import predict
+    from engine.vocab.devices import device_for, device_names
+    from engine.perf.model import predict
     from sweep.cli import UserError
 
     cap = device_for(res.device).chip.dram_gb
@@ -130,8 +130,8 @@ def _does_not_fit(res, args) -> None:
 
 
 def run_calibrate(args) -> int:
-    from engine import calibrate as cal
-    from engine.perf import PARAMS_FILE, _load_params_file
+    from engine.perf import calibrate as cal
+    from engine.perf.model import PARAMS_FILE, load_params_file
 
     from sweep.commands.paths import check_output
 
@@ -139,7 +139,7 @@ def run_calibrate(args) -> int:
     out = None if args.dry_run else (args.out or PARAMS_FILE)
     result = cal.calibrate(args.tables, out=out, fit_pareto_ttft=args.fit_pareto_ttft, loss=args.loss,
                            cross_validation=not args.no_cv)
-    _load_params_file.cache_clear()
+    load_params_file.cache_clear()
     data = result["data"]
     meta = data["calibration"]
     if args.json:
@@ -184,8 +184,8 @@ def run_calibrate(args) -> int:
 
 
 def run_table(args) -> int:
-    from engine import calibrate as cal
-    from engine.perf import calibration_note, load_params
+    from engine.perf import calibrate as cal
+    from engine.perf.model import calibration_note, load_params
 
     params = load_params(args.params) if args.params else None
     rows = cal.published_rows(args.seed)
@@ -195,7 +195,7 @@ def run_table(args) -> int:
 
 
 def run_devices(args) -> int:
-    from engine.devices import DEVICES
+    from engine.vocab.devices import DEVICES
 
     print(f"{'system':8s} {'chips':>5s} {'mesh':6s} {'topology':9s} {'links':6s} {'chip':15s} {'status':12s} notes")
     for d in DEVICES.values():

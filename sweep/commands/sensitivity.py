@@ -7,7 +7,7 @@ profile resumes after a crash and several workers or hosts share it like any stu
 joins with `sweep worker <name>.sensitivity --storage URL`). When every probe is measured it writes
 `<out>/profile.csv` (sweep.profile.COLUMNS: delta-KLD with its 95% interval, delta-Top-1, the
 Top-1 discordant positions and McNemar p, per probe) and `<out>/profile-heatmap.png` (layers x
-family=choice). `--fisher` adds the first-order estimate (engine.fisher: one fp32 backward pass,
+family=choice). `--fisher` adds the first-order estimate (engine.accuracy.fisher: one fp32 backward pass,
 sum over positions of (g . dy)^2 per probe) as column `fisher` and prints its Spearman rank
 agreement with the measured delta-KLD.
 """
@@ -87,8 +87,8 @@ def _add_fisher(profile, sspec) -> dict:
     """Fill column `fisher` (first-order delta) and return {fisher_spearman, fisher_s}."""
     from scipy.stats import spearmanr
 
-    from engine.accuracy import Evaluator
-    from engine.fisher import fisher_profile
+    from engine.accuracy.evaluator import Evaluator
+    from engine.accuracy.fisher import fisher_profile
     from sweep.probes import Probe
 
     ev = Evaluator(sspec.model, prefill=sspec.eval["prefill"], decode=sspec.eval["decode"], device=sspec.primary,

@@ -22,10 +22,24 @@ from typing import Iterator
 from sweep.space import StudySpec
 
 
+def journal_folder(path: Path) -> None:
+    """Make sure the folder of a journal file (and of the study's lock files) exists. Only a
+    `.runs` folder inside an existing one is created (the default storage beside a study file);
+    any other missing folder is the user's typo, refused in one line before anything is written."""
+    if path.is_dir():
+        return
+    if path.name == ".runs" and path.parent.is_dir():
+        path.mkdir(exist_ok=True)
+        return
+    missing = path
+    while not missing.parent.is_dir() and missing.parent != missing:
+        missing = missing.parent
+    raise ValueError(f"storage folder {path} does not exist (no directory {missing}); create it first "
+                     f"(mkdir -p {path}) or fix the journal:PATH / --storage path")
+
+
 def lock_path(spec: StudySpec, what: str) -> Path:
     """`<runs dir>/<study>.<what>.lock`, the file behind this study's flocks on this machine."""
-    from sweep.study.storage import journal_folder
-
     journal_folder(spec.runs_dir)
     return spec.runs_dir / f"{spec.name}.{what}.lock"
 

@@ -41,9 +41,9 @@ class Prepared:
 
 
 def perf_cost(spec: StudySpec) -> Callable[[Any], list[float] | None]:
-    """Cost vector (per device: -speed, ttft) from engine.perf, None when it cannot price a config."""
+    """Cost vector (per device: -speed, ttft) from engine.perf.model, None when it cannot price a config."""
     try:
-        from engine import perf
+        from engine.perf import model as perf
     except Exception:  # noqa: BLE001
         return lambda mc: None
 

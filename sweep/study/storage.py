@@ -24,6 +24,7 @@ import optuna
 from sweep.metric_names import set_metric_names
 from sweep.space import StudySpec, canonical_storage_url
 from sweep.study import locks
+from sweep.study.locks import journal_folder
 
 JOURNAL_LOCK_GRACE_S = 10  # seconds before a journal lock left by a killed process is broken
 
@@ -90,22 +91,6 @@ def backend(url: str) -> Backend:
         raise ValueError(f"storage {redact(url)}: {scheme!r} databases are not supported for sweeps; use "
                          "journal:PATH (one machine), postgresql://... or mysql://... (several hosts), or sqlite:///PATH"
                          ) from None
-
-
-def journal_folder(path: Path) -> None:
-    """Make sure the folder of a journal file (and of the study's lock files) exists. Only a
-    `.runs` folder inside an existing one is created (the default storage beside a study file);
-    any other missing folder is the user's typo, refused in one line before anything is written."""
-    if path.is_dir():
-        return
-    if path.name == ".runs" and path.parent.is_dir():
-        path.mkdir(exist_ok=True)
-        return
-    missing = path
-    while not missing.parent.is_dir() and missing.parent != missing:
-        missing = missing.parent
-    raise ValueError(f"storage folder {path} does not exist (no directory {missing}); create it first "
-                     f"(mkdir -p {path}) or fix the journal:PATH / --storage path")
 
 
 def storage_exists(spec: StudySpec) -> bool:
@@ -230,7 +215,7 @@ def _check_same_spec(spec: StudySpec, stored: dict) -> None:
 
 def _calibration_note() -> str:
     try:
-        from engine import perf
+        from engine.perf import model as perf
 
         return str(perf.calibration_note())
     except Exception as exc:  # noqa: BLE001 - the note is informative only

@@ -1,9 +1,9 @@
 """A worker: claims trials of a study one at a time and evaluates them until none are left.
 
-Per trial a worker evaluates accuracy once (engine.accuracy.Evaluator, one per worker process,
+Per trial a worker evaluates accuracy once (engine.accuracy.evaluator.Evaluator, one per worker process,
 built on first use, on `torch_device` when one is given) unless a COMPLETE trial with the same
 numerics key exists (then it reuses that trial's accuracy: `reused_from`), predicts speed and
-TTFT for every device of the study (engine.perf.predict), and stores a `sweep.records.TrialRecord`
+TTFT for every device of the study (engine.perf.model.predict), and stores a `sweep.records.TrialRecord`
 as user attributes, plus:
 
     numerics_key   digest of sweep.equivalence.numerics_key (equal = provably same numerics)
@@ -40,7 +40,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from engine.config import ModelConfig
+from engine.vocab.config import ModelConfig
 from sweep.equivalence import numerics_digest
 from sweep.records import ALLOCATION, QUEUED_CONFIG, TrialRecord, accuracy_attrs
 from sweep.space import StudySpec
@@ -132,7 +132,7 @@ class Worker:
     def _evaluator(self, device: str | None = None):
         """The evaluator for `device`'s numerics (default the primary device), one per layout. A device
         whose numerics are not emulated (TG) uses the primary's, and a non-emulated primary N150's."""
-        from engine.accuracy import Evaluator
+        from engine.accuracy.evaluator import Evaluator
 
         layouts = self._layouts()
         emulated = next((d for d in (device or self.spec.primary, self.spec.primary) if layouts[d]), "N150")
@@ -152,8 +152,8 @@ class Worker:
     def _layouts(self) -> dict[str, tuple | None]:
         """device -> (tensor-parallel chips, wo split) of its numerics, None where not emulated (TG)."""
         if self._layout_map is None:
-            from engine.accuracy import numerics_layout
-            from engine.loaders import model_spec
+            from engine.accuracy.evaluator import numerics_layout
+            from engine.models.loaders import model_spec
 
             spec = model_spec(self.spec.model)
             out = {}
@@ -272,7 +272,7 @@ class Worker:
             wall = time.perf_counter() - t0
             acc = accuracy_attrs(res) | {"accuracy": per_device}
             reused_from = None
-        from engine import perf
+        from engine.perf import model as perf
 
         speed, ttft = {}, {}
         for d in self.spec.devices:
@@ -345,7 +345,7 @@ def _test_hook(cfg: str) -> None:
     fail = os.environ.get("SWEEP_TEST_FAIL")
     if fail and fail in cfg:
         try:
-            from engine.accuracy import NonFiniteLogits
+            from engine.accuracy.evaluator import NonFiniteLogits
         except ImportError:  # pragma: no cover
             NonFiniteLogits = RuntimeError  # noqa: N806
         raise NonFiniteLogits("non-finite logits at decode position 3 (test hook SWEEP_TEST_FAIL)")

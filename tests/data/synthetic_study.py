@@ -12,7 +12,7 @@ import math
 import optuna
 from optuna.distributions import CategoricalDistribution
 
-from engine.config import DEFAULT, Config, ModelConfig
+from engine.vocab.config import DEFAULT, Config, ModelConfig
 from sweep.records import TrialRecord
 
 MODEL = "smollm2-135m"

@@ -1,0 +1,1 @@
+"""What a study file can name, torch-free: number formats, fidelity settings, the config grammar, devices."""
