@@ -132,7 +132,6 @@ class StudyFileError(ConfigError):
 
 # --- vocabulary -----------------------------------------------------------------------------
 SAMPLERS = ("grid", "nsga2", "tpe", "gp")
-DEFAULT_DEVICES = ("N150", "N300", "T3K", "TG")
 TENSOR_FIELDS = tuple(g.value for g in TensorGroup)
 OP_FIELDS = tuple(o.value for o in OpGroup)
 GROUP_OF: dict[str, TensorGroup | OpGroup] = {g.value: g for g in TensorGroup} | {o.value: o for o in OpGroup}
@@ -505,10 +504,8 @@ def _str_list(where: str, key: str, v: Any, allow_str: bool = True) -> list[str]
 
 def _legal_devices() -> tuple[str, ...]:
     """The systems of the engine's device table (engine/data/devices.json): one source of truth."""
-    try:
-        from engine.vocab.devices import device_names
-    except ImportError:  # the engine's device table is optional here
-        return DEFAULT_DEVICES
+    from engine.vocab.devices import device_names
+
     return device_names()
 
 

@@ -196,6 +196,8 @@ def test_accuracy_depends_on_the_device():
     assert not torch.equal(n150.run(DEFAULT), n300.run(DEFAULT))
     with pytest.raises(ValueError, match="Galaxy"):
         Evaluator("tiny-llama", prefill=16, decode=15, device="TG")
+    with pytest.raises(ValueError, match="Blackhole numerics are not modelled"):
+        Evaluator("tiny-llama", prefill=16, decode=15, device="P150")  # the device table's `numerics` says why
     with pytest.raises(ValueError, match="not divisible by 8"):
         Evaluator("tiny-llama", prefill=16, decode=15, device="T3K")  # 4 heads over 8 chips
 
@@ -223,3 +225,20 @@ def test_numerics_doc_names_existing_tests_and_engine_functions():
     assert not missing, missing
     for mod in set(re.findall(r"`(?:engine\.(?:\w+\.)?)?(fidelity|formats|programs|model|config|evaluator)\.", doc)):
         assert list((root / "engine").glob(f"*/{mod}.py")), mod
+
+
+def test_device_facts_come_from_the_device_table():
+    """The program configs' grid and the perf model's prefill block are the device table's, not constants."""
+    from engine.perf.model import predict
+    from engine.vocab.devices import DEVICES, emulated_devices, numerics_chip
+
+    assert programs.GRID == numerics_chip().grid == DEVICES["N150"].chip.grid == (8, 8)
+    assert programs.lm_head_cores(576) == 6 * 3 and programs.lm_head_cores(2048) == 64  # from 8x8 down
+    assert emulated_devices() == ("N150", "N300", "T3K")
+    assert (DEVICES["N150"].chip.prefill_block_rows, DEVICES["P150"].chip.prefill_block_rows) == (1024, 512)
+    # the weights are re-read per block of prefill rows: a smaller block in the table costs TTFT
+    from dataclasses import replace
+
+    n150 = DEVICES["N150"]
+    half = replace(n150, chip=replace(n150.chip, prefill_block_rows=512))
+    assert predict("Llama3.2-1B", half, prefill=4096).ttft_ms > predict("Llama3.2-1B", n150, prefill=4096).ttft_ms

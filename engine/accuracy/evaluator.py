@@ -426,12 +426,13 @@ def token_record(parts: list[dict[str, torch.Tensor]], key: str = "") -> TokenRe
 def device_layout(device: str) -> tuple[int, str]:
     """(tensor-parallel chips, topology) of one replica of `device` as tt_transformers lays a model
     out on it; accuracy depends on it (wo / w2 split along K). TG's 2-D mesh is not emulated."""
-    from engine.vocab.devices import device_for
+    from engine.vocab.devices import device_for, emulated_devices
 
     rep = device_for(device).replica(1)
-    if rep.layout == "mesh2d":
-        raise ValueError(f"accuracy on {rep.device.name} (a 2-D Galaxy mesh, bfp8 collectives) is not emulated; "
-                         "evaluate on N150, N300 or T3K")
+    why = rep.device.chip.numerics or ("its 2-D Galaxy mesh with bfp8 collectives is not modelled" if rep.layout == "mesh2d" else "")
+    if why:
+        ok = emulated_devices()
+        raise ValueError(f"accuracy on {rep.device.name} is not emulated: {why}; evaluate on {', '.join(ok[:-1])} or {ok[-1]}")
     return rep.tp, rep.layout
 
 

@@ -6,7 +6,8 @@ The formulas are tt_transformers' `ModelArgs` helpers (models/tt_transformers/tt
 `find_largest_divisor`, `find_grid`, `find_grid_k_n`, `find_prefill_grid`, `dram_matmul_config`,
 `matmul_config`, and the program configs XQKV_DECODE_PROGCFG, ATTN_OUTPUT_PROGCFG,
 DECODE_MLP_W1_W3 / W2_PRG_CONFIG, XQKV_PREFILL_PROGCFG, WO_PREFILL_PROGCFG, PREFILL_MLP_W1_W3 /
-W2_PRG_CONFIG, the LM head's dram_matmul_config over `lm_head_core_grid`) on a Wormhole 8x8 grid.
+W2_PRG_CONFIG, the LM head's dram_matmul_config over `lm_head_core_grid`) on the compute grid of
+the chip whose numerics are emulated (engine.vocab.devices.numerics_chip: Wormhole's 8x8).
 `blocks(spec, tp, prefill)` gives K-block sizes in elements for the model's linears; None where K
 is not whole tiles (the tiny test models' 16-wide heads): one block.
 """
@@ -15,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.models.spec import ModelSpec
+from engine.vocab.devices import emulated_devices, numerics_chip
 
 TILE = 32
-GRID = (8, 8)  # Wormhole compute grid (rows, cols)
+GRID = numerics_chip().grid  # compute grid (rows, cols), from the device table
 
 
 class Unsupported(ValueError):
@@ -68,12 +70,12 @@ def matmul_in0_block_w(k: int, grid: tuple[int, int]) -> int:
 
 
 def lm_head_cores(dim: int) -> int:
-    """`lm_head_core_grid`: from 8x8, fewer rows (then fewer columns) until it divides dim / 32."""
-    rows, cols = 8, 8
+    """`lm_head_core_grid`: from the full grid, fewer rows (then fewer columns) until it divides dim / 32."""
+    rows, cols = GRID
     while dim % (TILE * rows * cols):
         rows -= 1
         if rows == 0:
-            cols, rows = cols - 1, 8
+            cols, rows = cols - 1, GRID[0]
     return rows * cols
 
 
@@ -102,7 +104,7 @@ def check_tp(spec: ModelSpec, tp: int) -> None:
                                           ("MLP hidden size", spec.intermediate)) if n % tp]
     if bad:
         raise Unsupported(f"tt_transformers cannot split {spec.name} over {tp} chips ({', '.join(bad)} not divisible "
-                          f"by {tp}); evaluate it on N150 (1 chip)")
+                          f"by {tp}); evaluate it on {emulated_devices()[0]} (1 chip)")
 
 
 def blocks(spec: ModelSpec, tp: int = 1, prefill: bool = False, topology: str = "line") -> Blocks:

@@ -83,7 +83,6 @@ PHASES = {f: f.kernel.phases or 4 for f in FidelitySetting}
 BF16, BFP8 = formats.bytes_per_element("bf16"), formats.bytes_per_element("bfp8")
 LM_HEAD_BYTES, LM_HEAD_FID = formats.bytes_per_element(LM_HEAD[0]), fidelity_of(LM_HEAD[1])  # tt/lm_head.py
 
-PREFILL_BLOCK_ROWS = 1024  # tt_transformers' Wormhole prefill_len_cutoff: weights re-read per block
 ELTWISE_OPS = ("attn_norm", "create_heads", "rotary", "concat_heads", "residual_1", "ff_norm", "silu_mul", "residual_2")
 OPS = ("qkv", "sdpa", "kv_cache", "wo", "ff1_3", "ff2", "eltwise", "lm_head", "embed_norm_sample", "host")
 CCL_PREFIX = "ccl:"  # breakdown entries of the collectives: "ccl:wo.reduce_scatter", ...
@@ -399,7 +398,7 @@ class _Cost:
             nbytes = wbytes + abytes
         else:
             cores = self.rep.chip.cores
-            reads = _ceil(rows, PREFILL_BLOCK_ROWS)
+            reads = _ceil(rows, self.rep.chip.prefill_block_rows)
             mem = reads * wbytes / (self.bw * p.prefill_dram_eff) + abytes / (self.bw * p.dram_eff)
             ovh = p.prefill_op_us
             nbytes = reads * wbytes + abytes

@@ -40,7 +40,14 @@ class Chip:
     eth_links: int
     eth_payload_gbs: float
     hop_us: float
+    grid: tuple[int, int] = (8, 8)  # compute grid (rows, cols) the matmul program configs divide work over
+    prefill_block_rows: int = 1024  # tt_transformers' prefill_len_cutoff: weights re-read per block of rows
+    numerics: str = ""  # "" = the engine emulates this chip's numerics; else why it does not
     source: str = ""
+
+    @property
+    def numerics_modelled(self) -> bool:
+        return not self.numerics
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ class Replica:
 
 def _load_table() -> dict[str, Device]:
     data = json.loads(DATA.read_text())
-    chips = {name: Chip(name=name, **spec) for name, spec in data["chips"].items()}
+    chips = {name: Chip(name=name, **{**spec, "grid": tuple(spec["grid"])}) for name, spec in data["chips"].items()}
     out: dict[str, Device] = {}
     for name, s in data["systems"].items():
         chip = chips.get(s["chip"])
@@ -136,6 +143,19 @@ def _load_table() -> dict[str, Device]:
 
 
 DEVICES: Mapping[str, Device] = _load_table()
+
+
+def emulated_devices() -> tuple[str, ...]:
+    """Systems whose numerics the engine emulates (a modelled chip, not the 2-D Galaxy mesh)."""
+    return tuple(n for n, d in DEVICES.items() if d.chip.numerics_modelled and d.topology != "mesh2d")
+
+
+def numerics_chip() -> Chip:
+    """The chip whose numerics the engine emulates (its grid sets the program configs' K blocks)."""
+    chips = {d.chip.name: d.chip for d in DEVICES.values() if d.chip.numerics_modelled}
+    if len(chips) != 1:
+        raise ValueError(f"{DATA.name}: exactly one chip may have modelled numerics, found {sorted(chips)}")
+    return next(iter(chips.values()))
 
 
 def device_names() -> tuple[str, ...]:
