@@ -43,32 +43,31 @@ from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
 from engine.vocab.config import Config, FidelitySetting, ModelConfig, OpGroup, Precision, TensorGroup
+from engine.vocab.ops import HELD, OPS, src_b_dtype
 
-#: The weight (SrcA) operand of each op group.
-SRC_A: dict[OpGroup, TensorGroup] = {
-    OpGroup.LI_FF1_FF3: TensorGroup.FF1_FF3,
-    OpGroup.LI_FF2: TensorGroup.FF2,
-    OpGroup.LI_QKV_DECODE: TensorGroup.WQKV,
-    OpGroup.LI_QKV_PREFILL: TensorGroup.WQKV,
-    OpGroup.LI_O_DECODE: TensorGroup.WO,
-    OpGroup.LI_O_PREFILL: TensorGroup.WO,
-    OpGroup.SDPA_DECODE: TensorGroup.KV_CACHE,
-    OpGroup.SDPA_PREFILL: TensorGroup.KV_CACHE,
-}
-SDPA_OPS = (OpGroup.SDPA_DECODE, OpGroup.SDPA_PREFILL)
+_MATMUL_OPS = {o.fidelity: o for o in OPS.values() if o.fidelity}  # op group value -> its row of the op table
 
-#: Each op's activation operand when `activation` is mixed (None); a forced activation replaces it.
+#: The weight (SrcA) operand of each op group (engine.vocab.ops).
+SRC_A: dict[OpGroup, TensorGroup] = {OpGroup(g): TensorGroup(o.weight) for g, o in _MATMUL_OPS.items()}
+SDPA_OPS = tuple(OpGroup(g) for g, o in _MATMUL_OPS.items() if o.second_src_b)
+
+#: Each op's activation operand when `activation` is mixed (None), for the ops a forced activation
+#: replaces it in (engine.vocab.ops; the norm-fed ops read the held bf16 layer input).
 _SRC_B_MIXED: dict[OpGroup, Precision] = {
-    OpGroup.LI_FF1_FF3: Precision.BF16, OpGroup.LI_QKV_DECODE: Precision.BF16, OpGroup.LI_QKV_PREFILL: Precision.BF16,
-    OpGroup.LI_FF2: Precision.BFP8, OpGroup.LI_O_PREFILL: Precision.BFP8,
+    OpGroup(g): Precision("bf16" if o.src_b == HELD else o.src_b)
+    for g, o in _MATMUL_OPS.items() if o.src_b_forced and not o.second_src_b
 }
 
 
 def _src_b_precision(cfg: Config, op: OpGroup) -> Precision:
-    """The format of `op`'s activation (SrcB) operand as far as it is known to lack bits."""
-    if op in _SRC_B_MIXED:
-        return _SRC_B_MIXED[op] if cfg.activation is None else cfg.activation
-    return Precision.BF16  # decode wo input and the SDPA operands (Q in decode, P)
+    """The format of `op`'s activation (SrcB) operand as far as it is known to lack bits: the op
+    table's, under the layer's activation; an op with a second matmul (SDPA's P @ V reads the bf16
+    softmax P) counts as that one's bf16."""
+    row = _MATMUL_OPS[op.value]
+    if row.second_src_b:
+        return Precision(row.second_src_b)
+    act = None if cfg.activation is None else cfg.activation.value
+    return Precision(src_b_dtype(op.value, act))
 
 
 #: Phase p's (SrcB slice, SrcA slice).

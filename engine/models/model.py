@@ -27,24 +27,25 @@ Linears and attention matmuls go through `fidelity.matmul(activation, weight, se
   li_qkv_prefill / li_qkv_decode    the qkv linear          li_ff1_3   w1 and w3 (both modes)
   li_o_prefill / li_o_decode        the wo linear           li_ff2     w2 (both modes)
   sdpa_prefill / sdpa_decode        Q @ K^T (Q = activation/SrcB, K^T = weight/SrcA side), the
-          softmax's exp (fidelity.exp with the setting's approx flag) and P @ V (V = weight side).
-Output dtypes (`activation`; device rounding for bfp):
-  mixed   qkv, w1, w3, w2 outputs bf16; SiLU(w1)*w3 bfp8; Q (after RoPE, before attention) and
-          the wo output bfp8 in prefill, bf16 in decode.
-  bf16 / bfp8   forced on all of those outputs (prefill and decode).
-  fp32    FULL-PRECISION MODE (the rule): a layer whose activation is fp32 rounds nothing that
-          its config does not govern; its governed weights, K/V cache and fidelities still apply.
-Ungoverned ops (RMSNorm, RoPE, residual adds, the softmax, SDPA output): computed in fp32, output
-bf16 - or fp32 (no rounding) in full-precision mode. SiLU is fused into the product like tt-metal's
-`ttnn.mul(w1, w3, input_tensor_a_activations=[SILU])`, so its only rounding is the product's. Norm
-weights and q/k/v biases are held in bf16 (fp32 in full-precision mode); a bias is added in fp32
-to the matmul output before that output is rounded. RoPE's cos/sin tables are fp32 (tt-metal
-uploads them as bf16). Softmax: whole-row (tt-metal runs a chunked, online softmax) over the scaled,
-masked scores in fp32 with exact exp and division (torch.softmax), because tt_transformers runs
-SDPA's exp in exact mode whatever the setting's approx flag (docs/NUMERICS.md); with
-`Model(..., sdpa_exp_approx=True)` a setting with approx mode uses the SFPU's approximate exp and
-reciprocal instead (fidelity.exp / fidelity.recip), to study that choice. P rounded to bf16
-before P @ V.
+          softmax (exp exact by default, see below) and P @ V (V = weight side).
+Output dtypes: every op's output and activation operand dtype is a row of engine.vocab.ops (THE
+op table; `mixed`: qkv, w1, w3, w2 outputs bf16; SiLU(w1)*w3 bfp8; Q (after RoPE) and the wo
+output bfp8 in prefill, bf16 in decode; a forced bf16 / bfp8 activation replaces the forced
+entries; device rounding for bfp). Activation fp32 is FULL-PRECISION MODE (the rule): a layer
+whose activation is fp32 rounds nothing that its config does not govern; its governed weights,
+K/V cache and fidelities still apply.
+Ungoverned ops: RMSNorm in fp32, output in the layer input's dtype (or the forced activation);
+RoPE as rotary_embedding_llama computes it, each product and the sum rounded to bf16, with bf16
+cos/sin tables; residual adds in fp32 rounded to the residual's dtype. The SiLU is the mul's fused
+pre-activation: SiLU(w1 output) is packed in w1's output dtype, then the product is rounded (two
+roundings, `silu` picks the SFPU's piecewise or x*sigmoid). Norm weights and q/k/v biases are
+held in bf16 (fp32 in full-precision mode); a bias is added AFTER the qkv output is rounded, and
+the sum rounded again (attention.py). SDPA is flash attention as sdpa_program_factory /
+sdpa_decode run it: K chunks (64 / 256 in prefill, 256 in decode), a running max, scores, P,
+the row sum and O held in bf16 between steps, exact exp (tt_transformers runs SDPA's exp in exact
+mode whatever the setting's approx flag; `Model(..., sdpa_exp_approx=True)` uses the SFPU's
+approximate exp and reciprocal instead, to study that choice), out = O * recip(l) in Q's dtype;
+whole-row fp32 softmax in full-precision mode.
 
 Model-level ops (embedding lookup, final norm, LM head) run in full precision iff EVERY layer is in
 full-precision mode (so `engine.vocab.config.REFERENCE` is plain fp32 end to end and matches the
@@ -67,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.numerics import fidelity, formats
+from engine.vocab import ops
 from engine.models import programs
 from engine.vocab.config import LM_HEAD, Config, ConfigError, FidelitySetting, ModelConfig, Precision, fidelity_of
 from engine.models.spec import ModelSpec
@@ -102,9 +104,9 @@ def sdpa_scale(head_dim: int, full: bool = False) -> float:
     return float(torch.tensor(scale).view(torch.int32).bitwise_and(-65536).view(torch.float32))
 
 
-def _act(c: Config, default: str) -> str:
-    """An op's output dtype: the forced `activation`, else the op's own default."""
-    return default if c.activation is None else c.activation.value
+def _out(c: Config, op: str, held: str = "bf16") -> str:
+    """The dtype op `op` writes under layer config `c` (engine.vocab.ops: THE op table)."""
+    return ops.out_dtype(op, None if c.activation is None else c.activation.value, held)
 
 
 def _pad_rows(x: torch.Tensor, multiple: int = ROWS) -> torch.Tensor:
@@ -119,7 +121,7 @@ def _full(c: Config) -> bool:
 
 def _out_format(c: Config) -> str:
     """The dtype a decoder layer's output is held in: the forced activation, else bf16."""
-    return FULL if _full(c) else _act(c, "bf16")
+    return _out(c, "residual")
 
 
 def _rope_format(c: Config) -> str:
@@ -515,27 +517,28 @@ class Model:
         s = self.spec
         full = _full(c)
 
-        def act(default: str) -> str:
-            return FULL if full else _act(c, default)
-
         W = self.layer_weights(i, c)
         kv = c.kv_cache.value
         blk = self._prog[prefill]
-        interm = None if prefill or full else "bf16"  # decode linears are DRAM-sharded: Float16_b partials
+        act = None if c.activation is None else c.activation.value
+
+        def interm(op: str) -> str | None:  # decode linears are DRAM-sharded: Float16_b partials
+            return ops.partials(op, prefill, act)
+
+        li_qkv, li_o = ("li_qkv_prefill", "li_o_prefill") if prefill else ("li_qkv_decode", "li_o_decode")
         M, H, nkv, D = h.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
 
         # attention block: the layer input is typecast to the activation dtype (tt/model.py)
-        x_fmt = act(h_fmt)
+        x_fmt = _out(c, "norm", h_fmt)
         h = rnd(h, x_fmt)
         x = _rms_norm(h, self.weight(*W["ln1"]), s.rms_eps, x_fmt)
-        qkv_fmt = act("bf16")
-        qkv = self._linear(c.li_qkv_prefill if prefill else c.li_qkv_decode, x, self.weight(*W["wqkv"]),
-                           blk.qkv, qkv_fmt, interm)
+        qkv_fmt = _out(c, li_qkv)
+        qkv = self._linear(getattr(c, li_qkv), x, self.weight(*W["wqkv"]), blk.qkv, qkv_fmt, interm(li_qkv))
         if s.qkv_bias:  # added after the qkv output is rounded (attention.py), in the output's dtype
             qkv = rnd(qkv + self.weight(*W["bqkv"]), qkv_fmt)
         qkv = qkv.reshape(M, H + 2 * nkv, D)
         qk = self._rope_apply(qkv[:, : H + nkv], rope, FULL if full else "bf16")  # RoPE on q and k heads together, in bf16
-        q_fmt = act("bfp8") if prefill else act("bf16") if full else "bf16"  # decode Q is never typecast
+        q_fmt = _out(c, "q_prefill" if prefill else "q_decode")  # decode Q is never typecast
         q = rnd(qk[:, :H], q_fmt)  # [M, H, D]
         k = rnd(qk[:, H:], kv)  # [M, nkv, D]
         v = rnd(qkv[:, H + nkv:], kv)
@@ -545,22 +548,21 @@ class Model:
         L = mask.shape[1]
         o = self._sdpa(q, cache.kt[i][:, :, :L], cache.v[i][:, :L], mask,
                        c.sdpa_prefill if prefill else c.sdpa_decode, q_fmt, self._chunk(prefill, L, full))
-        wo_fmt = act("bfp8") if prefill else q_fmt  # decode wo: dtype=None, the SDPA output's (Q's) dtype
-        o = self._linear(c.li_o_prefill if prefill else c.li_o_decode, o, self.weight(*W["wo"]),
-                         blk.wo, wo_fmt, interm, self.wo_split)
+        wo_fmt = _out(c, li_o)  # decode wo: dtype=None, the SDPA output's
+        o = self._linear(getattr(c, li_o), o, self.weight(*W["wo"]), blk.wo, wo_fmt, interm(li_o), self.wo_split)
         h = rnd(h + o, x_fmt)  # first residual add: dtype=None keeps the residual's dtype
 
         # MLP block
         x = _rms_norm(h, self.weight(*W["ln2"]), s.rms_eps, x_fmt)
-        f13 = act("bf16")
-        gu = mm(c.li_ff1_3, x, self.weight(*W["w13"]), blk.w13, f13, interm)
+        f13 = _out(c, "li_ff1_3")
+        gu = mm(c.li_ff1_3, x, self.weight(*W["w13"]), blk.w13, f13, interm("li_ff1_3"))
         if s.intermediate % formats.BLOCK == 0:  # no block straddles w1 | w3: round both at once
             g, u = rnd(gu, f13).split(s.intermediate, dim=-1)
         else:
             g, u = (rnd(t.contiguous(), f13) for t in gu.split(s.intermediate, dim=-1))
         g = g if full else rnd(self.silu(g), f13)  # the mul's fused SiLU pre-activation, packed in w1's dtype
-        y = rnd(g * u, act("bfp8")) if not full else F.silu(g) * u
-        d = self._linear(c.li_ff2, y, self.weight(*W["w2"]), blk.w2, act("bf16"), interm, self.tp)
+        y = rnd(g * u, _out(c, "silu_mul")) if not full else F.silu(g) * u
+        d = self._linear(c.li_ff2, y, self.weight(*W["w2"]), blk.w2, _out(c, "li_ff2"), interm("li_ff2"), self.tp)
         out = _out_format(c)
         return rnd(h + d, out), out  # second residual add: dtype = activation or bf16
 

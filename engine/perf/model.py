@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine.perf import ccl
-from engine.vocab import formats
+from engine.vocab import formats, ops
 from engine.vocab.config import LM_HEAD, Config, FidelitySetting, ModelConfig, Precision, decoder_json_file, fidelity_of
 from engine.vocab.devices import DEVICES, Device, Replica, device_for
 from engine.models.shapes import shape_for
@@ -327,6 +327,25 @@ def _ceil(a: float, b: float) -> int:
     return -(-int(a) // int(b))
 
 
+#: Each priced linear's row of the op table, (decode, prefill).
+LINEAR_OPS = {"qkv": ("li_qkv_decode", "li_qkv_prefill"), "wo": ("li_o_decode", "li_o_prefill"),
+              "ff1_3": ("li_ff1_3", "li_ff1_3"), "ff2": ("li_ff2", "li_ff2")}
+
+
+def linear_io(cfg: Config, op: str, prefill: bool) -> tuple[float, float]:
+    """Activation bytes per element (in, out) the performance model prices for a linear (`mixed`:
+    bf16, except the bfp8 SiLU product feeding w2 and, in prefill, wo's bfp8 input and output).
+    The op table's dtypes agree for `mixed` layers; under a forced activation this costs the qkv
+    and w1/w3 inputs as bf16 and the decode wo output in the activation (the table: the
+    activation, and bf16): tests/test_op_table.py marks that known difference."""
+    act = (lambda d: bytes_per_element(cfg.activation) if cfg.activation is not None else d)  # noqa: E731
+    if op == "wo":
+        return (act(BFP8), act(BFP8)) if prefill else (BF16, act(BF16))
+    if op == "ff2":
+        return act(BFP8), act(BF16)
+    return BF16, act(BF16)
+
+
 class _Cost:
     """Costs of one model on one replica with given run settings."""
 
@@ -427,20 +446,16 @@ class _Cost:
         return bytes_per_element(cfg.activation) if cfg.activation is not None else default
 
     def _linears(self, acc: _Acc, cfg: Config, phase: str, rows: int, count: float = 1.0) -> None:
-        """The four linears of one layer: weight bytes in their formats, the op groups' fidelity,
-        activation bytes in and out (`mixed`: bf16, except the bfp8 SiLU product feeding w2 and,
-        in prefill, wo's bfp8 input and output)."""
-        bf16, bfp8 = BF16, BFP8
+        """The four linears of one layer: the weight each reads and its op group's fidelity from the
+        op table (engine.vocab.ops), weight bytes in their formats, activation bytes in and out
+        (`linear_io`)."""
         prefill = phase == "prefill"
-        wo_io = (self._act(cfg, bfp8), self._act(cfg, bfp8)) if prefill else (bf16, self._act(cfg, bf16))
-        for op, mm, fmt, fid, io, n_mm in (
-            ("qkv", "qkv", cfg.wqkv, cfg.li_qkv_prefill if prefill else cfg.li_qkv_decode, (bf16, self._act(cfg, bf16)), 1),
-            ("wo", "wo", cfg.wo, cfg.li_o_prefill if prefill else cfg.li_o_decode, wo_io, 1),
-            ("ff1_3", "ff1", cfg.ff1_3, cfg.li_ff1_3, (bf16, self._act(cfg, bf16)), 2),
-            ("ff2", "ff2", cfg.ff2, cfg.li_ff2, (self._act(cfg, bfp8), self._act(cfg, bf16)), 1),
-        ):
+        for op, mm, n_mm in (("qkv", "qkv", 1), ("wo", "wo", 1), ("ff1_3", "ff1", 2), ("ff2", "ff2", 1)):
+            row = LINEAR_OPS[op][prefill]
             k, n = self.mm[mm]
-            self._matmul(acc, op, phase, k, n, bytes_per_element(fmt), fid, *io, rows, count=n_mm * count)
+            fmt, fid = getattr(cfg, ops.OPS[row].weight), getattr(cfg, row)
+            self._matmul(acc, op, phase, k, n, bytes_per_element(fmt), fid, *linear_io(cfg, op, prefill), rows,
+                         count=n_mm * count)
 
     def _layer_decode(self, acc: _Acc, cfg: Config) -> None:
         s, p, rows = self.s, self.p, self.m_dec

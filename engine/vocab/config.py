@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from engine.vocab import fidelity, formats
+from engine.vocab import fidelity, formats, ops
 
 
 class ConfigError(ValueError):
@@ -76,11 +76,10 @@ class FidelitySetting(Enum):
 #: Natural fidelity of each weight precision (the seed's pairing: bfp4+LoFi, bfp8+HiFi2, bf16+HiFi4).
 NATURAL = {"bfp4": "lofi", "bfp8": "hifi2", "bf16": "hifi4"}
 #: The op groups (linears) that read each weight group: what "natural fidelity" couples.
+#: Derived from the op table (engine.vocab.ops), in the enums' order.
 WEIGHT_READERS = {
-    "ff1_3": ("li_ff1_3",),
-    "ff2": ("li_ff2",),
-    "wqkv": ("li_qkv_decode", "li_qkv_prefill"),
-    "wo": ("li_o_decode", "li_o_prefill"),
+    g.value: tuple(op.value for op in OpGroup if ops.OPS[op.value].weight == g.value)
+    for g in TensorGroup if g.value in ops.WEIGHT_OPS and g is not TensorGroup.KV_CACHE
 }
 
 #: Values that exist in tt-metal and may appear in an exported decoder JSON (from the records).
