@@ -105,90 +105,107 @@ def _num(cell: str) -> float | None:
 _DP = re.compile(r"\(\s*DP\s*=\s*(\d+)\s*\)", re.I)
 
 
+@dataclass
+class _Context:
+    """What the headings and prose above a table say about its rows."""
+
+    section: str = ""
+    config: str = "performance"
+    harness: str = "demo"
+    batch: int = 1
+    prefill: int = 128
+    decode: int = 200
+
+    def heading(self, line: str) -> None:
+        level = len(line) - len(line.lstrip("#"))
+        title = line[level:].strip()
+        self.section, self.batch, self.prefill = title, 1, 128
+        if level == 1:
+            self.config, self.harness = "performance", "demo"
+            return
+        low = title.lower()
+        if "precision_cfg" in low or "fidelity_cfg" in low:
+            self.config, self.harness = title, "pareto"
+        elif "accuracy" in low:
+            self.config, self.harness = "accuracy", "demo"
+        else:
+            self.config, self.harness = "performance", "demo"
+        k = re.search(r"(\d+)\s*k\s*tokens", low)
+        if k:
+            self.prefill = int(k.group(1)) * 1024
+
+    def prose(self, line: str) -> None:
+        b = re.search(r"batch_size\s*=\s*(\d+)", line, re.I)
+        if b:
+            self.batch = int(b.group(1))
+        pl = re.search(r"prefill_length is (\d+)\s*(k?)", line, re.I)
+        if pl:
+            self.prefill = int(pl.group(1)) * (1024 if pl.group(2) else 1)
+
+
 def parse_tables(text: str) -> ParseResult:
     out = ParseResult()
-    decode = 200
+    ctx = _Context()
     m = re.search(r"generation of (\d+) tokens", text)
     if m:
-        decode = int(m.group(1))
-    lines = text.splitlines()
-    section, config, harness = "", "performance", "demo"
-    batch, prefill = 1, 128
+        ctx.decode = int(m.group(1))
     header: list[str] | None = None
-    for no, raw in enumerate(lines, 1):
+    for no, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            title = line[level:].strip()
+            ctx.heading(line)
             header = None
-            if level == 1:
-                section, config, harness, batch, prefill = title, "performance", "demo", 1, 128
-                continue
-            section, batch, prefill = title, 1, 128
-            low = title.lower()
-            if "precision_cfg" in low or "fidelity_cfg" in low:
-                config, harness = title, "pareto"
-            elif "accuracy" in low:
-                config, harness = "accuracy", "demo"
-            else:
-                config, harness = "performance", "demo"
-            k = re.search(r"(\d+)\s*k\s*tokens", low)
-            if k:
-                prefill = int(k.group(1)) * 1024
             continue
         if not line.startswith("|"):
-            b = re.search(r"batch_size\s*=\s*(\d+)", line, re.I)
-            if b:
-                batch = int(b.group(1))
-            pl = re.search(r"prefill_length is (\d+)\s*(k?)", line, re.I)
-            if pl:
-                prefill = int(pl.group(1)) * (1024 if pl.group(2) else 1)
+            ctx.prose(line)
             if line:
-                header = None if not line.startswith("|") else header
+                header = None
             continue
         cells = [c.strip() for c in line.strip("|").split("|")]
         if header is None:
             header = [c.lower() for c in cells]
-            continue
-        if all(re.fullmatch(r":?-+:?", c) for c in cells if c):
-            continue
-        col = {name: i for i, name in enumerate(header)}
-
-        def find(*keys: str) -> int | None:
-            for name, i in col.items():
-                if all(k in name for k in keys):
-                    return i
-            return None
-
-        im, idv, isp, itt = find("model"), find("device"), find("speed"), find("ttft")
-        if im is None or idv is None or (isp is None and itt is None):
-            continue
-        model, dev_cell = cells[im], cells[idv]
-        speed = _num(cells[isp]) if isp is not None and isp < len(cells) else None
-        ttft = _num(cells[itt]) if itt is not None and itt < len(cells) else None
-        dp = 1
-        for part in (model, dev_cell):
-            d = _DP.search(part)
-            if d:
-                dp = int(d.group(1))
-        model = _DP.sub("", model).strip()
-        dev_text = _DP.sub("", dev_cell).strip()
-        note = ""
-        try:
-            device = normalise_device(dev_text)
-        except ValueError:
-            out.notes.append(f"line {no}: unknown device {dev_text!r}, row skipped")
-            continue
-        if device.lower() != dev_text.lower():
-            note = f"device {dev_text!r} read as {device}"
-            out.notes.append(f"line {no}: {note}")
-        if speed is None and ttft is None:
-            out.skipped_empty.append(f"line {no}: {model} {dev_text} [{section}]")
-            continue
-        out.rows.append(Row(model=model, device=device, config=config, batch=batch, prefill=prefill,
-                            decode=decode, dp=dp, speed=speed, ttft=ttft, section=section,
-                            harness=harness, line=no, note=note))
+        elif not all(re.fullmatch(r":?-+:?", c) for c in cells if c):
+            _parse_row(cells, header, ctx, no, out)
     return out
+
+
+def _column(header: list[str], *keys: str) -> int | None:
+    """The column whose (lower-case) name holds every key: the first such name; of a name that
+    repeats, its last column."""
+    col = {name: i for i, name in enumerate(header)}
+    return next((i for name, i in col.items() if all(k in name for k in keys)), None)
+
+
+def _parse_row(cells: list[str], header: list[str], ctx: _Context, no: int, out: ParseResult) -> None:
+    """One data row of a Model / Device / Speed / TTFT table into `out` (or a note why not)."""
+    im, idv, isp, itt = (_column(header, k) for k in ("model", "device", "speed", "ttft"))
+    if im is None or idv is None or (isp is None and itt is None):
+        return
+    model, dev_cell = cells[im], cells[idv]
+    speed = _num(cells[isp]) if isp is not None and isp < len(cells) else None
+    ttft = _num(cells[itt]) if itt is not None and itt < len(cells) else None
+    dp = 1
+    for part in (model, dev_cell):
+        d = _DP.search(part)
+        if d:
+            dp = int(d.group(1))
+    model = _DP.sub("", model).strip()
+    dev_text = _DP.sub("", dev_cell).strip()
+    note = ""
+    try:
+        device = normalise_device(dev_text)
+    except ValueError:
+        out.notes.append(f"line {no}: unknown device {dev_text!r}, row skipped")
+        return
+    if device.lower() != dev_text.lower():
+        note = f"device {dev_text!r} read as {device}"
+        out.notes.append(f"line {no}: {note}")
+    if speed is None and ttft is None:
+        out.skipped_empty.append(f"line {no}: {model} {dev_text} [{ctx.section}]")
+        return
+    out.rows.append(Row(model=model, device=device, config=ctx.config, batch=ctx.batch, prefill=ctx.prefill,
+                        decode=ctx.decode, dp=dp, speed=speed, ttft=ttft, section=ctx.section,
+                        harness=ctx.harness, line=no, note=note))
 
 
 def parse_file(path: str | Path) -> ParseResult:
@@ -460,11 +477,8 @@ def between_interval(metric: str, value: float, reference: float, device: str | 
     return value * math.exp(-h), value * math.exp(h)
 
 
-# --------------------------------------------------------------------------------------------
-def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE, fit_pareto_ttft: bool = False,
-              start: Params | None = None, loss: str = LOSS, cross_validation: bool = True) -> dict:
-    """Parse tables, drop held-back systems and models the model does not cover, fit, cross-validate
-    (leave one device out, leave one model out), and (if `out`) write the parameter file."""
+def _read_sources(paths: Sequence[str | Path]) -> tuple[list[Row], list[str], list[str], list[dict]]:
+    """Every table row of the files, the empty rows skipped, parse notes, and each file's digest."""
     rows: list[Row] = []
     skipped: list[str] = []
     notes: list[str] = []
@@ -476,26 +490,12 @@ def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE,
         skipped += parsed.skipped_empty
         notes += [f"{Path(p).name}: {n}" for n in parsed.notes]
         sources.append({"file": _display_path(p), "sha256": hashlib.sha256(text.encode()).hexdigest()})
-    held = [r for r in rows if r.device in HELD_BACK]
-    if held:
-        notes.append(f"ignored {len(held)} row(s) on never-fitted systems "
-                     f"{'/'.join(sorted({r.device for r in held}))} (validation only)")
-    refused = [r for r in rows if r.device not in HELD_BACK and not covered(r)]
-    for m in dict.fromkeys(r.model for r in refused):
-        notes.append(f"left out {sum(r.model == m for r in refused)} {m} row(s): {shape_for(m).not_covered}")
-    used = [r for r in rows if r.device not in HELD_BACK and covered(r)]
-    if start is None:
-        start = Params()
-    from engine.progress import bar
+    return rows, skipped, notes, sources
 
-    refits = len({r.device for r in used}) + len({r.model for r in used}) if cross_validation else 0
-    steps = bar(total=MAIN_STARTS + refits, desc="perf calibrate (fit, then leave-one-out refits)", unit="fit")
-    tick = lambda: steps.update(1)  # noqa: E731
-    params = fit(used, start=start, fit_pareto_ttft=fit_pareto_ttft, loss=loss, starts=MAIN_STARTS, tick=tick)
-    rep = errors(used, params, fit_pareto_ttft)
-    by_device = {d: errors([r for r in used if r.device == d], params, fit_pareto_ttft)["mape"]
-                 for d in dict.fromkeys(r.device for r in used)}
-    meta = {
+
+def _metadata(sources, used, rep, by_device, fit_pareto_ttft, held, refused, skipped, notes, loss) -> dict:
+    """The parameter file's `calibration` record: what was fitted on, how, and how well."""
+    return {
         "source": ", ".join(s["file"] for s in sources),
         "sources": sources,
         "date": _dt.date.today().isoformat(),
@@ -518,6 +518,34 @@ def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE,
                   "log(predicted/published) of every speed and TTFT figure; scipy.optimize.least_squares "
                   "(trf, bounded, log-space parameters) from the defaults; deterministic",
     }
+
+
+# --------------------------------------------------------------------------------------------
+def calibrate(paths: Sequence[str | Path], out: str | Path | None = PARAMS_FILE, fit_pareto_ttft: bool = False,
+              start: Params | None = None, loss: str = LOSS, cross_validation: bool = True) -> dict:
+    """Parse tables, drop held-back systems and models the model does not cover, fit, cross-validate
+    (leave one device out, leave one model out), and (if `out`) write the parameter file."""
+    rows, skipped, notes, sources = _read_sources(paths)
+    held = [r for r in rows if r.device in HELD_BACK]
+    if held:
+        notes.append(f"ignored {len(held)} row(s) on never-fitted systems "
+                     f"{'/'.join(sorted({r.device for r in held}))} (validation only)")
+    refused = [r for r in rows if r.device not in HELD_BACK and not covered(r)]
+    for m in dict.fromkeys(r.model for r in refused):
+        notes.append(f"left out {sum(r.model == m for r in refused)} {m} row(s): {shape_for(m).not_covered}")
+    used = [r for r in rows if r.device not in HELD_BACK and covered(r)]
+    if start is None:
+        start = Params()
+    from engine.progress import bar
+
+    refits = len({r.device for r in used}) + len({r.model for r in used}) if cross_validation else 0
+    steps = bar(total=MAIN_STARTS + refits, desc="perf calibrate (fit, then leave-one-out refits)", unit="fit")
+    tick = lambda: steps.update(1)  # noqa: E731
+    params = fit(used, start=start, fit_pareto_ttft=fit_pareto_ttft, loss=loss, starts=MAIN_STARTS, tick=tick)
+    rep = errors(used, params, fit_pareto_ttft)
+    by_device = {d: errors([r for r in used if r.device == d], params, fit_pareto_ttft)["mape"]
+                 for d in dict.fromkeys(r.device for r in used)}
+    meta = _metadata(sources, used, rep, by_device, fit_pareto_ttft, held, refused, skipped, notes, loss)
     data = {
         "params": params.to_dict(),
         "fitted": list(FIT_PARAMS),

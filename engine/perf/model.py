@@ -609,12 +609,7 @@ def predict(
     """
     if batch < 1 or prefill < 0 or decode < 1:
         raise ValueError(f"need batch >= 1, prefill >= 0, decode >= 1 (got {batch}, {prefill}, {decode})")
-    if isinstance(params, Params):
-        prm, path = params, False
-    elif isinstance(params, dict):
-        prm, path = load_params().replace(**params), False
-    else:
-        prm, path = load_params(params), params
+    prm, path = _params(params)
     shape = shape_for(model)
     name = _model_name(model, shape)
     if shape.not_covered:
@@ -624,17 +619,8 @@ def predict(
     layers = _layers(config, shape, name)
     cost = _Cost(shape, rep, prm, batch, prefill, decode)
 
+    per_cfg = _count_layers(layers)
     total = _Acc()
-    by_id: dict[int, list] = {}  # group identical layers by identity first (hashing a Config is slow)
-    for cfg in layers:
-        e = by_id.get(id(cfg))
-        if e is None:
-            by_id[id(cfg)] = [cfg, 1]
-        else:
-            e[1] += 1
-    per_cfg: dict[Config, int] = {}
-    for cfg, count in by_id.values():
-        per_cfg[cfg] = per_cfg.get(cfg, 0) + count
     for cfg, count in per_cfg.items():
         total.merge(cost.layer(cfg), count)
     total.merge(cost.model_level(), 1)
@@ -644,6 +630,52 @@ def predict(
     # DP replicas prefill concurrently: the host's dispatch is serial, the device work overlaps
     dispatch_us = sum(e["prefill_overhead_us"] for e in total.d.values())
     ttft_us = dispatch_us + (prefill_us - dispatch_us) / dp + (batch - 1) / batch * prm.prefill_user_ms * 1e3
+    breakdown = _breakdown(total, step_us, prefill_us)
+    collectives = []
+    for c in cost.collectives.values():
+        e = breakdown.get(CCL_PREFIX + c["name"], {})
+        collectives.append({**c, "decode_us": e.get("decode_us", 0.0), "prefill_us": e.get("prefill_us", 0.0)})
+    w_gb, kv_gb = cost.memory(per_cfg)
+    speed, ttft, cfg_text = 1e6 / step_us, ttft_us / 1e3, config if isinstance(config, str) else str(config)
+    res = PerfResult(
+        model=name, device=dev.name, speed_tsu=speed, ttft_ms=ttft, breakdown=breakdown,
+        decode_step_ms=step_us / 1e3, prefill_ms=prefill_us / 1e3, batch=batch, prefill=prefill,
+        decode=decode, dp=dp, tp=rep.tp, layout=rep.layout, config=cfg_text,
+        throughput_tps=speed * batch * dp, weights_gb_per_chip=w_gb, kv_cache_gb_per_chip=kv_gb,
+        fits=(w_gb + kv_gb) <= rep.chip.dram_gb, params=prm.to_dict(), system=rep.system,
+        prefill_chunks=cost.n_chunks, collectives=collectives,
+    )
+    _qualify(res, dev, path)
+    return res
+
+
+def _params(params: Params | dict | str | Path | None) -> tuple[Params, Any]:
+    """(parameters, their file: False for given values, None for the committed calibration)."""
+    if isinstance(params, Params):
+        return params, False
+    if isinstance(params, dict):
+        return load_params().replace(**params), False
+    return load_params(params), params
+
+
+def _count_layers(layers: list[Config]) -> dict[Config, int]:
+    """How many layers run each distinct config (grouped by identity first: hashing a Config is slow)."""
+    by_id: dict[int, list] = {}
+    for cfg in layers:
+        e = by_id.get(id(cfg))
+        if e is None:
+            by_id[id(cfg)] = [cfg, 1]
+        else:
+            e[1] += 1
+    per_cfg: dict[Config, int] = {}
+    for cfg, count in by_id.values():
+        per_cfg[cfg] = per_cfg.get(cfg, 0) + count
+    return per_cfg
+
+
+def _breakdown(total: _Acc, step_us: float, prefill_us: float) -> dict:
+    """Per-op entries in display order (collectives between the layer ops and the model-level ones),
+    with each op's share of the decode step and of the prefill."""
     breakdown = {}
     for op in (*OPS[:-3], *(k for k in total.d if k.startswith(CCL_PREFIX)), *OPS[-3:]):
         e = total.d.get(op)
@@ -653,22 +685,12 @@ def predict(
         e["decode_share"] = e["decode_us"] / step_us if step_us else 0.0
         e["prefill_share"] = e["prefill_us"] / prefill_us if prefill_us else 0.0
         breakdown[op] = e
-    collectives = []
-    for c in cost.collectives.values():
-        e = breakdown.get(CCL_PREFIX + c["name"], {})
-        collectives.append({**c, "decode_us": e.get("decode_us", 0.0), "prefill_us": e.get("prefill_us", 0.0)})
-    w_gb, kv_gb = cost.memory(per_cfg)
-    speed = 1e6 / step_us
-    ttft = ttft_us / 1e3
-    cfg_text = config if isinstance(config, str) else str(config)
-    res = PerfResult(
-        model=name, device=dev.name, speed_tsu=speed, ttft_ms=ttft, breakdown=breakdown,
-        decode_step_ms=step_us / 1e3, prefill_ms=prefill_us / 1e3, batch=batch, prefill=prefill,
-        decode=decode, dp=dp, tp=rep.tp, layout=rep.layout, config=cfg_text,
-        throughput_tps=speed * batch * dp, weights_gb_per_chip=w_gb, kv_cache_gb_per_chip=kv_gb,
-        fits=(w_gb + kv_gb) <= rep.chip.dram_gb, params=prm.to_dict(), system=rep.system,
-        prefill_chunks=cost.n_chunks, collectives=collectives,
-    )
+    return breakdown
+
+
+def _qualify(res: PerfResult, dev: Device, path: Any) -> None:
+    """A warning off the calibrated systems, and the prediction intervals when the parameters
+    are a calibration's (the committed one or a file)."""
     meta = params_metadata(path or None) if path is not False else {}
     cal_devices = (meta.get("calibration") or {}).get("devices") or [d for d in DEVICES if DEVICES[d].calibrated]
     res.calibrated_device = dev.name in cal_devices
@@ -678,8 +700,7 @@ def predict(
         res.warnings.append(f"{dev.name} is not a calibrated system ({why}): the figures are physics-only "
                             f"predictions from the {'/'.join(cal_devices)} calibration")
     if path is not False and meta.get("intervals"):
-        s_iv = interval("speed", speed, dev, name, path or None)
-        t_iv = interval("ttft", ttft, dev, name, path or None)
+        s_iv = interval("speed", res.speed_tsu, dev, res.model, path or None)
+        t_iv = interval("ttft", res.ttft_ms, dev, res.model, path or None)
         res.speed_interval, res.ttft_interval = s_iv[:2], t_iv[:2]
         res.distance, res.interval_level = s_iv[2], meta["intervals"]["level"]
-    return res
