@@ -367,14 +367,16 @@ class EvalResult:
         return d
 
 
-def score_tokens(logits: torch.Tensor, ref: Reference) -> dict[str, torch.Tensor]:
+def score_tokens(logits: torch.Tensor, ref: Reference, argmax_ties: str = "first") -> dict[str, torch.Tensor]:
     """Per-position metrics of decode logits [D, vocab] (positions ref.prefill..) against the
     reference: top1 / top5 (bool), kld, p_top (trial probability of the reference argmax), dp
     (trial minus reference probability of the true next token), nll and ref_nll (float64).
 
     A handful of passes over the logits (row sums as the NaN/Inf screen, log-softmax, argmax, one
     row-wise dot product); everything about the reference is precomputed (`Reference.prepared`):
-    KL(p || q) = sum p log p - sum p log q."""
+    KL(p || q) = sum p log p - sum p log q. `argmax_ties`: which of equal maximal logits is the
+    trial's argmax, the lowest vocabulary index ("first", torch's) or the highest ("last": an
+    assumption switch, engine.vocab.assumptions)."""
     d = ref.decode
     if tuple(logits.shape) != (d, ref.logp.shape[1]):
         raise ValueError(f"decode logits have shape {tuple(logits.shape)}, expected ({d}, {ref.logp.shape[1]})")
@@ -383,7 +385,7 @@ def score_tokens(logits: torch.Tensor, ref: Reference) -> dict[str, torch.Tensor
         check_finite(logits, "decode", ref.prefill)
     pre = ref.prepared()
     logq = torch.log_softmax(logits, dim=-1)
-    argmax = logits.argmax(dim=-1)
+    argmax = logits.argmax(dim=-1) if argmax_ties == "first" else logits.shape[1] - 1 - logits.flip(-1).argmax(dim=-1)
     cross = torch.linalg.vecdot(pre["p"], logq).double()  # sum_v p log q (fp32 einsum/bmm is too coarse here)
     nll = -logq.gather(1, pre["targets"][:, None])[:, 0].double()
     return dict(
@@ -469,7 +471,8 @@ class Evaluator:
     One `engine.models.model.Model` is reused across trials, so its quantized-weight cache is too.
     `device` (default N150) decides the tensor-parallel layout whose rounding is emulated; `lm_head`
     (optional) overrides the model-level LM head (default bfp8 + hifi2fp16 as tt/lm_head.py);
-    `silu` the SFPU SiLU (`sfpu-piecewise`, the seed era's, or `exact`); `torch_device` where the
+    `silu` the SFPU SiLU (`sfpu-piecewise`, the seed era's, or `exact`); `assumptions` switches of
+    engine.vocab.assumptions away from their defaults (the assumption band); `torch_device` where the
     engine runs (cpu, cuda:0). `windows` disjoint windows are scored (see the module docstring);
     their references are computed once and cached like window 0's.
     """
@@ -477,7 +480,7 @@ class Evaluator:
     def __init__(self, model_name: str, prefill: int = DEFAULT_PREFILL, decode: int = DEFAULT_DECODE,
                  cache_dir: str | os.PathLike | None = None, *, lm_head: tuple[str, str] | None = None,
                  device: str = "N150", silu: str | None = None, torch_device: str | None = None,
-                 windows: int = 1, stream: bool | None = None):
+                 windows: int = 1, stream: bool | None = None, assumptions: dict[str, str] | None = None):
         if prefill < 1 or decode < 1:
             raise ValueError(f"prefill and decode must be >= 1 (got {prefill}, {decode})")
         if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
@@ -506,7 +509,9 @@ class Evaluator:
         self.reference = self.references[0]
         self.window_tokens = [torch.from_numpy(r.tokens[: prefill + decode].astype(np.int64)) for r in self.references]
         self.tokens = self.window_tokens[0]
-        self.eval_key = eval_key(self.loaded, self.prefill, self.decode)
+        self._model = None
+        self._anchors: list | None = None
+        self.set_assumptions(assumptions)
         self._lm_head = tuple(lm_head) if lm_head else None
         self._silu = silu
         self.torch_device = torch_device
@@ -533,8 +538,19 @@ class Evaluator:
             ctx = reference_length(self.prefill, self.decode)
             self._model = Model(self.spec, self.loaded.weights, rope_context=ctx, tp=self.tp, topology=self.topology,
                                 torch_device=self.torch_device, keep_weights=not self.stream,
-                                weight_cache=self.weight_cache, **kwargs)
+                                weight_cache=self.weight_cache, assumptions=self.assumptions, **kwargs)
         return self._model
+
+    def set_assumptions(self, assumptions: dict[str, str] | None) -> None:
+        """Run later trials under these switches of engine.vocab.assumptions (None: the defaults);
+        the evaluation key carries the changed ones, so their records never pair with others'."""
+        from engine.vocab import assumptions as assumptions_table
+
+        self.assumptions = assumptions_table.resolve(assumptions)
+        self.eval_key = eval_key(self.loaded, self.prefill, self.decode) + assumptions_table.key(self.assumptions)
+        self._anchors = None  # cached layer inputs were computed under the old switches
+        if self._model is not None:
+            self._model.set_assumptions(self.assumptions)
 
     @property
     def layout(self) -> tuple[int, int]:
@@ -605,7 +621,7 @@ class Evaluator:
         for w, ref in enumerate(bar(self.references, desc="evaluating", unit="window")):
             logits = self.run(mc, w)
             with torch.inference_mode():
-                parts.append(score_tokens(logits.cpu(), ref))
+                parts.append(score_tokens(logits.cpu(), ref, self.assumptions["argmax_ties"]))
             del logits
         per = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         rec = token_record(parts, self.eval_key)

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.numerics import fidelity, formats
+from engine.vocab import assumptions as assumptions_table
 from engine.vocab import ops
 from engine.models import programs
 from engine.vocab.config import LM_HEAD, Config, ConfigError, FidelitySetting, ModelConfig, Precision, fidelity_of
@@ -83,9 +84,11 @@ DEFAULT_SILU = "sfpu-piecewise"  # the seed era's SFPU SiLU
 # ------------------------------------------------------------------------------------------------
 # Numerics helpers
 # ------------------------------------------------------------------------------------------------
-def rnd(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Round an activation to `fmt` as the device writes it (fp32: unchanged)."""
-    return x if fmt == FULL else formats.quantize(x, fmt, rounding="device")
+def rnd(x: torch.Tensor, fmt: str, pack: tuple[str, str] = ("device", "away")) -> torch.Tensor:
+    """Round an activation to `fmt` as the device writes it (fp32: unchanged). `pack` = (rounding,
+    gasket ties) of a block-format output: one rounding ("device", a typecast) by default; a
+    compute op's output under the `bfp_pack = double` assumption: ("packer", ties)."""
+    return x if fmt == FULL else formats.quantize(x, fmt, rounding=pack[0], gasket_ties=pack[1])
 
 
 def mm(setting: FidelitySetting, x: torch.Tensor, w: torch.Tensor, k_block: int | None = None,
@@ -129,9 +132,10 @@ def _rope_format(c: Config) -> str:
     return FULL if _full(c) else "bf16"
 
 
-def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: str) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: str,
+              pack: tuple[str, str] = ("device", "away")) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * w in fp32 (transformers' LlamaRMSNorm), rounded to `out`."""
-    return rnd(F.rms_norm(x, (x.shape[-1],), w, eps), out)
+    return rnd(F.rms_norm(x, (x.shape[-1],), w, eps), out, pack)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,6 +302,22 @@ class _Reader:
         return name in self.model.w
 
 
+def _under_assumptions(method):
+    """Run a Model entry point under its 16-bit dest narrowing rule (engine.vocab.assumptions
+    `dest16_round`; process-wide while it runs: engine.numerics.fidelity.dest16_rounding)."""
+    import functools
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        ties = self.assumptions["dest16_round"]
+        if ties == assumptions_table.ASSUMPTIONS["dest16_round"].default:
+            return method(self, *args, **kwargs)
+        with fidelity.dest16_rounding(ties):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class Model:
     """A Llama-family decoder over canonical (Hugging Face-named, fp32) weights.
 
@@ -321,12 +341,14 @@ class Model:
         keep_weights: bool = True,
         weight_cache=None,
         prefetch: bool | None = None,
+        assumptions: dict[str, str] | None = None,
     ):
         if spec.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {spec.head_dim}")
         if spec.n_heads % spec.n_kv_heads:
             raise ValueError(f"n_heads {spec.n_heads} is not a multiple of n_kv_heads {spec.n_kv_heads}")
         programs.check_tp(spec, tp)
+        self.set_assumptions(assumptions)
         self.spec = spec
         self.tp, self.topology = int(tp), topology
         self.wo_split = 1 if programs.wo_fused(spec, self.tp, topology) else self.tp  # wo split along K
@@ -483,18 +505,28 @@ class Model:
         return cos[pos][:, None], sin[pos][:, None]
 
     # --- one decoder layer ---------------------------------------------------------------------
+    def set_assumptions(self, assumptions: dict[str, str] | None) -> None:
+        """The switches of engine.vocab.assumptions this model runs under (None: the defaults)."""
+        self.assumptions = assumptions_table.resolve(assumptions)
+        #: (rounding, gasket ties) of a compute op's block-format output (the `bfp_pack` switch)
+        self.pack = ("packer" if self.assumptions["bfp_pack"] == "double" else "device", self.assumptions["gasket_ties"])
+
+    def _pack(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
+        """A compute op's output rounded to `fmt` (the packer's rule under the assumptions)."""
+        return rnd(x, fmt, self.pack)
+
     def _linear(self, setting: FidelitySetting, x: torch.Tensor, w: torch.Tensor, k_block: int | None,
                 out: str, interm: str | None, split: int = 1) -> torch.Tensor:
         """A linear rounded to `out`. `split` > 1: K split over that many chips (tensor parallel):
         each chip's partial is rounded to `out`, and the reduce-scatter adds them in `out`, chip
         after chip (tt/ccl.py tt_all_reduce on N300 / T3K: no cast to ccl_dtype off Galaxy)."""
         if split == 1:
-            return rnd(mm(setting, x, w, k_block, out, interm), out)
+            return self._pack(mm(setting, x, w, k_block, out, interm), out)
         k = w.shape[0] // split
         acc = None
         for j in range(split):
-            part = rnd(mm(setting, x[..., j * k:(j + 1) * k], w[j * k:(j + 1) * k], k_block, out, interm), out)
-            acc = part if acc is None else rnd(acc + part, out)
+            part = self._pack(mm(setting, x[..., j * k:(j + 1) * k], w[j * k:(j + 1) * k], k_block, out, interm), out)
+            acc = part if acc is None else self._pack(acc + part, out)
         return acc
 
     def layer_weights(self, i: int, c: Config) -> dict[str, tuple[str, str]]:
@@ -531,11 +563,11 @@ class Model:
         # attention block: the layer input is typecast to the activation dtype (tt/model.py)
         x_fmt = _out(c, "norm", h_fmt)
         h = rnd(h, x_fmt)
-        x = _rms_norm(h, self.weight(*W["ln1"]), s.rms_eps, x_fmt)
+        x = _rms_norm(h, self.weight(*W["ln1"]), s.rms_eps, x_fmt, self.pack)
         qkv_fmt = _out(c, li_qkv)
         qkv = self._linear(getattr(c, li_qkv), x, self.weight(*W["wqkv"]), blk.qkv, qkv_fmt, interm(li_qkv))
         if s.qkv_bias:  # added after the qkv output is rounded (attention.py), in the output's dtype
-            qkv = rnd(qkv + self.weight(*W["bqkv"]), qkv_fmt)
+            qkv = self._pack(qkv + self.weight(*W["bqkv"]), qkv_fmt)
         qkv = qkv.reshape(M, H + 2 * nkv, D)
         qk = self._rope_apply(qkv[:, : H + nkv], rope, FULL if full else "bf16")  # RoPE on q and k heads together, in bf16
         q_fmt = _out(c, "q_prefill" if prefill else "q_decode")  # decode Q is never typecast
@@ -550,21 +582,21 @@ class Model:
                        c.sdpa_prefill if prefill else c.sdpa_decode, q_fmt, self._chunk(prefill, L, full))
         wo_fmt = _out(c, li_o)  # decode wo: dtype=None, the SDPA output's
         o = self._linear(getattr(c, li_o), o, self.weight(*W["wo"]), blk.wo, wo_fmt, interm(li_o), self.wo_split)
-        h = rnd(h + o, x_fmt)  # first residual add: dtype=None keeps the residual's dtype
+        h = self._pack(h + o, x_fmt)  # first residual add: dtype=None keeps the residual's dtype
 
         # MLP block
-        x = _rms_norm(h, self.weight(*W["ln2"]), s.rms_eps, x_fmt)
+        x = _rms_norm(h, self.weight(*W["ln2"]), s.rms_eps, x_fmt, self.pack)
         f13 = _out(c, "li_ff1_3")
         gu = mm(c.li_ff1_3, x, self.weight(*W["w13"]), blk.w13, f13, interm("li_ff1_3"))
         if s.intermediate % formats.BLOCK == 0:  # no block straddles w1 | w3: round both at once
-            g, u = rnd(gu, f13).split(s.intermediate, dim=-1)
+            g, u = self._pack(gu, f13).split(s.intermediate, dim=-1)
         else:
-            g, u = (rnd(t.contiguous(), f13) for t in gu.split(s.intermediate, dim=-1))
-        g = g if full else rnd(self.silu(g), f13)  # the mul's fused SiLU pre-activation, packed in w1's dtype
-        y = rnd(g * u, _out(c, "silu_mul")) if not full else F.silu(g) * u
+            g, u = (self._pack(t.contiguous(), f13) for t in gu.split(s.intermediate, dim=-1))
+        g = g if full else self._pack(self.silu(g), f13)  # the mul's fused SiLU pre-activation, packed in w1's dtype
+        y = self._pack(g * u, _out(c, "silu_mul")) if not full else F.silu(g) * u
         d = self._linear(c.li_ff2, y, self.weight(*W["w2"]), blk.w2, _out(c, "li_ff2"), interm("li_ff2"), self.tp)
         out = _out_format(c)
-        return rnd(h + d, out), out  # second residual add: dtype = activation or bf16
+        return self._pack(h + d, out), out  # second residual add: dtype = activation or bf16
 
     def _rope_apply(self, x: torch.Tensor, rope: tuple, fmt: str) -> torch.Tensor:
         """RoPE on Meta-ordered heads x [M, heads, D] as rotary_embedding_llama computes it (HiFi4, bf16
@@ -618,7 +650,7 @@ class Model:
                 o = rnd(rnd(o * alpha, im) + oc, im)
             m = m_new
         out = o / l if full else o * rnd(fidelity.recip(l, kern.approx), im)
-        return rnd(out.view(nkv, G, M, D).permute(2, 0, 1, 3).reshape(M, H * D), q_fmt)
+        return self._pack(out.view(nkv, G, M, D).permute(2, 0, 1, 3).reshape(M, H * D), q_fmt)
 
     # --- whole model ---------------------------------------------------------------------------
     def _frame(self, n: int, start: int, prefill: bool, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -648,6 +680,7 @@ class Model:
         return _out_format(layers[i - 1])
 
     @torch.inference_mode()
+    @_under_assumptions
     def layer_forward(self, i: int, cfg: Config, h_prefill: torch.Tensor, h_decode: torch.Tensor, *,
                       h_fmt: str = "bf16", capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder layer i alone under `cfg`, split as a trial runs it: the prefill op groups on
@@ -714,7 +747,7 @@ class Model:
         The head is read and multiplied in vocabulary chunks (`lm_head_chunks`; every op is
         column-independent, so the chunks change no bit); `ug` is the embedding's dtype."""
         m = h.shape[0]
-        x = _rms_norm(_pad_rows(h), self.weight("model.norm.weight", ug), self.spec.rms_eps, h_fmt)  # keeps h's dtype
+        x = _rms_norm(_pad_rows(h), self.weight("model.norm.weight", ug), self.spec.rms_eps, h_fmt, self.pack)  # keeps h's dtype
         fmt = FULL if full else self.lm_head_format
         if not full:
             x = x[:m]  # the emulated matmuls are row-independent: padding rows' logits are never read
@@ -729,9 +762,10 @@ class Model:
             if not self.keep_weights:
                 self._cache.pop((name, fmt), None)
         logits = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-        return logits if full else rnd(logits, self.logits_format)
+        return logits if full else self._pack(logits, self.logits_format)
 
     @torch.inference_mode()
+    @_under_assumptions
     def run_window(self, tokens: torch.Tensor, prefill: int, cfg: ModelConfig | Config, *,
                    capacity: int | None = None, resume: "LayerInputs | None" = None,
                    keep_inputs: bool = False) -> tuple[torch.Tensor, torch.Tensor, "LayerInputs | None"]:
@@ -785,6 +819,7 @@ class Model:
         )
 
     @torch.inference_mode()
+    @_under_assumptions
     def prefill(self, tokens: torch.Tensor, cfg: ModelConfig | Config, logits_for: str = "last",
                 capacity: int | None = None) -> tuple[torch.Tensor, KVCache]:
         """Causal prefill of tokens [T] at positions 0..T-1 with the prefill op groups.
@@ -803,6 +838,7 @@ class Model:
         return self._run(tokens, layers, cache, 0, True, rows), cache
 
     @torch.inference_mode()
+    @_under_assumptions
     def decode_batched(self, tokens: torch.Tensor, cache: KVCache, cfg: ModelConfig | Config) -> torch.Tensor:
         """Teacher-forced decode of tokens [S] at positions cache.length..cache.length+S-1 with the
         decode op groups: each token attends to the cache and the earlier tokens' quantized K/V,
@@ -813,6 +849,7 @@ class Model:
             return torch.empty(0, self.spec.vocab)
         return self._run(tokens, layers, cache, cache.length, False, None)
 
+    @_under_assumptions
     def decode_step(self, token: int, cache: KVCache, cfg: ModelConfig | Config) -> torch.Tensor:
         """One literal decode step at position cache.length; appends to `cache`; logits [vocab]."""
         return self.decode_batched(torch.tensor([int(token)]), cache, cfg)[0]

@@ -47,6 +47,7 @@ compiler exists, else in a torch loop that computes the same bits (`dest16_torch
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -117,6 +118,36 @@ def w_phases(w: torch.Tensor, phases: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
+#: The 16-bit dest's narrowing rule: "even" (round to nearest even: the default; the ISA model
+#: says only "approximately; real hardware rounds") or "away" (ties away from zero): an assumption
+#: switch (engine.vocab.assumptions `dest16_round`), set with `dest16_rounding`.
+_DEST16 = {"ties": "even"}
+
+
+@contextlib.contextmanager
+def dest16_rounding(ties: str):
+    """Run the block with the 16-bit dest narrowing ties to `even` or `away` (process-wide)."""
+    if ties not in ("even", "away"):
+        raise ValueError(f"unknown dest16 tie rule {ties!r}; legal: even, away")
+    old = _DEST16["ties"]
+    _DEST16["ties"] = ties
+    native.set_ties_away(ties == "away")
+    try:
+        yield
+    finally:
+        _DEST16["ties"] = old
+        native.set_ties_away(old == "away")
+
+
+def _to_bf16(t: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 values (as fp32) under the current tie rule."""
+    if _DEST16["ties"] == "even":
+        return t.to(torch.bfloat16).float()
+    bits = t.contiguous().view(torch.int32)
+    special = (bits & 0x7F800000) == 0x7F800000
+    return torch.where(special, bits, (bits + 0x8000) & -65536).view(torch.float32)
+
+
 def dest16_torch(xs: torch.Tensor, w: torch.Tensor, init: torch.Tensor | None, kb: int = 0) -> torch.Tensor:
     """The bf16-dest walk in torch (reference for kernels/dest16.c, bit for bit): xs [B, P, M, K]
     (`x_phases`), w [Bw, K, N] (Bw = B or 1), K a multiple of 32, init [B, M, N] or None. kb > 0:
@@ -129,14 +160,14 @@ def dest16_torch(xs: torch.Tensor, w: torch.Tensor, init: torch.Tensor | None, k
     acc = None
     for t in range(0, K, TILE_K):
         if kb and t and t % kb == 0:  # a block ends
-            acc = dest if acc is None else (acc + dest).to(torch.bfloat16).float()
+            acc = dest if acc is None else _to_bf16(acc + dest)
             dest = acc.clone() if t == starts[-1] else torch.zeros_like(dest)
         for p in range(P):
             for s in range(t, t + TILE_K, SLICE_K):
                 part = xs[:, p, :, s, None] * ws[:, p, s, None, :]
                 for k in range(s + 1, s + SLICE_K):
                     part = part + xs[:, p, :, k, None] * ws[:, p, k, None, :]
-                dest = (dest + part).to(torch.bfloat16).float()
+                dest = _to_bf16(dest + part)
     return dest
 
 

@@ -144,11 +144,13 @@ def _fast_blocks(xb: torch.Tensor, fmt: Format, rounding: str) -> tuple[torch.Te
     return t, special
 
 
-def quantize(x: torch.Tensor, fmt: str | Format, rounding: str = "host") -> torch.Tensor:
+def quantize(x: torch.Tensor, fmt: str | Format, rounding: str = "host", gasket_ties: str = "away") -> torch.Tensor:
     """Round `x` to the values format `fmt` can represent; same shape, float32.
 
-    `rounding` selects tt-metal's host conversion ("host", for weights) or the on-device packer
-    ("device", for activations and the KV cache); see the module docstring. Blocks of 16 run along
+    `rounding` selects tt-metal's host conversion ("host", for weights), the on-device packer's
+    single rounding ("device": typecast, the KV cache fill) or its double rounding ("packer":
+    compute ops writing bfp8 without bfp8_pack_precise; `gasket` then "device"); see the module
+    docstring. Blocks of 16 run along
     the last dimension. A 2048 x 8192 tensor takes about 0.1 s on two cores.
     """
     f = get_format(fmt)
@@ -162,6 +164,8 @@ def quantize(x: torch.Tensor, fmt: str | Format, rounding: str = "host") -> torc
     n = shape[-1] if shape else 1
     xp = _pad_last(x.reshape(1) if x.dim() == 0 else x, BLOCK)
     xb = xp.reshape(-1, BLOCK)
+    if rounding == "packer":  # the gasket's rounding first, then the device's alignment rounding
+        xb, rounding = gasket(xb, gasket_ties), "device"
     out, special = _fast_blocks(xb, f, rounding)
     if special.any():  # rare: tiny blocks or Inf/NaN, redone bit for bit on the integer path
         idx = special.nonzero().squeeze(-1)
@@ -171,6 +175,33 @@ def quantize(x: torch.Tensor, fmt: str | Format, rounding: str = "host") -> torc
     if out.shape[-1] != n:
         out = out[..., :n]
     return out.reshape(shape).contiguous()
+
+
+def gasket(xb: torch.Tensor, ties: str = "away") -> torch.Tensor:
+    """The packer's first stage for a Bfp8_b / Bfp4_b output whose pack_src_format is the block
+    format (no `bfp8_pack_precise`), on blocks [nb, 16]: each element rounded on its own to a 7-bit
+    significand (the hidden one and 6 fraction bits), to nearest with ties away from zero, or to
+    even with `ties="even"` (*assumption*: this stage's tie rule is not documented; the default
+    ties away as the second stage does; engine.vocab.assumptions `gasket_ties`). The
+    shared exponent is the unrounded block's: an element the rounding carries past it saturates at
+    127 units (silicon, issue 52155: the double-rounding error is at most 1.5x the single one, which
+    an exponent bump would exceed). Zero and denormals unchanged (the second stage flushes them).
+    tt-metal PR 14822 / issue 52155 (docs/NUMERICS.md)."""
+    bits = xb.contiguous().view(torch.int32)
+    e = (bits >> 23) & 0xFF
+    mag = bits & 0x7FFFFFFF
+    if ties == "even":
+        mag = mag + (((mag >> 17) & 1) + ((1 << 16) - 1))
+    elif ties == "away":
+        mag = mag + (1 << 16)
+    else:
+        raise ValueError(f"unknown gasket tie rule {ties!r}; legal: away, even")
+    mag &= ~((1 << 17) - 1)
+    shared = e.amax(-1, keepdim=True)
+    top = ((shared << 23) | 0x7E0000)  # 127 units of the shared exponent: 1.111111b * 2^(E-127)
+    mag = torch.minimum(mag, top)
+    out = torch.where(e != 0, mag | (bits & ~0x7FFFFFFF), bits)
+    return out.view(torch.float32)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:

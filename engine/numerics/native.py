@@ -48,9 +48,22 @@ def _build(src: Path, target: Path) -> None:
         os.replace(out, target)
 
 
-@lru_cache(maxsize=None)
 def dest16():
     """The compiled `dest16_block` function, or None (torch fallback) with one warning."""
+    lib = _lib()
+    return None if lib is None else lib.dest16_block
+
+
+def set_ties_away(away: bool) -> None:
+    """The compiled kernel's bf16 narrowing: ties away from zero (True) or to even (False)."""
+    lib = _lib()
+    if lib is not None:
+        lib.dest16_set_ties_away(ctypes.c_int64(1 if away else 0))
+
+
+@lru_cache(maxsize=None)
+def _lib():
+    """The compiled kernel library (argument types set), or None (torch fallback) with one warning."""
     if os.environ.get("TTSWEEP_NO_NATIVE"):
         return None
     src = _SRC.read_bytes()
@@ -68,4 +81,6 @@ def dest16():
     p, i = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [p, p, p, p, i, i, i, i, i, i, i, i, i]
     fn.restype = None
-    return fn
+    lib.dest16_set_ties_away.argtypes = [i]
+    lib.dest16_set_ties_away.restype = None
+    return lib

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 BLOCK = 16  # elements sharing one exponent
 TILE = 32  # tile side
 FACE = 16  # face side
-ROUNDINGS = ("host", "device")
+#: host: ttnn.from_torch (weights); device: one packer rounding, as ttnn.typecast (and any op with
+#: bfp8_pack_precise) writes; packer: the packer's double rounding (its gasket first rounds each
+#: element to the block format's magnitude width at its own exponent, then the alignment shift
+#: rounds again), as matmul / binary ops / clone write bfp8 without bfp8_pack_precise.
+ROUNDINGS = ("host", "device", "packer")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,10 @@
 """`sweep eval --model NAME --config CONFIG [--device N150] [--prefill 512 --decode 511] [--windows N] [--json]`: one
 accuracy trial (engine.accuracy.evaluator.Evaluator) of a preset, config string or tt-metal decoder JSON file
-against the fp32 reference, with llama.cpp-style KLD statistics and, for N windows, each window's Top-1."""
+against the fp32 reference, with llama.cpp-style KLD statistics and, for N windows, each window's Top-1.
+
+`--assume NAME=VALUE` runs it under a switch of the assumption band (engine.vocab.assumptions: rules no
+document or silicon result settles); `--assumptions` runs the config under every alternative alone and all
+together and prints how far Top-1 / Top-5 / KLD move (`--json`: an `assumptions` object)."""
 from __future__ import annotations
 
 import json
@@ -61,15 +65,50 @@ def register(sub) -> None:
                         "'precision_cfg = {...}, fidelity_cfg = {...}' (optionally '; decoders = {i: ...}') "
                         "or a path to a tt-metal decoder JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--assume", action="append", default=[], metavar="NAME=VALUE",
+                   help="run under an assumption switch (repeatable): " + _switches_help())
+    p.add_argument("--assumptions", action="store_true",
+                   help="the assumption band: the config under each alternative alone and all together, "
+                        "with the Top-1 / Top-5 / KLD range")
     p.set_defaults(func=run)
 
 
+def _switches_help() -> str:
+    from engine.vocab.assumptions import ASSUMPTIONS
+
+    return "; ".join(f"{a.name} = {a.default} (default) | {' | '.join(a.alternatives)}" for a in ASSUMPTIONS.values())
+
+
+def parse_assume(items: list[str]) -> dict[str, str]:
+    """['bfp_pack=double', ...] -> {'bfp_pack': 'double'}, checked against the switch table."""
+    from engine.vocab.assumptions import resolve
+    from sweep.cli import UserError
+
+    out = {}
+    for item in items:
+        name, sep, value = (t.strip() for t in item.partition("="))
+        if not sep:
+            raise UserError(f"--assume {item!r} needs NAME=VALUE, e.g. bfp_pack=double")
+        out[name] = value
+    try:
+        resolve(out)
+    except ValueError as exc:
+        raise UserError(f"--assume: {exc}") from None
+    return out
+
+
 def run(args) -> int:
+    assume = parse_assume(args.assume)
     ev = evaluator_for(args, [args.config], device=args.device)
+    ev.set_assumptions(assume)
     r = ev.evaluate(ev.model_config(args.config))
+    band = assumption_band(ev, args.config, assume, r) if args.assumptions else None
     if args.json:
         d = r.to_dict()
-        d |= {"prefill": args.prefill, "decode": args.decode, "streamed": ev.stream}
+        d |= {"prefill": args.prefill, "decode": args.decode, "streamed": ev.stream,
+              "assumed": ev.assumptions}
+        if band is not None:
+            d["assumptions"] = band
         if ev.weight_cache is not None:
             d |= {"weight_cache_bytes": ev.weight_cache.size, "weight_cache_hits": ev.weight_cache.hits,
                   "weight_cache_quantized": ev.weight_cache.misses}
@@ -95,7 +134,45 @@ def run(args) -> int:
           f"p99 {s['kld_p99']:.4f}  p99.9 {s['kld_p999']:.4f}  max {s['kld_max']:.4f} nats")
     print(f"  RMS dp {s['rms_dp']:.3f} +- {s['rms_dp_se']:.3f} %   same top p {s['same_top_p']:.2f} +- "
           f"{s['same_top_p_se']:.2f} %   perplexity {r.ppl:.3f} (reference {r.ref_ppl:.3f})   {r.seconds:.1f} s")
+    if assume:
+        print("  assumed " + ", ".join(f"{k} = {v}" for k, v in assume.items()))
+    if band is not None:
+        print_band(band)
     return 0
+
+
+def assumption_band(ev, config: str, base: dict[str, str], result) -> dict:
+    """The config under each run of engine.vocab.assumptions.band() (on top of `base`): per run
+    Top-1 / Top-5 / KLD, and the range over all runs. `result` is the run at `base`."""
+    from engine.vocab.assumptions import ASSUMPTIONS, band
+
+    runs = []
+    for label, changed in band():
+        values = {**base, **changed}
+        if not changed:
+            r = result
+        else:
+            ev.set_assumptions(values)
+            r = ev.evaluate(ev.model_config(config))
+        runs.append({"label": label, "switches": ev.assumptions if changed else {**base}, "top1": r.top1,
+                     "top5": r.top5, "kld": r.kld})
+    ev.set_assumptions(base)
+    rng = {m: [min(x[m] for x in runs), max(x[m] for x in runs)] for m in ("top1", "top5", "kld")}
+    return {"switches": {a.name: {"default": a.default, "alternatives": list(a.alternatives), "what": a.what,
+                                  "open_because": a.open_because} for a in ASSUMPTIONS.values()},
+            "runs": runs, "range": rng}
+
+
+def print_band(band: dict) -> None:
+    base = band["runs"][0]
+    print("  assumption band (rules no document or silicon result settles; engine.vocab.assumptions):")
+    print(f"    {'run':<42} {'Top-1':>6} {'Top-5':>6} {'KLD':>9}   vs defaults")
+    for x in band["runs"]:
+        print(f"    {x['label']:<42} {x['top1']:6.1f} {x['top5']:6.1f} {x['kld']:9.5f}   "
+              f"{x['top1'] - base['top1']:+5.1f} {x['top5'] - base['top5']:+5.1f} {x['kld'] - base['kld']:+.5f}")
+    r = band["range"]
+    print(f"    range: Top-1 {r['top1'][0]:.1f}-{r['top1'][1]:.1f}, Top-5 {r['top5'][0]:.1f}-{r['top5'][1]:.1f}, "
+          f"KLD {r['kld'][0]:.5f}-{r['kld'][1]:.5f}")
 
 
 def parse_lm_head(text: str) -> tuple[str, str]:

@@ -4,6 +4,7 @@
  * 32-wide tiles, for each tile, for each fidelity phase p (outer), for each 16-wide slice s of the
  * tile (inner: one MVMUL), takes
  *     dest <- bf16_rne(dest + sum_{k in slice} x[b, p, m, k] * w[b, p, k, n])
+ * (ties away from zero instead after dest16_set_ties_away(1): the assumption band's alternative)
  * with the 16-product partial summed in fp32 in k order. engine/numerics/fidelity.py's `dest16_torch`
  * computes the same thing in the same order, bit for bit. The products of truncated operands
  * (<= 8-bit significands) are exact in fp32, so a fused multiply-add rounds exactly as a multiply
@@ -29,11 +30,16 @@
 typedef float v8 __attribute__((vector_size(32)));
 typedef uint32_t u8v __attribute__((vector_size(32)));
 
+/* 1: bf16 narrowing rounds ties away from zero (an assumption switch); 0: nearest even (default) */
+static uint32_t g_ties_away = 0;
+
+void dest16_set_ties_away(int64_t away) { g_ties_away = away ? 1u : 0u; }
+
 static inline v8 rnd_bf16(v8 f) {
     u8v u;
     memcpy(&u, &f, 32);
     u8v special = (u & 0x7F800000u) == 0x7F800000u; /* NaN / inf pass through */
-    u8v r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    u8v r = (u + 0x7FFFu + (((u >> 16) & 1u) | g_ties_away)) & 0xFFFF0000u;
     u = (special & u) | (~special & r);
     memcpy(&f, &u, 32);
     return f;
