@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sweep.errors import UserError
+
 
 def register(sub) -> None:
     p = sub.add_parser("check", help="regression check: re-evaluate a report's configs, fail if accuracy drops > 0.5")
@@ -18,7 +20,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from sweep.cli import UserError
     from sweep.report import check_report
 
     from sweep.commands.paths import read_text_file

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from sweep.errors import UserError
+
 
 def add_eval_args(p, windows_help: str = "disjoint 1024-token windows scored (default 1: tt-metal's method)") -> None:
     """--model, --prefill, --decode, --windows, --lm-head and --cache-dir (shared with `sweep compare`)."""
@@ -26,7 +28,6 @@ def evaluator_for(args, configs, device: str | None = None):
     from engine.config import ModelConfig
     from engine.loaders import model_spec
     from engine.shapes import check_context, from_spec
-    from sweep.cli import UserError
 
     if args.windows < 1:
         raise UserError(f"--windows must be >= 1, not {args.windows}")

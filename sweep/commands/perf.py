@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import sys
 
+from sweep.errors import UserError
+
 
 def register(sub) -> None:
     p = sub.add_parser("perf", help="predict decode speed (t/s/u) and TTFT (ms) on Wormhole systems",
@@ -115,7 +117,6 @@ def _does_not_fit(res, args) -> None:
     """A prediction for a model that does not fit in DRAM is no prediction: one line, exit 2."""
     from engine.devices import device_for, device_names
     from engine.perf import predict
-    from sweep.cli import UserError
 
     cap = device_for(res.device).chip.dram_gb
     bigger = [d for d in device_names() if d != res.device and predict(
