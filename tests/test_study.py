@@ -25,6 +25,7 @@ from sweep.space import load_spec
 from sweep import study as study_mod
 from sweep.study import identity
 from sweep.study import Worker, load_study, prepare, records, run, status
+from sweep.study.optuna_compat import frozen_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -309,7 +310,7 @@ def test_a_grid_trial_killed_mid_suggest_is_requeued_with_all_its_params(tmp_pat
     spec = load_spec(path)
     prep = prepare(spec)
     dead = _claim_and_die_mid_suggest(prep.study, spec)
-    ft = prep.study._storage.get_trial(dead._trial_id)  # noqa: SLF001
+    ft = frozen_trial(prep.study, dead)
     assert 0 < len(ft.params) < len(spec.space.params)
     queued = ft.user_attrs["config"]
 
@@ -384,7 +385,7 @@ def test_a_sampled_trial_killed_mid_suggest_is_replaced_by_a_new_sample(tmp_path
     prep = prepare(spec)
     dead = _claim_and_die_mid_suggest(prep.study, spec)
     assert study_mod.recover_stale(prep.study) == [dead.number]
-    ft = prep.study._storage.get_trial(dead._trial_id)  # noqa: SLF001
+    ft = frozen_trial(prep.study, dead)
     assert ft.state == TrialState.FAIL and ft.user_attrs["superseded"]
     assert "sampler proposes a new trial" in ft.user_attrs["fail_reason"]
     assert not [t for t in trials_of(spec) if t.state == TrialState.WAITING]  # nothing partial queued

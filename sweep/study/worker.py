@@ -45,6 +45,7 @@ from sweep.equivalence import numerics_digest
 from sweep.records import ALLOCATION, QUEUED_CONFIG, TrialRecord, accuracy_attrs
 from sweep.space import StudySpec
 from sweep.study import identity, locks
+from sweep.study.optuna_compat import frozen_trial, storage_of, trial_id, unwrapped_storage
 from sweep.study.prepare import make_sampler
 from sweep.study.queue import TrialQueue, queue_for, storage_for_queue
 from sweep.study.recovery import fail_and_requeue
@@ -76,7 +77,7 @@ class Worker:
         self.study = study
         self.spec = spec
         self.index = index
-        self.queue = queue or queue_for(spec, getattr(study._storage, "_backend", study._storage))  # noqa: SLF001
+        self.queue = queue or queue_for(spec, unwrapped_storage(storage_of(study)))
         self.torch_device = torch_device
         self.evaluator = None  # the last one used
         self.evaluators: dict = {}  # numerics layout -> Evaluator
@@ -124,7 +125,7 @@ class Worker:
             if t is None:
                 continue
             try:
-                self.queue.beat(self.study, t._trial_id)  # noqa: SLF001
+                self.queue.beat(self.study, trial_id(t))
             except Exception:  # noqa: BLE001 - the trial just finished, or a transient storage error
                 pass
 
@@ -177,13 +178,13 @@ class Worker:
         self.current = trial
         params = None
         try:
-            self.queue.beat(self.study, trial._trial_id)  # noqa: SLF001 - at once: a trial never lacks a heartbeat for long
+            self.queue.beat(self.study, trial_id(trial))  # at once: a trial never lacks a heartbeat for long
             trial.set_user_attr("worker", identity.worker_identity())
             queued = trial.user_attrs.get(QUEUED_CONFIG)
             if queued:  # a config from outside the space (an allocation, a comparison): no params
                 mc = ModelConfig.parse(queued, self.spec.n_layers, self.spec.model)
             else:
-                fixed = self.study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")  # noqa: SLF001
+                fixed = frozen_trial(self.study, trial).system_attrs.get("fixed_params")
                 missing = [p.name for p in self.spec.space.params if fixed and p.name not in fixed]
                 if missing:  # the sampler would fill them at random: another config than the one queued
                     raise ValueError(f"trial was queued without params {', '.join(missing)}; "
@@ -215,12 +216,12 @@ class Worker:
         except (KeyboardInterrupt, _Interrupted):
             self.in_eval = False
             self.stop = True
-            ft = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+            ft = frozen_trial(self.study, trial)
             if not ft.state.is_finished():
                 fail_and_requeue(self.study, ft, "interrupted (Ctrl-C or SIGTERM) during the trial; re-queued", death=False)
             return "INTERRUPTED"
         except FatalWorkerError:
-            ft = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+            ft = frozen_trial(self.study, trial)
             if not ft.state.is_finished():
                 fail_and_requeue(self.study, ft, "worker could not start its evaluator; re-queued", death=False)
             raise
