@@ -14,6 +14,7 @@ from sweep import allocate as alloc
 from sweep.cli import main
 from sweep.probes import Probe, ProbeSpace, family
 from sweep.space import StudySpec, parse_spec
+from worker_hooks import HOOK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -232,6 +233,7 @@ def test_sensitivity_with_failed_probes_exits_1_and_retries(tiny_llama_dir, tmp_
     study = tmp_path / "tiny.toml"
     study.write_text(STUDY.format(dir=tmp_path))
     out = tmp_path / "out"
+    monkeypatch.setenv("SWEEP_WORKER_HOOK", HOOK)  # tests/worker_hooks.py
     monkeypatch.setenv("SWEEP_TEST_FAIL", "kv_cache: bfp4")  # the workers' test hook: these probes raise
     assert main(["sensitivity", str(study), "--out", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err

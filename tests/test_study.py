@@ -26,6 +26,7 @@ from sweep import study as study_mod
 from sweep.study import identity
 from sweep.study import Worker, load_study, prepare, records, run, status
 from sweep.study.optuna_compat import frozen_trial
+from worker_hooks import HOOK, hook_env  # tests/worker_hooks.py: the workers' fault injection
 
 ROOT = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -98,7 +99,7 @@ def start_hung_run(path: Path, tmp_path: Path, ignore_sigint: bool = False) -> t
     """`sweep run PATH --workers 2` in its own session, with the first worker to reach an
     evaluation hanging there (SWEEP_TEST_HANG); returns the run and the hung worker's pid."""
     hang = tmp_path / "hang.pid"
-    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], {"SWEEP_TEST_HANG": str(hang)}, ignore_sigint)
+    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], hook_env(SWEEP_TEST_HANG=str(hang)), ignore_sigint)
     return proc, wait_for(hang, proc)
 
 
@@ -242,6 +243,7 @@ def test_concurrent_runs_never_queue_a_config_twice(tmp_path):
 # --- failures, samplers, reuse ------------------------------------------------------------------------
 def test_a_crashing_trial_is_recorded_fail_and_the_study_goes_on(tmp_path, monkeypatch, capsys):
     spec = load_spec(tiny_lt_pareto(tmp_path))
+    monkeypatch.setenv("SWEEP_WORKER_HOOK", HOOK)
     monkeypatch.setenv("SWEEP_TEST_FAIL", "ff2: bf16")  # 3 of the 12 configs raise NonFiniteLogits
     prep = prepare(spec)
     assert prep.enqueued == 12 and prep.total == 12
@@ -530,7 +532,7 @@ def test_workers_exit_0_with_a_thread_still_inside_torch(tmp_path):
     still exit 0 once everything is stored."""
     path = tmp_path / "one.toml"
     path.write_text(SMALL + '[space]\nff1_3 = ["bfp8", "bf16"]\n')
-    env = dict(os.environ, PYTHONPATH=str(ROOT), SWEEP_TEST_BUSY_THREAD="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **hook_env(SWEEP_TEST_BUSY_THREAD="1"))
     out = subprocess.run([sys.executable, "-m", "sweep.cli", "worker", str(path)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -542,3 +544,17 @@ def test_workers_exit_0_with_a_thread_still_inside_torch(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "died" not in out.stdout, out.stdout + out.stderr
     assert status(load_spec(path2))["counts"]["COMPLETE"] == 2
+
+
+def test_the_worker_hook_is_a_module_or_a_file_function(monkeypatch):
+    """SWEEP_WORKER_HOOK (the worker's plugin point): MODULE:FUNCTION or PATH.py:FUNCTION; unset: none."""
+    from sweep.study.worker import before_evaluate_hook
+
+    monkeypatch.delenv("SWEEP_WORKER_HOOK", raising=False)
+    assert before_evaluate_hook() is None
+    for target in (HOOK, "worker_hooks:before_evaluate"):
+        monkeypatch.setenv("SWEEP_WORKER_HOOK", target)
+        assert before_evaluate_hook().__name__ == "before_evaluate"
+    monkeypatch.setenv("SWEEP_WORKER_HOOK", "no_colon")
+    with pytest.raises(ValueError, match="MODULE:FUNCTION"):
+        before_evaluate_hook()

@@ -22,12 +22,16 @@ reason and the study goes on. SIGINT / SIGTERM: the worker fails its running tri
 told as soon as it ends). Samplers: a new trial is asked only under the queue's guard while the
 budget (`n_trials`, counting every trial that is not superseded) has room.
 
+SWEEP_WORKER_HOOK names a function called before each evaluation (`before_evaluate_hook`).
+
 `serve` is the whole life of a worker process: `python -m sweep.study worker` (started by
 `sweep run`) and `sweep worker` (joining a study from any host) both end there.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import math
 import os
 import signal
@@ -35,6 +39,8 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
+from typing import Callable
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -262,7 +268,9 @@ class Worker:
             self.in_eval = True  # from here SIGINT / SIGTERM interrupt the evaluation
             if self.stop:
                 raise _Interrupted()
-            _test_hook(cfg)
+            hook = before_evaluate_hook()
+            if hook is not None:
+                hook(cfg)
             res = ev.evaluate(mc)
             per_device = {}
             for lay, devs in others.items():  # once per distinct numerics, not per device
@@ -310,48 +318,31 @@ class Worker:
         return done
 
 
-def _test_hook(cfg: str) -> None:
-    """Test hooks (environment variables read by workers; used by tests/test_study.py only):
-
-    SWEEP_TEST_HANG=PATH   the first trial to evaluate (whoever creates PATH) writes its pid
-                           there and sleeps, so a test can SIGKILL a worker mid-trial;
-    SWEEP_TEST_FAIL=TEXT   trials whose config string contains TEXT raise NonFiniteLogits;
-    SWEEP_TEST_BUSY_THREAD=1  the first trial starts a daemon thread that multiplies matrices with
-                           torch until the process ends: a thread inside torch's C++ at exit, as a
-                           library's can be, which aborts a process that tears its interpreter down
-                           ("terminate called without an active exception", exit 134).
-    """
-    if os.environ.get("SWEEP_TEST_BUSY_THREAD") and not getattr(_test_hook, "busy", None):
-        import torch
-
-        a = torch.ones(512, 512)
-
-        def spin():
-            while True:
-                a @ a
-
-        _test_hook.busy = threading.Thread(target=spin, daemon=True, name="test-busy")
-        _test_hook.busy.start()
-    hang = os.environ.get("SWEEP_TEST_HANG")
-    if hang:
-        try:
-            fd = os.open(hang, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            fd = None
-        if fd is not None:
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            while True:
-                time.sleep(0.2)
-    fail = os.environ.get("SWEEP_TEST_FAIL")
-    if fail and fail in cfg:
-        try:
-            from engine.accuracy import NonFiniteLogits
-        except ImportError:  # pragma: no cover
-            NonFiniteLogits = RuntimeError  # noqa: N806
-        raise NonFiniteLogits("non-finite logits at decode position 3 (test hook SWEEP_TEST_FAIL)")
+def before_evaluate_hook() -> Callable[[str], None] | None:
+    """The worker's plugin point: SWEEP_WORKER_HOOK=MODULE:FUNCTION (or PATH.py:FUNCTION) names a
+    function that every worker calls with the trial's config string just before it evaluates its
+    accuracy (the trial is claimed, its heartbeat runs, SIGINT / SIGTERM interrupt it from here on),
+    e.g. to log or trace trials or to inject faults (tests/worker_hooks.py). What it raises fails the
+    trial as an error of the evaluation would. Unset or empty: no hook. Loaded once per process."""
+    return _load_hook(os.environ.get("SWEEP_WORKER_HOOK", ""))
 
 
+@functools.lru_cache(maxsize=None)
+def _load_hook(target: str) -> Callable[[str], None] | None:
+    if not target:
+        return None
+    where, sep, name = target.rpartition(":")
+    if not sep or not where or not name:
+        raise ValueError(f"SWEEP_WORKER_HOOK={target!r}: write MODULE:FUNCTION or PATH.py:FUNCTION")
+    if where.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        if spec is None or spec.loader is None or not Path(where).is_file():
+            raise ValueError(f"SWEEP_WORKER_HOOK={target!r}: no file {where}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    return getattr(module, name)
 
 
 def open_worker_study(storage_url: str, study_name: str, lock_dir: str | None = None):
