@@ -34,10 +34,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
 from engine.config import Config
+from sweep.objectives import OBJECTIVES, kind_of, perf_metric, wilson
+from sweep.objectives import label as _label
 from sweep.pareto import Analysis, Point, front_2d
 from sweep.report import calibration_text, display_name
 
-LABEL = {"top1": "Top-1 (%)", "top5": "Top-5 (%)", "speed": "Speed (t/s/u)", "ttft": "TTFT (ms)"}
 MAX_NUMBERED = 40  # above this many points only front points get numbers (and error bars fade)
 C_POINT, C_FRONT, C_NOISE, C_KNEE, C_ALLOC = "#4c72b0", "#d62728", "#ff9f1c", "#2ca02c", "#7b2cbf"
 
@@ -54,11 +55,6 @@ def short_config(config: str) -> str:
         n = tail.count(";") + 1
         d += f" + {n} per-layer override{'s' if n != 1 else ''}"
     return d
-
-
-def _label(objective: str) -> str:
-    kind, _, dev = objective.partition(":")
-    return LABEL.get(kind, objective)
 
 
 def _slug(text: str) -> str:
@@ -81,20 +77,13 @@ def save_figure(fig, png: Path | None = None, svg: Path | None = None) -> None:
             fig.savefig(svg, metadata={"Date": None, "Creator": None})
 
 
-def _perf_metric(objective: str) -> tuple[str, str] | None:
-    metric, _, device = objective.partition(":")
-    return (metric, device) if metric in ("speed", "ttft") and device else None
-
-
 def _ci(p: Point, objective: str, reference: Point | None = None) -> tuple[float, float] | None:
     """The error bar of one point: the 95% Wilson interval for Top-1 / Top-5; for speed / TTFT the
     between-config interval relative to `reference` (engine.perf.between_interval; nil for the
     reference itself)."""
-    if objective == "top1":
-        return tuple(p.record.top1_ci)
-    if objective == "top5":
-        return tuple(p.record.top5_ci)
-    pm = _perf_metric(objective)
+    if wilson(objective):
+        return tuple(getattr(p.record, f"{objective}_ci"))
+    pm = perf_metric(objective)
     if pm and reference is not None:
         from engine.perf import between_interval
 
@@ -107,7 +96,7 @@ def _ci(p: Point, objective: str, reference: Point | None = None) -> tuple[float
 def absolute_interval(objective: str, reference: Point) -> tuple[float, float] | None:
     """(low, high) of the performance model's absolute 90% prediction interval at the reference
     point (engine.perf.interval): the error common to every config of the model on the device."""
-    pm = _perf_metric(objective)
+    pm = perf_metric(objective)
     if not pm:
         return None
     from engine.perf import interval
@@ -116,8 +105,9 @@ def absolute_interval(objective: str, reference: Point) -> tuple[float, float] |
     return None if iv is None else iv[:2]
 
 
-UNIT = {"speed": "t/s/u", "ttft": "ms"}
-NAME = {"speed": "speed", "ttft": "TTFT"}
+def _short(objective: str) -> str:
+    """The prose name of a performance objective's kind: `speed`, `TTFT`."""
+    return OBJECTIVES[perf_metric(objective)[0]].short
 
 
 def absolute_text(objective: str, reference: Point) -> str:
@@ -126,22 +116,23 @@ def absolute_text(objective: str, reference: Point) -> str:
     if iv is None:
         return ""
     v = reference.value(objective)
-    nd = 0 if objective.startswith("ttft") else 1
+    o = kind_of(objective)
+    nd = o.decimals
     return (f"absolute error, common to all configs: "
-            f"-{v - iv[0]:.{nd}f}/+{iv[1] - v:.{nd}f} {UNIT[objective.partition(':')[0]]} (90%)")
+            f"-{v - iv[0]:.{nd}f}/+{iv[1] - v:.{nd}f} {o.unit} (90%)")
 
 
 def _err_label(x: str, y: str, xerr, yerr, reference: Point | None) -> str | None:
-    if not (_perf_metric(x) or _perf_metric(y)):
+    if not (perf_metric(x) or perf_metric(y)):
         return "95% Wilson interval" if (xerr or yerr) else None
     kinds = []
     for o, e in ((x, xerr), (y, yerr)):
         if not e:
             continue
-        if _perf_metric(o):
-            kinds.append(f"{NAME[_perf_metric(o)[0]]}: 90% between configs, vs trial {reference.number}")
+        if perf_metric(o):
+            kinds.append(f"{_short(o)}: 90% between configs, vs trial {reference.number}")
         else:
-            kinds.append(f"{LABEL[o].split(' (')[0]}: 95% Wilson")
+            kinds.append(f"{OBJECTIVES[o].short}: 95% Wilson")
     return " / ".join(dict.fromkeys(kinds)) or None
 
 
@@ -315,18 +306,18 @@ def front_figure(points: Sequence[Point], x: str, y: str, title: str, *, noise: 
     fnums = {p.number for p in front}
     noise = set(noise) - fnums
     many = len(pts) > MAX_NUMBERED
-    perf = [o for o in (x, y) if _perf_metric(o)]
+    perf = [o for o in (x, y) if perf_metric(o)]
     ref = _reference(pts, front, reference if reference is not None else knee) if perf else None
     sub = []
     for o in perf:
         a = absolute_text(o, ref) if ref else ""
         if a:
-            sub.append(f"{NAME[_perf_metric(o)[0]].capitalize().replace('Ttft', 'TTFT')} bars: 90% between configs, relative to trial {ref.number}"
+            sub.append(f"{_short(o).capitalize().replace('Ttft', 'TTFT')} bars: 90% between configs, relative to trial {ref.number}"
                        f"{' (knee)' if ref.number == knee else ''}. {a[0].upper() + a[1:]}")
     foot = config_table(pts, front, many)
     if sub:
         foot += textwrap.wrap(
-            f"{'/'.join(NAME[_perf_metric(o)[0]] for o in perf).capitalize().replace('Ttft', 'TTFT')} error bars: the 90% interval of each config's figure given trial {ref.number}'s, i.e. the error of the "
+            f"{'/'.join(_short(o) for o in perf).capitalize().replace('Ttft', 'TTFT')} error bars: the 90% interval of each config's figure given trial {ref.number}'s, i.e. the error of the "
             "predicted ratio between two configs (engine.perf.between_interval, fitted on the calibration's configs of "
             "one setting). The model's absolute error moves every config of the model on the device together: stated "
             "once above the plot, not drawn on each point.", FOOT_CHARS, subsequent_indent="  ")
@@ -379,7 +370,7 @@ def front_figure(points: Sequence[Point], x: str, y: str, title: str, *, noise: 
     # its level, so differences far below the model's resolution do not fill the plot
     for obj, getter, setter in ((x, ax.get_xlim, ax.set_xlim), (y, ax.get_ylim, ax.set_ylim)):
         lo, hi = getter()
-        if _perf_metric(obj):
+        if perf_metric(obj):
             vals = [p.value(obj) for p in pts]
             if vals:
                 mid = (min(vals) + max(vals)) / 2

@@ -123,7 +123,7 @@ from engine.config import (
 )
 from sweep.param import Param
 from sweep.probes import DEFAULT_FAMILIES, FAMILIES, parse_probes
-from sweep.records import DIRECTIONS
+from sweep.objectives import OBJECTIVES, default_objectives, direction, legal_names
 
 
 class StudyFileError(ConfigError):
@@ -355,8 +355,6 @@ class StudySpec:
 
     @property
     def directions(self) -> list[str]:
-        from sweep.records import direction
-
         return [direction(o) for o in self.objectives]
 
     @property
@@ -566,10 +564,10 @@ def _metric(where: str, key: str, name: Any, devices: Sequence[str]) -> str:
     if not isinstance(name, str):
         raise _fail(where, f"{key}: {name!r} is not an objective name")
     kind, sep, dev = name.partition(":")
-    legal = "top1, top5, kld, ppl, " + ", ".join(f"speed:{d}, ttft:{d}" for d in devices)
-    if kind not in DIRECTIONS:
+    legal = legal_names(devices)
+    if kind not in OBJECTIVES:
         raise _fail(where, f"{key}: unknown objective {name!r}; legal values: {legal}")
-    if kind in ("speed", "ttft"):
+    if OBJECTIVES[kind].per_device:
         if dev not in devices:
             raise _fail(where, f"{key}: {name!r} names no device of the study; legal values: {legal}")
     elif sep:
@@ -610,10 +608,10 @@ def parse_spec(doc: Mapping, where: str = "<study>", path: str | None = None, n_
 
     objectives = st.get("objectives")
     if objectives is None:
-        objectives = ["top1", "top5", f"speed:{devices[0]}", f"ttft:{devices[0]}"]
+        objectives = default_objectives(devices[0])
     objectives = [_metric(where, "study.objectives", o, devices) for o in _str_list(where, "study.objectives", objectives)]
     if not objectives:
-        raise _fail(where, "study.objectives is empty; legal values: top1, top5, speed:DEVICE, ttft:DEVICE, kld, ppl")
+        raise _fail(where, f"study.objectives is empty; legal values: {legal_names(scalar_first=False)}")
     if len(set(objectives)) != len(objectives):
         raise _fail(where, f"study.objectives lists an objective twice: {objectives}")
 
@@ -637,7 +635,7 @@ def parse_spec(doc: Mapping, where: str = "<study>", path: str | None = None, n_
     for i, c in enumerate(raw_c):
         c = _check_keys(where, f"constraints[{i}]", c, CONSTRAINT_KEYS)
         if "metric" not in c:
-            raise _fail(where, f"constraints[{i}] needs metric (top1, top5, kld, ppl, speed:DEV, ttft:DEV)")
+            raise _fail(where, f"constraints[{i}] needs metric ({legal_names(('DEV',))})")
         metric = _metric(where, f"constraints[{i}].metric", c["metric"], devices)
         bounds = {}
         for b in ("min", "max"):
