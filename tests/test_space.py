@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.config import DEFAULT, Config, ModelConfig, accuracy
+from engine.config import DEFAULT, NATURAL, Config, ModelConfig, accuracy
 from sweep.cli import main as cli_main
-from sweep.space import NATURAL, StudyFileError, StudySpec, load_spec, parse_spec
+from sweep.space import StudyFileError, StudySpec, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "studies"
