@@ -90,20 +90,9 @@ def default_evaluator(model: str, prefill: int, decode: int, windows: int = 1):
     return Evaluator(model, prefill=prefill, decode=decode, windows=windows)
 
 
-def check_report(text: str, model: str | None = None, evaluator_factory=None, emit=print,
-                 windows: int | None = None) -> list[Verdict]:
-    """Re-evaluate each section's config for the rows of models that can be run and compare with
-    the table (tt-metal's rule: measured Top-1 / Top-5 >= table - 0.5). Prints one verdict per row.
-
-    Each row is measured as its notes line says (prefill, decode, windows; 1 window when it says
-    none); `windows` overrides the window count (`sweep check --windows N`). A progress bar counts
-    the distinct evaluations with the time left (engine.progress: on a terminal only)."""
-    from engine.progress import bar, enabled
-    from engine.progress import write as bar_write
-
-    factory = evaluator_factory or default_evaluator
-    want = None if model is None else registry_name(model)
-    rows: list[tuple[Verdict, str, tuple, object]] = []  # (verdict, model, evaluator key, config)
+def _rows_to_check(text: str, want: str | None, windows: int | None) -> list[tuple[Verdict, str, tuple, object]]:
+    """(verdict, model, evaluator key, config) of each table row with a Top-1 / Top-5 to check."""
+    rows: list[tuple[Verdict, str, tuple, object]] = []
     for block in sections(text):
         t = block.table()
         if t is None:
@@ -130,6 +119,22 @@ def check_report(text: str, model: str | None = None, evaluator_factory=None, em
             if windows is not None:
                 st["windows"] = windows
             rows.append((Verdict(block.header, disp, dev, t1, t5), reg, (reg, st["prefill"], st["decode"], st["windows"]), cfg))
+    return rows
+
+
+def check_report(text: str, model: str | None = None, evaluator_factory=None, emit=print,
+                 windows: int | None = None) -> list[Verdict]:
+    """Re-evaluate each section's config for the rows of models that can be run and compare with
+    the table (tt-metal's rule: measured Top-1 / Top-5 >= table - 0.5). Prints one verdict per row.
+
+    Each row is measured as its notes line says (prefill, decode, windows; 1 window when it says
+    none); `windows` overrides the window count (`sweep check --windows N`). A progress bar counts
+    the distinct evaluations with the time left (engine.progress: on a terminal only)."""
+    from engine.progress import bar, enabled
+    from engine.progress import write as bar_write
+
+    factory = evaluator_factory or default_evaluator
+    rows = _rows_to_check(text, None if model is None else registry_name(model), windows)
     evaluators: dict[tuple, object] = {}
     broken: dict[str, str] = {}
     results: dict[tuple, tuple[float, float]] = {}

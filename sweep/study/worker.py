@@ -178,25 +178,26 @@ class Worker:
                 return t
         return None
 
+    def _trial_config(self, trial: optuna.Trial) -> ModelConfig:
+        """The config a claimed trial evaluates: its queued config string, or its params."""
+        queued = trial.user_attrs.get(QUEUED_CONFIG)
+        if queued:  # a config from outside the space (an allocation, a comparison): no params
+            return ModelConfig.parse(queued, self.spec.n_layers, self.spec.model)
+        fixed = frozen_trial(self.study, trial).system_attrs.get("fixed_params")
+        missing = [p.name for p in self.spec.space.params if fixed and p.name not in fixed]
+        if missing:  # the sampler would fill them at random: another config than the one queued
+            raise ValueError(f"trial was queued without params {', '.join(missing)}; "
+                             "re-run `sweep run --retry-failed` to queue its config again")
+        return self.spec.space.config(self.spec.space.suggest(trial))
+
     def process(self, trial: optuna.Trial) -> str:
         """Evaluate one claimed trial; returns its final state name."""
         t_start = time.time()
         self.current = trial
-        params = None
         try:
             self.queue.beat(self.study, trial_id(trial))  # at once: a trial never lacks a heartbeat for long
             trial.set_user_attr("worker", identity.worker_identity())
-            queued = trial.user_attrs.get(QUEUED_CONFIG)
-            if queued:  # a config from outside the space (an allocation, a comparison): no params
-                mc = ModelConfig.parse(queued, self.spec.n_layers, self.spec.model)
-            else:
-                fixed = frozen_trial(self.study, trial).system_attrs.get("fixed_params")
-                missing = [p.name for p in self.spec.space.params if fixed and p.name not in fixed]
-                if missing:  # the sampler would fill them at random: another config than the one queued
-                    raise ValueError(f"trial was queued without params {', '.join(missing)}; "
-                                     "re-run `sweep run --retry-failed` to queue its config again")
-                params = self.spec.space.suggest(trial)
-                mc = self.spec.space.config(params)
+            mc = self._trial_config(trial)
             cfg = str(mc)
             digest = numerics_digest(mc, layout=self._layouts()[self.spec.primary] or (1, 1))
             trial.set_user_attr("config", cfg)
