@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine import accuracy  # noqa: E402
-from engine.config import ModelConfig, OpGroup, TensorGroup, Config  # noqa: E402
+from engine.config import Config, ModelConfig, OpGroup, TensorGroup  # noqa: E402
 
 TARGET_FP32_DEST, TARGET_BF16_DEST, TARGET_RSS_MB = 2.0, 4.0, 4096
 BF16_HIFI4 = str(Config(**{g.value: "bf16" for g in TensorGroup}, **{o.value: "hifi4" for o in OpGroup}))

@@ -8,13 +8,13 @@ import random
 
 import pytest
 from scipy.stats import spearmanr
+from worker_hooks import HOOK
 
 from engine.config import DEFAULT, ConfigError, ModelConfig
 from sweep import allocate as alloc
 from sweep.cli import main
 from sweep.probes import Probe, ProbeSpace, family
 from sweep.space import StudySpec, parse_spec
-from worker_hooks import HOOK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

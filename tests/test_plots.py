@@ -187,9 +187,9 @@ def test_speed_bars_are_the_between_config_interval_and_smaller_than_the_absolut
     """On the committed lt-pareto results: each speed bar is engine.perf.between_interval of the
     point against the knee (nil for the knee itself), every one narrower than the absolute 90%
     prediction interval (what the bars used to be), which the plot states once, above the axes."""
+    from committed_points import committed_analysis  # noqa: E402  (test fixture)
     from matplotlib.collections import LineCollection
 
-    from committed_points import committed_analysis  # noqa: E402  (test fixture)
     from engine.perf import between_interval, interval
 
     a = committed_analysis()
@@ -226,6 +226,7 @@ def test_speed_bars_are_the_between_config_interval_and_smaller_than_the_absolut
 
 def test_page_bars_are_the_plots_between_config_intervals():
     from committed_points import committed_analysis  # noqa: E402  (test fixture)
+
     from engine.perf import interval
     from sweep.html import page_data
 

@@ -12,8 +12,7 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))
-from synthetic_study import (  # noqa: E402  (test fixture)
-    MODEL, N_LAYERS, build_study, journal_storage, lt_pareto_configs, synthetic_record)
+from synthetic_study import MODEL, N_LAYERS, build_study, journal_storage, lt_pareto_configs, synthetic_record  # noqa: E402  (test fixture)
 
 from engine.config import DEFAULT, Config, ModelConfig, performance  # noqa: E402
 from sweep import cli, pareto, report  # noqa: E402

@@ -18,15 +18,14 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from worker_hooks import HOOK, hook_env  # tests/worker_hooks.py: the workers' fault injection
 
+from sweep import study as study_mod
 from sweep.cli import main as cli_main
 from sweep.records import TrialRecord
 from sweep.space import load_spec
-from sweep import study as study_mod
-from sweep.study import identity
-from sweep.study import Worker, load_study, prepare, records, run, status
+from sweep.study import Worker, identity, load_study, prepare, records, run, status
 from sweep.study.optuna_compat import frozen_trial
-from worker_hooks import HOOK, hook_env  # tests/worker_hooks.py: the workers' fault injection
 
 ROOT = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -17,11 +17,11 @@ from collections import Counter
 from pathlib import Path
 
 from optuna.trial import TrialState
+from test_study import wait_for
+from worker_hooks import hook_env
 
 from sweep.space import load_spec
 from sweep.study import load_study, status
-from test_study import wait_for
-from worker_hooks import hook_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_BEATS = {"SWEEP_HEARTBEAT_S": "1", "SWEEP_STALE_S": "3"}
@@ -114,7 +114,7 @@ def test_a_sampled_study_on_two_hosts_ends_with_its_budget(tmp_path, pg_url):
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     procs = {h: start(["tests/pg_host.py", str(barrier), "2", str(p)], h) for h, p in files.items()}
-    for h, p in procs.items():
+    for p in procs.values():
         out = p.communicate(timeout=300)[0]
         assert p.returncode == 0 and "race 0 rc 0" in out, out
     trials = trials_of(files["hostA"])

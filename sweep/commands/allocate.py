@@ -55,11 +55,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from sweep import allocate as alloc
+    from sweep.commands.paths import check_output
     from sweep.profile import damage_table, measured, read_csv
     from sweep.space import load_spec
     from sweep.study import StudyNotFound, load_study
-
-    from sweep.commands.paths import check_output
 
     spec = load_spec(args.study, storage=args.storage)
     sspec = spec.sensitivity_study()

@@ -20,9 +20,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from sweep.report import check_report
-
     from sweep.commands.paths import read_text_file
+    from sweep.report import check_report
 
     path = Path(args.report)
     if args.windows is not None and args.windows < 1:

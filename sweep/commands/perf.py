@@ -133,7 +133,6 @@ def _does_not_fit(res, args) -> None:
 def run_calibrate(args) -> int:
     from engine import calibrate as cal
     from engine.perf import PARAMS_FILE, _load_params_file
-
     from sweep.commands.paths import check_output
 
     check_output(args.out, "--out")

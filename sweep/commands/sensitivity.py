@@ -35,12 +35,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from sweep.commands.paths import check_output
     from sweep.profile import measured, write_csv
     from sweep.space import load_spec
     from sweep.study import load_study
     from sweep.study import run as run_study
-
-    from sweep.commands.paths import check_output
 
     spec = load_spec(args.study, storage=args.storage)
     sspec = spec.sensitivity_study()  # no [sensitivity]: a one-line error before anything is written

@@ -9,6 +9,7 @@ from engine.config import Config, ModelConfig
 from sweep.pareto import Analysis, Point
 from sweep.report.sections import build_sections, update_report
 
+
 # --- files -------------------------------------------------------------------------------------
 def n_layers_of(model: str) -> int | None:
     """Decoder layer count of a registry model from its metadata (for decoder JSON), if known."""

@@ -7,8 +7,6 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-
-
 COLUMNS = ["Model", "Device", "Top-1 (%)", "Top-5 (%)", "Speed (t/s/u)", "TTFT (ms)"]
 MIN_WIDTHS = {"Model": 14, "Device": 6}  # the seed's 12-config tables
 CONFIG_HEADING = "# Model precision and math fidelity"

@@ -25,6 +25,7 @@ from sweep.report.markdown import (
     table_lines,
 )
 
+
 # --- sections from a study -------------------------------------------------------------------------
 @dataclass
 class ReportSection:

@@ -31,7 +31,6 @@ from sweep.space.model import (
 )
 
 
-
 def _value_list(where: str, key: str, v: Any) -> list[str]:
     if isinstance(v, str):
         vals = [v]

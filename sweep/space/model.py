@@ -23,9 +23,8 @@ from engine.config import (
     fidelity_of,
     precision_of,
 )
-from sweep.param import Param
 from sweep.objectives import direction
-
+from sweep.param import Param
 
 
 class StudyFileError(ConfigError):

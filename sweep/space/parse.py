@@ -10,8 +10,8 @@ from typing import Any, Mapping, Sequence
 from engine.config import (
     ConfigError,
 )
-from sweep.probes import DEFAULT_FAMILIES, FAMILIES, parse_probes
 from sweep.objectives import OBJECTIVES, default_objectives, legal_names
+from sweep.probes import DEFAULT_FAMILIES, FAMILIES, parse_probes
 from sweep.space.checks import as_int, check_keys, fail, str_list
 from sweep.space.grid import parse_space
 from sweep.space.model import (
@@ -36,7 +36,6 @@ from sweep.space.model import (
     StudyFileError,
     StudySpec,
 )
-
 
 
 # --- parsing --------------------------------------------------------------------------------
