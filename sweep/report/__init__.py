@@ -17,15 +17,27 @@ models' rows, other sections, prose. One PERF.md can so hold several models and 
 
 The markdown parser (`parse_markdown`, `Block.table`) is also what `sweep check` uses.
 
-Modules: markdown (names, number style, the markdown model), sections (sections from a study and
-their merge into a report), files (the report, CSV and front files), check (`sweep check`).
+Modules: markdown (names, number style, the markdown model), study_sections (sections from a study
+and their merge into a report), files (the report, CSV and front files), check (`sweep check`).
 """
 from __future__ import annotations
 
-from sweep.report.check import check_report
-from sweep.report.files import decoder_json_of, optimizations_string, tt_problem, write_report
-from sweep.report.markdown import display_name, parse_markdown
-from sweep.report.sections import calibration_text, interval_text
+from sweep.report.check import accuracy_settings, check_report
+from sweep.report.files import decoder_json_of, optimizations_string, tt_problem, write_csv, write_front, write_report
+from sweep.report.markdown import (
+    display_name,
+    find_section,
+    fmt_ms,
+    fmt_percent,
+    fmt_speed,
+    parse_markdown,
+    render_markdown,
+    sections,
+    table_lines,
+)
+from sweep.report.study_sections import build_sections, calibration_text, interval_text, rows_for, update_report
 
-__all__ = ["calibration_text", "check_report", "decoder_json_of", "display_name", "interval_text", "optimizations_string",
-           "parse_markdown", "tt_problem", "write_report"]
+__all__ = ["accuracy_settings", "build_sections", "calibration_text", "check_report", "decoder_json_of", "display_name",
+           "find_section", "fmt_ms", "fmt_percent", "fmt_speed", "interval_text", "optimizations_string",
+           "parse_markdown", "render_markdown", "rows_for", "sections", "table_lines", "tt_problem", "update_report",
+           "write_csv", "write_front", "write_report"]

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from engine.config import Config, accuracy, performance
 from sweep.report.markdown import ACC_RE, DEFAULT_EVAL, Block, norm_header, registry_name, sections
-from sweep.report.sections import is_config_header
+from sweep.report.study_sections import is_config_header
 
 # --- regression check (sweep check) -----------------------------------------------------------------
 TOLERANCE = 0.5  # tt-metal's rule: measured >= table - 0.5

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from engine.config import Config, ModelConfig
 from sweep.pareto import Analysis, Point
-from sweep.report.sections import build_sections, update_report
+from sweep.report.study_sections import build_sections, update_report
 
 
 # --- files -------------------------------------------------------------------------------------
