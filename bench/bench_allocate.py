@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scipy.stats import pearsonr, spearmanr  # noqa: E402
 
 
-def main(argv=None) -> int:
+def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", nargs="?", default="studies/smollm2-allocate.toml")
     ap.add_argument("--random", type=int, default=20, help="random mixed configs for the additivity check")
@@ -43,25 +43,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.random = min(args.random, 5)
-    if args.cost_only:
-        return _cost_only(args)
+    return args
 
-    from sweep.profile import damage_table, measured, trials_by_config
-    from sweep.space import load_spec
+
+def _additivity(args, sspec, sstudy, raw, base_kld: float, out: Path):
+    """1. additivity: random mixed configs measured against the summed profile; (rows, Spearman, Pearson)."""
+    from sweep import allocate as alloc
+    from sweep.profile import trials_by_config
     from sweep.study import enqueue_config, load_study
     from sweep.study import run as run_study
 
-    out = Path(args.out)
-    spec = load_spec(args.study)
-    sspec = spec.sensitivity_study()
-    sstudy = load_study(sspec)
-    profile = measured(sstudy, sspec.space)
-    damage = damage_table(profile)  # what the allocator sums
-    raw = damage_table(profile, "d_kld")  # the measured estimates: what additivity is about
-    base_kld = float(profile["config_kld"].iloc[0])
     space = sspec.space
-
-    # 1. additivity
     rng = random.Random(args.seed)
     mixed = []
     while len(mixed) < args.random:
@@ -72,7 +64,6 @@ def main(argv=None) -> int:
         enqueue_config(sstudy, mc, {"additivity": i})
     run_study(sspec, workers=args.workers, progress=False)
     by_cfg = trials_by_config(load_study(sspec))
-    from sweep import allocate as alloc
 
     add_rows = []
     for i, mc in enumerate(mixed):
@@ -88,28 +79,18 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=list(add_rows[0]))
         w.writeheader()
         w.writerows(add_rows)
+    return add_rows, rho, r_lin
 
-    # 2. cost, as ratios to one full trial, both timed here in one process (min of 2 warm runs)
-    from engine.accuracy.evaluator import Evaluator
 
-    def timed(ev):
-        ev.evaluate(space.base)
-        best = float("inf")
-        for _ in range(2):
-            t0 = time.perf_counter()
-            ev.evaluate(space.base)
-            best = min(best, time.perf_counter() - t0)
-        return best
+def _damage_rule(args, spec, sspec, sstudy, profile, base_kld: float, out: Path) -> list[dict]:
+    """3b. the allocator's damage rule: the estimates against the upper ends of their intervals,
+    each allocation measured on the profile's window (queued in the sensitivity study)."""
+    from sweep import allocate as alloc
+    from sweep.profile import damage_table, trials_by_config
+    from sweep.study import enqueue_config, load_study
+    from sweep.study import run as run_study
 
-    cost = profile_cost(spec, sspec, space, args.workers)
-    one_trial = cost["one_trial_s"]
-    t0 = time.perf_counter()
-    pb = alloc.build_problem(spec.model, spec.primary, space, damage, spec.perf)
-    a = alloc.allocate(pb, alloc.Budget(min_speed=float(allocs_speed(out) or alloc.fastest_speed(pb))))
-    solve_s = time.perf_counter() - t0
-    cost |= {"allocation_s": solve_s, "allocation_trials": solve_s / one_trial, "rounds": a.rounds}
-    # 3b. the allocator's damage rule: the estimates against the upper ends of their intervals,
-    # each allocation measured on the profile's window (queued in the sensitivity study)
+    space = sspec.space
     rule_rows = []
     budgets = [float(r["min_speed"]) for r in csv.DictReader((out / "allocations.csv").open()) if r["min_speed"]] \
         if (out / "allocations.csv").is_file() else []
@@ -128,6 +109,42 @@ def main(argv=None) -> int:
             rule_rows.append({"rule": "estimate" if col == "d_kld" else "upper 95% end", "budget": b,
                               "changes": len(ac.changes), "predicted_kld": base_kld + ac.predicted_damage,
                               "measured_kld": float(t.user_attrs["kld"]), "measured_top1": float(t.user_attrs["top1"])})
+
+    return rule_rows
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    if args.cost_only:
+        return _cost_only(args)
+
+    from sweep.profile import damage_table, measured
+    from sweep.space import load_spec, sensitivity_study
+    from sweep.study import load_study
+    from sweep.study import run as run_study
+
+    out = Path(args.out)
+    spec = load_spec(args.study)
+    sspec = sensitivity_study(spec)
+    sstudy = load_study(sspec)
+    profile = measured(sstudy, sspec.space)
+    damage = damage_table(profile)  # what the allocator sums
+    raw = damage_table(profile, "d_kld")  # the measured estimates: what additivity is about
+    base_kld = float(profile["config_kld"].iloc[0])
+    space = sspec.space
+
+    add_rows, rho, r_lin = _additivity(args, sspec, sstudy, raw, base_kld, out)  # 1. additivity
+    from sweep import allocate as alloc
+
+    # 2. cost, as ratios to one full trial
+    cost = profile_cost(spec, sspec, space, args.workers)
+    one_trial = cost["one_trial_s"]
+    t0 = time.perf_counter()
+    pb = alloc.build_problem(spec.model, spec.primary, space, damage, spec.perf)
+    a = alloc.allocate(pb, alloc.Budget(min_speed=float(allocs_speed(out) or alloc.fastest_speed(pb))))
+    solve_s = time.perf_counter() - t0
+    cost |= {"allocation_s": solve_s, "allocation_trials": solve_s / one_trial, "rounds": a.rounds}
+    rule_rows = _damage_rule(args, spec, sspec, sstudy, profile, base_kld, out)
 
     info = json.loads((out / "profile.json").read_text()) if (out / "profile.json").is_file() else {}
     allocs = list(csv.DictReader((out / "allocations.csv").open())) if (out / "allocations.csv").is_file() else []
@@ -234,10 +251,10 @@ def profile_cost(spec, sspec, space, workers: int) -> dict:
 def _cost_only(args) -> int:
     import re
 
-    from sweep.space import load_spec
+    from sweep.space import load_spec, sensitivity_study
 
     spec = load_spec(args.study)
-    sspec = spec.sensitivity_study()
+    sspec = sensitivity_study(spec)
     cost = profile_cost(spec, sspec, sspec.space, args.workers)
     line = _cost_line(spec, cost)
     print(line)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine.accuracy import evaluator as accuracy  # noqa: E402
-from engine.vocab.config import ModelConfig, OpGroup, TensorGroup, Config  # noqa: E402
+from engine.vocab.config import Config, ModelConfig, OpGroup, TensorGroup  # noqa: E402
 
 TARGET_FP32_DEST, TARGET_BF16_DEST, TARGET_RSS_MB = 2.0, 4.0, 4096
 BF16_HIFI4 = str(Config(**{g.value: "bf16" for g in TensorGroup}, **{o.value: "hifi4" for o in OpGroup}))
@@ -54,7 +54,7 @@ def fp32_accumulating(mc: ModelConfig) -> bool:
     return all(c.fidelity(op).kernel.fp32_dest for c in mc.layers for op in OpGroup)
 
 
-def main(argv=None) -> int:
+def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--prefill", type=int, default=512)
@@ -68,6 +68,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.prefill, args.decode = 128, 127
+    return args
+
+
+def _configs(args) -> list[tuple[str, str]]:
+    """(label, config text) of the configs timed."""
     if args.configs:
         configs = [(c[:24], c) for c in args.configs]
     elif args.quick:
@@ -75,7 +80,27 @@ def main(argv=None) -> int:
     else:
         configs = [("reference", "reference"), ("defaults", "defaults"), ("performance", "performance"),
                    ("accuracy", "accuracy"), ("bf16 + hifi4", BF16_HIFI4)] + lt_pareto()
+    return configs
 
+
+def _verdicts(rows: list) -> bool:
+    """Print the worst ratio of each kind of config and the peak memory against the targets; all met."""
+    ok = True
+    for kind, target, sel in (("fp32-dest", TARGET_FP32_DEST, True), ("16-bit-dest", TARGET_BF16_DEST, False)):
+        group = [x for x in rows if x[1] is sel and x[0] != "reference"]
+        if group:
+            worst = max(group, key=lambda x: x[2])
+            ok &= worst[2] <= target
+            print(f"{kind} configs: worst ratio {worst[2]:.2f}x ({worst[0]}) "
+                  f"{'meets' if worst[2] <= target else 'MISSES'} the <= {target:g}x target")
+    ok &= maxrss_mb() <= TARGET_RSS_MB
+    print(f"peak maxrss {maxrss_mb():.0f} MB {'meets' if maxrss_mb() <= TARGET_RSS_MB else 'MISSES'} the < 4 GB target")
+    return ok
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    configs = _configs(args)
     t0 = time.perf_counter()
     ev = accuracy.Evaluator(args.model, prefill=args.prefill, decode=args.decode)
     setup_s = time.perf_counter() - t0
@@ -115,16 +140,7 @@ def main(argv=None) -> int:
         print(f"{label:<26} {'yes' if acc else 'no':>7} {cold:7.2f} {trial:8.2f} {base:7.2f} {trial / base:5.2f}x "
               f"{r.top1:6.2f} {r.top5:6.2f} {r.kld:8.5f} {maxrss_mb():9.0f}", flush=True)
     print()
-    ok = True
-    for kind, target, sel in (("fp32-dest", TARGET_FP32_DEST, True), ("16-bit-dest", TARGET_BF16_DEST, False)):
-        group = [x for x in rows if x[1] is sel and x[0] != "reference"]
-        if group:
-            worst = max(group, key=lambda x: x[2])
-            ok &= worst[2] <= target
-            print(f"{kind} configs: worst ratio {worst[2]:.2f}x ({worst[0]}) "
-                  f"{'meets' if worst[2] <= target else 'MISSES'} the <= {target:g}x target")
-    ok &= maxrss_mb() <= TARGET_RSS_MB
-    print(f"peak maxrss {maxrss_mb():.0f} MB {'meets' if maxrss_mb() <= TARGET_RSS_MB else 'MISSES'} the < 4 GB target")
+    ok = _verdicts(rows)
     print(f"all configs: ratio {min(x[2] for x in rows):.2f}x .. {max(x[2] for x in rows):.2f}x; peak maxrss {maxrss_mb():.0f} MB")
     load1, cores = os.getloadavg()[0], os.cpu_count() or 1
     print(f"load average {load0:.1f} at start, {load1:.1f} at end ({cores} cores)"

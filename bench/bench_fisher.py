@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.accuracy.evaluator import Evaluator  # noqa: E402
-from engine.vocab.config import Config, ConfigError, ModelConfig  # noqa: E402
 from engine.accuracy.fisher import fisher_profile  # noqa: E402
+from engine.vocab.config import Config, ConfigError, ModelConfig  # noqa: E402
 
 TARGET_SHARE = 0.25  # of probes x one trial
 

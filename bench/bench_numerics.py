@@ -22,8 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.numerics import fidelity
-from engine.numerics import formats  # noqa: E402
+from engine.numerics import (
+    fidelity,
+    formats,  # noqa: E402
+)
 
 FP32_TARGET, BF16_TARGET = 2.0, 6.0
 

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import engine.models.model as em  # noqa: E402
-from engine.models import programs  # noqa: E402
 from engine.accuracy.evaluator import Evaluator  # noqa: E402
+from engine.models import programs  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_numerics import best  # noqa: E402  (minimum after one warm-up call)
+from engine.accuracy.evaluator import Evaluator  # noqa: E402
 from engine.models import loaders
 from engine.perf import model as perf  # noqa: E402
-from engine.accuracy.evaluator import Evaluator  # noqa: E402
 from engine.vocab.config import Config, ModelConfig  # noqa: E402
 
 

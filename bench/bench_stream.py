@@ -174,8 +174,8 @@ def main(argv=None) -> int:
         return 0
     if a.quick:
         a.models, a.prefill, a.decode = ["Llama3.2-1B"], 128, 127
-    from engine.vocab.devices import normalise_device  # noqa: F401 - the engine imports cleanly before hours of work
     from engine.models.shapes import shape_for
+    from engine.vocab.devices import normalise_device  # noqa: F401 - the engine imports cleanly before hours of work
 
     for m in a.models:
         shape_for(m)  # an unknown name fails before anything is written

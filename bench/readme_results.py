@@ -27,8 +27,8 @@ ROWS = [  # (config in backticks, description); the config is what the row is jo
 def table() -> str:
     import pandas as pd
 
-    from engine.vocab.config import ModelConfig
     from engine.models.loaders import model_spec
+    from engine.vocab.config import ModelConfig
 
     df = pd.read_csv(ROOT / "reports" / "lt-pareto" / "points.csv")
     by_config = {c: r for c, r in zip(df["config"], df.to_dict("records"))}

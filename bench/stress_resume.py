@@ -42,7 +42,7 @@ def study_text(name: str, storage: str | None) -> str:
     return text.replace("prefill = 512", "prefill = 200").replace("decode = 511", "decode = 199")
 
 
-def main(argv=None) -> int:
+def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
@@ -55,6 +55,58 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.hosts > 1 and not args.storage:
         ap.error("--hosts needs --storage: a journal file is one machine's")
+    return args
+
+
+def _started(spec) -> bool:
+    """Whether a trial of the study has started (RUNNING or finished)."""
+    from optuna.trial import TrialState
+
+    from sweep.study import load_study
+
+    try:
+        return any(t.state != TrialState.WAITING for t in load_study(spec).get_trials(deepcopy=False))
+    except Exception:  # noqa: BLE001 - not created yet
+        return False
+
+
+def _launch_and_kill(args, rng, tmp: str, i: int, name: str):
+    """Start run `i` on every host, SIGKILL them all; (the hosts' specs, seconds until the kill)."""
+    from sweep.space import load_spec
+    from sweep.study import no_live_workers
+
+    paths = []
+    for h in range(args.hosts):
+        p = Path(tmp) / f"run{i}" / f"host{h}" / "lt.toml"
+        p.parent.mkdir(parents=True)
+        p.write_text(study_text(name, args.storage))
+        paths.append(p)
+    procs = [subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(p), "--workers", "2", "--no-progress"],
+                              env=dict(os.environ, PYTHONPATH=str(ROOT),
+                                       **({"TTSWEEP_HOST": f"stress-host{h}"} if args.storage else {})),
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for h, p in enumerate(paths)]
+    specs = [load_spec(p) for p in paths]
+    t_start = time.time()
+    if args.kill_at_start:
+        time.sleep(rng.uniform(*args.kill_at_start))
+    else:
+        while not _started(specs[0]) and time.time() - t_start < 300:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(*args.kill_after))
+    delay = time.time() - t_start
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGKILL)
+    for proc in procs:
+        proc.wait()
+    t_kill = time.time()
+    while not all(no_live_workers(s) for s in specs) and time.time() - t_kill < 5:  # workers still exiting
+        time.sleep(0.02)
+    return specs, delay
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
     if args.storage:
         os.environ.setdefault("SWEEP_HEARTBEAT_S", "1")
         os.environ.setdefault("SWEEP_STALE_S", "3")
@@ -62,50 +114,15 @@ def main(argv=None) -> int:
     import optuna
     from optuna.trial import TrialState
 
-    from sweep.space import load_spec
-    from sweep.study import load_study, no_live_workers, run, status
+    from sweep.study import load_study, run, status
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-
-    def started(spec) -> bool:
-        """Whether a trial of the study has started (RUNNING or finished)."""
-        try:
-            return any(t.state != TrialState.WAITING for t in load_study(spec).get_trials(deepcopy=False))
-        except Exception:  # noqa: BLE001 - not created yet
-            return False
     rng = random.Random(args.seed)
     tag = uuid.uuid4().hex[:6]
     bad = dups = gaps = killed = 0
     with tempfile.TemporaryDirectory(prefix="stress-resume-") as tmp:
         for i in range(args.runs):
-            name = f"stress-{tag}-{i}"
-            paths = []
-            for h in range(args.hosts):
-                p = Path(tmp) / f"run{i}" / f"host{h}" / "lt.toml"
-                p.parent.mkdir(parents=True)
-                p.write_text(study_text(name, args.storage))
-                paths.append(p)
-            procs = [subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(p), "--workers", "2", "--no-progress"],
-                                      env=dict(os.environ, PYTHONPATH=str(ROOT),
-                                               **({"TTSWEEP_HOST": f"stress-host{h}"} if args.storage else {})),
-                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                     for h, p in enumerate(paths)]
-            specs = [load_spec(p) for p in paths]
-            t_start = time.time()
-            if args.kill_at_start:
-                time.sleep(rng.uniform(*args.kill_at_start))
-            else:
-                while not started(specs[0]) and time.time() - t_start < 300:
-                    time.sleep(0.05)
-                time.sleep(rng.uniform(*args.kill_after))
-            delay = time.time() - t_start
-            for proc in procs:
-                os.killpg(proc.pid, signal.SIGKILL)
-            for proc in procs:
-                proc.wait()
-            t_kill = time.time()
-            while not all(no_live_workers(s) for s in specs) and time.time() - t_kill < 5:  # workers still exiting
-                time.sleep(0.02)
+            specs, delay = _launch_and_kill(args, rng, tmp, i, f"stress-{tag}-{i}")
             spec = specs[0]
             t0 = time.time()
             run(spec, workers=2, progress=False, out=io.StringIO())

@@ -7,13 +7,11 @@ import importlib
 import os
 import sys
 
+from sweep.errors import UserError
+
 # Each entry is a module under sweep.commands that defines register(subparsers).
 COMMAND_MODULES = ("evaluate", "compare", "perf", "run", "worker", "status", "report", "pareto", "check", "sensitivity",
                    "allocate", "bench")
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +61,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m sweep.cli`: run the imported module's main, so that `from sweep.cli import
-    # UserError` in the commands names the class this main catches (not a __main__ copy)
-    from sweep.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sweep.objectives import OBJECTIVES, PER_DEVICE
 from sweep.pareto import Analysis, Point, front_2d
 from sweep.plots import C_FRONT, C_KNEE, C_NOISE, C_POINT, short_config
 from sweep.report import calibration_text, decoder_json_of, display_name, optimizations_string, tt_problem
@@ -59,7 +60,7 @@ def _bars_note(analysis: Analysis, refs: dict) -> str:
     for d, ref in refs.items():
         if ref is None:
             continue
-        a = [f"{'TTFT' if k == 'ttft' else k} {absolute_text(f'{k}:{d}', ref).split(': ', 1)[-1]}" for k in ("speed", "ttft")
+        a = [f"{OBJECTIVES[k].short} {absolute_text(f'{k}:{d}', ref).split(': ', 1)[-1]}" for k in PER_DEVICE
              if d in getattr(ref.record, k) and absolute_text(f"{k}:{d}", ref)]
         if a:
             parts.append(f"{d}: relative to trial {ref.number} (the knee); the model's absolute error, common to all "

@@ -2,7 +2,7 @@
 
 Everything numeric is numpy (non-domination and hypervolume: moocore) over a value matrix (one row per point, one column per
 objective) plus a direction per column (`"maximize"` / `"minimize"`, as in Optuna and
-`sweep.records.DIRECTIONS`). Objectives are named as in `sweep.records`: `top1`, `top5`,
+`sweep.objectives.DIRECTIONS`). Objectives are named as in `sweep.objectives`: `top1`, `top5`,
 `speed:<DEVICE>`, `ttft:<DEVICE>`.
 
 Definitions (stated here once, used by the report, the plots and the notebook):
@@ -39,7 +39,8 @@ from typing import Any, Iterable, Sequence
 import moocore
 import numpy as np
 
-from sweep.records import TrialRecord, direction
+from sweep.objectives import device_columns, direction, scalar_columns
+from sweep.records import TrialRecord
 
 NOISE_PAIRED = ("no front point at equal or better speed has a significantly higher Top-1: exact McNemar test on "
                 "the per-token Top-1 hits, Holm-corrected over those front points, 95%")
@@ -351,16 +352,11 @@ class Analysis:
         for p in self.points:
             r = p.record
             row: dict[str, Any] = {
-                "trial": p.number, "model": r.model, "config": r.config,
-                "top1": r.top1, "top1_lo": r.top1_ci[0], "top1_hi": r.top1_ci[1],
-                "top5": r.top5, "top5_lo": r.top5_ci[0], "top5_hi": r.top5_ci[1],
-                "kld": r.kld, "ppl": r.ppl, "ref_ppl": r.ref_ppl, "tokens": r.tokens, "windows": r.windows,
+                "trial": p.number, "model": r.model, "config": r.config, **scalar_columns(r), "ref_ppl": r.ref_ppl, "tokens": r.tokens, "windows": r.windows,
                 "kld_se": r.kld_stats.get("kld_se", math.nan), "kld_p99": r.kld_stats.get("kld_p99", math.nan),
                 "rms_dp": r.kld_stats.get("rms_dp", math.nan),
             }
-            for d in self.info.devices:
-                row[f"speed:{d}"] = r.speed.get(d, math.nan)
-                row[f"ttft:{d}"] = r.ttft.get(d, math.nan)
+            row.update(device_columns(r, self.info.devices, math.nan))
             row["feasible"] = p.feasible
             row["front"] = p.number in self.front
             row["rank"] = self.ranks.get(p.number, -1)

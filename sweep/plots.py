@@ -34,10 +34,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
 from engine.vocab.config import Config
+from sweep.objectives import OBJECTIVES, kind_of, perf_metric, wilson
+from sweep.objectives import label as _label
 from sweep.pareto import Analysis, Point, front_2d
 from sweep.report import calibration_text, display_name
 
-LABEL = {"top1": "Top-1 (%)", "top5": "Top-5 (%)", "speed": "Speed (t/s/u)", "ttft": "TTFT (ms)"}
 MAX_NUMBERED = 40  # above this many points only front points get numbers (and error bars fade)
 C_POINT, C_FRONT, C_NOISE, C_KNEE, C_ALLOC = "#4c72b0", "#d62728", "#ff9f1c", "#2ca02c", "#7b2cbf"
 
@@ -54,11 +55,6 @@ def short_config(config: str) -> str:
         n = tail.count(";") + 1
         d += f" + {n} per-layer override{'s' if n != 1 else ''}"
     return d
-
-
-def _label(objective: str) -> str:
-    kind, _, dev = objective.partition(":")
-    return LABEL.get(kind, objective)
 
 
 def _slug(text: str) -> str:
@@ -81,20 +77,13 @@ def save_figure(fig, png: Path | None = None, svg: Path | None = None) -> None:
             fig.savefig(svg, metadata={"Date": None, "Creator": None})
 
 
-def _perf_metric(objective: str) -> tuple[str, str] | None:
-    metric, _, device = objective.partition(":")
-    return (metric, device) if metric in ("speed", "ttft") and device else None
-
-
 def _ci(p: Point, objective: str, reference: Point | None = None) -> tuple[float, float] | None:
     """The error bar of one point: the 95% Wilson interval for Top-1 / Top-5; for speed / TTFT the
     between-config interval relative to `reference` (engine.perf.calibrate.between_interval; nil for the
     reference itself)."""
-    if objective == "top1":
-        return tuple(p.record.top1_ci)
-    if objective == "top5":
-        return tuple(p.record.top5_ci)
-    pm = _perf_metric(objective)
+    if wilson(objective):
+        return tuple(getattr(p.record, f"{objective}_ci"))
+    pm = perf_metric(objective)
     if pm and reference is not None:
         from engine.perf.calibrate import between_interval
 
@@ -107,7 +96,7 @@ def _ci(p: Point, objective: str, reference: Point | None = None) -> tuple[float
 def absolute_interval(objective: str, reference: Point) -> tuple[float, float] | None:
     """(low, high) of the performance model's absolute 90% prediction interval at the reference
     point (engine.perf.model.interval): the error common to every config of the model on the device."""
-    pm = _perf_metric(objective)
+    pm = perf_metric(objective)
     if not pm:
         return None
     from engine.perf.model import interval
@@ -116,8 +105,9 @@ def absolute_interval(objective: str, reference: Point) -> tuple[float, float] |
     return None if iv is None else iv[:2]
 
 
-UNIT = {"speed": "t/s/u", "ttft": "ms"}
-NAME = {"speed": "speed", "ttft": "TTFT"}
+def _short(objective: str) -> str:
+    """The prose name of a performance objective's kind: `speed`, `TTFT`."""
+    return OBJECTIVES[perf_metric(objective)[0]].short
 
 
 def absolute_text(objective: str, reference: Point) -> str:
@@ -126,22 +116,23 @@ def absolute_text(objective: str, reference: Point) -> str:
     if iv is None:
         return ""
     v = reference.value(objective)
-    nd = 0 if objective.startswith("ttft") else 1
+    o = kind_of(objective)
+    nd = o.decimals
     return (f"absolute error, common to all configs: "
-            f"-{v - iv[0]:.{nd}f}/+{iv[1] - v:.{nd}f} {UNIT[objective.partition(':')[0]]} (90%)")
+            f"-{v - iv[0]:.{nd}f}/+{iv[1] - v:.{nd}f} {o.unit} (90%)")
 
 
 def _err_label(x: str, y: str, xerr, yerr, reference: Point | None) -> str | None:
-    if not (_perf_metric(x) or _perf_metric(y)):
+    if not (perf_metric(x) or perf_metric(y)):
         return "95% Wilson interval" if (xerr or yerr) else None
     kinds = []
     for o, e in ((x, xerr), (y, yerr)):
         if not e:
             continue
-        if _perf_metric(o):
-            kinds.append(f"{NAME[_perf_metric(o)[0]]}: 90% between configs, vs trial {reference.number}")
+        if perf_metric(o):
+            kinds.append(f"{_short(o)}: 90% between configs, vs trial {reference.number}")
         else:
-            kinds.append(f"{LABEL[o].split(' (')[0]}: 95% Wilson")
+            kinds.append(f"{OBJECTIVES[o].short}: 95% Wilson")
     return " / ".join(dict.fromkeys(kinds)) or None
 
 
@@ -306,43 +297,28 @@ def _reference(pts: Sequence[Point], front: Sequence[Point], reference: int | No
     return front[len(front) // 2] if front else (pts[0] if pts else None)
 
 
-def front_figure(points: Sequence[Point], x: str, y: str, title: str, *, noise: Sequence[int] = (),
-                 knee: int | None = None, footer: str = "", reference: int | None = None):
-    """The figure of `plot_front` (matplotlib Figure, Agg canvas) and its front. Speed / TTFT error
-    bars are relative to trial `reference` (default: the knee, else the front's middle point)."""
-    pts = _usable(points, [x, y])
-    front = front_2d(pts, x, y)
-    fnums = {p.number for p in front}
-    noise = set(noise) - fnums
-    many = len(pts) > MAX_NUMBERED
-    perf = [o for o in (x, y) if _perf_metric(o)]
-    ref = _reference(pts, front, reference if reference is not None else knee) if perf else None
+def _bar_notes(perf: list[str], ref: Point | None, knee: int | None) -> list[str]:
+    """The lines under the title: per performance objective, its bars' reference and absolute error."""
     sub = []
     for o in perf:
         a = absolute_text(o, ref) if ref else ""
         if a:
-            sub.append(f"{NAME[_perf_metric(o)[0]].capitalize().replace('Ttft', 'TTFT')} bars: 90% between configs, relative to trial {ref.number}"
+            sub.append(f"{_short(o).capitalize().replace('Ttft', 'TTFT')} bars: 90% between configs, relative to trial {ref.number}"
                        f"{' (knee)' if ref.number == knee else ''}. {a[0].upper() + a[1:]}")
-    foot = config_table(pts, front, many)
-    if sub:
-        foot += textwrap.wrap(
-            f"{'/'.join(NAME[_perf_metric(o)[0]] for o in perf).capitalize().replace('Ttft', 'TTFT')} error bars: the 90% interval of each config's figure given trial {ref.number}'s, i.e. the error of the "
-            "predicted ratio between two configs (engine.perf.calibrate.between_interval, fitted on the calibration's configs of "
-            "one setting). The model's absolute error moves every config of the model on the device together: stated "
-            "once above the plot, not drawn on each point.", FOOT_CHARS, subsequent_indent="  ")
-    if footer:
-        foot += textwrap.wrap(footer, FOOT_CHARS, subsequent_indent="  ")
-    title_lines = textwrap.wrap(title, 92) or [""]
-    sub_lines = [w for t in sub for w in textwrap.wrap(t, 125)]
-    fig = MplFigure(figsize=(9.0, 6.0), dpi=110)  # Agg canvas, no pyplot: no global backend state
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes([0.09, 0.2, 0.88, 0.7])  # placed below, once the legend's size is known
-    xs = [p.value(x) for p in pts]
-    ys = [p.value(y) for p in pts]
-    xerr, yerr = _err(pts, x, ref), _err(pts, y, ref)
-    ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="#9aa7b8", elinewidth=0.8, capsize=0 if many else 2,
-                alpha=0.35 if many else 1.0, zorder=1,
-                label=_err_label(x, y, xerr, yerr, ref))
+    return sub
+
+
+def _bar_footnote(perf: list[str], ref: Point) -> list[str]:
+    """The footnote lines that say what the speed / TTFT error bars are."""
+    return textwrap.wrap(
+        f"{'/'.join(_short(o) for o in perf).capitalize().replace('Ttft', 'TTFT')} error bars: the 90% interval of each config's figure given trial {ref.number}'s, i.e. the error of the "
+        "predicted ratio between two configs (engine.perf.calibrate.between_interval, fitted on the calibration's configs of "
+        "one setting). The model's absolute error moves every config of the model on the device together: stated "
+        "once above the plot, not drawn on each point.", FOOT_CHARS, subsequent_indent="  ")
+
+
+def _scatter_points(ax, pts: Sequence[Point], xs: list, ys: list, fnums: set, noise: set) -> None:
+    """The trials that are not on the front: infeasible, plain, within noise; allocated ones ringed."""
     bad = [i for i, p in enumerate(pts) if not p.feasible]
     if bad:
         ax.scatter([xs[i] for i in bad], [ys[i] for i in bad], s=26, marker="x", color="#888888", zorder=3,
@@ -358,6 +334,69 @@ def front_figure(points: Sequence[Point], x: str, y: str, title: str, *, noise: 
     if alloc:
         ax.scatter([xs[i] for i in alloc], [ys[i] for i in alloc], s=70, marker="D", facecolor="none", edgecolor=C_ALLOC,
                    linewidth=1.6, zorder=6, label="allocated per layer (sweep allocate)")
+
+
+def _pad_limits(ax, pts: Sequence[Point], x: str, y: str) -> None:
+    # a little room so labels at the edges fit; a predicted speed/TTFT axis spans at least 2% of
+    # its level, so differences far below the model's resolution do not fill the plot
+    for obj, getter, setter in ((x, ax.get_xlim, ax.set_xlim), (y, ax.get_ylim, ax.set_ylim)):
+        lo, hi = getter()
+        if perf_metric(obj):
+            vals = [p.value(obj) for p in pts]
+            if vals:
+                mid = (min(vals) + max(vals)) / 2
+                need = 0.02 * abs(mid)
+                if hi - lo < need:
+                    lo, hi = mid - need / 2, mid + need / 2
+        pad = (hi - lo) * 0.05 or 1.0
+        setter(lo - pad, hi + pad)
+
+
+def _legend_and_layout(fig, ax, n_foot: int, n_title: int, n_sub: int) -> None:
+    """Size the figure for its title, legend and footnote lines, and place the axes and the legend."""
+    # the legend goes under the axes, the number -> config table under it: nothing covers a point
+    handles, names = ax.get_legend_handles_labels()
+    ncol = 3 if sum(len(n) for n in names) < 150 else 2
+    legend_h = 0.19 * math.ceil(len(names) / ncol) + 0.12
+    foot_h = 0.13 * n_foot + 0.08  # inches of footnote (7.5 pt monospace lines)
+    top_h = 0.3 + 0.19 * n_title + 0.15 * n_sub  # inches above the axes
+    fig_h = 4.6 + legend_h + foot_h + top_h
+    fig.set_size_inches(9.0, fig_h)
+    bottom = (foot_h + legend_h + 0.5) / fig_h
+    ax.set_position([0.09, bottom, 0.88, 1 - bottom - top_h / fig_h])
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.53, (foot_h + legend_h + 0.02) / fig_h),
+               ncol=ncol, fontsize=8, frameon=False, handletextpad=0.4, columnspacing=1.6)
+
+
+def front_figure(points: Sequence[Point], x: str, y: str, title: str, *, noise: Sequence[int] = (),
+                 knee: int | None = None, footer: str = "", reference: int | None = None):
+    """The figure of `plot_front` (matplotlib Figure, Agg canvas) and its front. Speed / TTFT error
+    bars are relative to trial `reference` (default: the knee, else the front's middle point)."""
+    pts = _usable(points, [x, y])
+    front = front_2d(pts, x, y)
+    fnums = {p.number for p in front}
+    noise = set(noise) - fnums
+    many = len(pts) > MAX_NUMBERED
+    perf = [o for o in (x, y) if perf_metric(o)]
+    ref = _reference(pts, front, reference if reference is not None else knee) if perf else None
+    sub = _bar_notes(perf, ref, knee)
+    foot = config_table(pts, front, many)
+    if sub:
+        foot += _bar_footnote(perf, ref)
+    if footer:
+        foot += textwrap.wrap(footer, FOOT_CHARS, subsequent_indent="  ")
+    title_lines = textwrap.wrap(title, 92) or [""]
+    sub_lines = [w for t in sub for w in textwrap.wrap(t, 125)]
+    fig = MplFigure(figsize=(9.0, 6.0), dpi=110)  # Agg canvas, no pyplot: no global backend state
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes([0.09, 0.2, 0.88, 0.7])  # placed below, once the legend's size is known
+    xs = [p.value(x) for p in pts]
+    ys = [p.value(y) for p in pts]
+    xerr, yerr = _err(pts, x, ref), _err(pts, y, ref)
+    ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="#9aa7b8", elinewidth=0.8, capsize=0 if many else 2,
+                alpha=0.35 if many else 1.0, zorder=1,
+                label=_err_label(x, y, xerr, yerr, ref))
+    _scatter_points(ax, pts, xs, ys, fnums, noise)
     fx = [p.value(x) for p in front]
     fy = [p.value(y) for p in front]
     ax.plot(fx, fy, "-", color=C_FRONT, linewidth=1.6, zorder=2)
@@ -375,32 +414,9 @@ def front_figure(points: Sequence[Point], x: str, y: str, title: str, *, noise: 
         ax.annotate("\n".join(sub_lines), (0.5, 1.0), xycoords="axes fraction", xytext=(0, 4),
                     textcoords="offset points", ha="center", va="bottom", fontsize=8, color="#444444")
     ax.grid(True, alpha=0.3)
-    # a little room so labels at the edges fit; a predicted speed/TTFT axis spans at least 2% of
-    # its level, so differences far below the model's resolution do not fill the plot
-    for obj, getter, setter in ((x, ax.get_xlim, ax.set_xlim), (y, ax.get_ylim, ax.set_ylim)):
-        lo, hi = getter()
-        if _perf_metric(obj):
-            vals = [p.value(obj) for p in pts]
-            if vals:
-                mid = (min(vals) + max(vals)) / 2
-                need = 0.02 * abs(mid)
-                if hi - lo < need:
-                    lo, hi = mid - need / 2, mid + need / 2
-        pad = (hi - lo) * 0.05 or 1.0
-        setter(lo - pad, hi + pad)
+    _pad_limits(ax, pts, x, y)
     ax.ticklabel_format(useOffset=False, style="plain")
-    # the legend goes under the axes, the number -> config table under it: nothing covers a point
-    handles, names = ax.get_legend_handles_labels()
-    ncol = 3 if sum(len(n) for n in names) < 150 else 2
-    legend_h = 0.19 * math.ceil(len(names) / ncol) + 0.12
-    foot_h = 0.13 * len(foot) + 0.08  # inches of footnote (7.5 pt monospace lines)
-    top_h = 0.3 + 0.19 * len(title_lines) + 0.15 * len(sub_lines)  # inches above the axes
-    fig_h = 4.6 + legend_h + foot_h + top_h
-    fig.set_size_inches(9.0, fig_h)
-    bottom = (foot_h + legend_h + 0.5) / fig_h
-    ax.set_position([0.09, bottom, 0.88, 1 - bottom - top_h / fig_h])
-    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.53, (foot_h + legend_h + 0.02) / fig_h),
-               ncol=ncol, fontsize=8, frameon=False, handletextpad=0.4, columnspacing=1.6)
+    _legend_and_layout(fig, ax, len(foot), len(title_lines), len(sub_lines))
     numbered = [i for i, p in enumerate(pts) if not many or p.number in fnums]
     _place_labels(ax, fig, [xs[i] for i in numbered], [ys[i] for i in numbered],
                   [str(pts[i].number) for i in numbered],

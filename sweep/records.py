@@ -17,6 +17,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from sweep.objectives import OBJECTIVES, legal_names
+
 #: Accuracy fields of a TrialRecord: what an evaluation fills and a numerically equal trial reuses
 #: (the first ones are `engine.accuracy.evaluator.EvalResult` attributes of the same name).
 EVAL_FIELDS = ("top1", "top5", "top1_ci", "top5_ci", "kld", "ppl", "ref_ppl", "tokens", "windows", "top1_windows")
@@ -76,16 +78,17 @@ class TrialRecord:
     def objective(self, name: str) -> float:
         """Value of an objective named `top1`, `top5`, `kld`, `speed:N150` or `ttft:N300`."""
         kind, _, device = name.partition(":")
-        if kind in ("speed", "ttft"):
+        o = OBJECTIVES.get(kind)
+        if o is None:
+            raise KeyError(f"unknown objective {name!r}; legal: {legal_names()}")
+        if o.per_device:
             table = getattr(self, kind)
             if device not in table:
                 raise KeyError(f"objective {name!r}: no {kind} for device {device!r}; have {sorted(table)}")
             return float(table[device])
-        if kind in ("top1", "top5", "kld") and device:
+        if o.device_accuracy and device:
             return float(self.on(device)[kind])
-        if kind in ("top1", "top5", "kld", "ppl"):
-            return float(getattr(self, kind))
-        raise KeyError(f"unknown objective {name!r}; legal: top1, top5, kld, ppl, speed:DEVICE, ttft:DEVICE")
+        return float(getattr(self, kind))
 
 
 #: Trial user attribute of a trial queued with a config from outside the study's space (an
@@ -93,14 +96,6 @@ class TrialRecord:
 QUEUED_CONFIG = "queued_config"
 #: Trial user attribute of an allocated config (sweep.allocate): device, budget, predicted damage.
 ALLOCATION = "allocation"
-
-
-#: Direction of each objective kind (Optuna's words).
-DIRECTIONS = {"top1": "maximize", "top5": "maximize", "speed": "maximize", "ttft": "minimize", "kld": "minimize", "ppl": "minimize"}
-
-
-def direction(objective: str) -> str:
-    return DIRECTIONS[objective.partition(":")[0]]
 
 
 def token_record_of(attrs: Mapping[str, Any]):

@@ -8,12 +8,13 @@ import random
 
 import pytest
 from scipy.stats import spearmanr
+from worker_hooks import HOOK
 
 from engine.vocab.config import DEFAULT, ConfigError, ModelConfig
 from sweep import allocate as alloc
 from sweep.cli import main
 from sweep.probes import Probe, ProbeSpace, family
-from sweep.space import StudySpec, parse_spec
+from sweep.space import parse_spec, sensitivity_study, spec_from_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,11 +58,11 @@ def test_sensitivity_section_round_trips_through_the_stored_spec():
            "sensitivity": {"prefill": 16, "decode": 15, "families": ["ff1_3", "sdpa_prefill"],
                            "choices": {"sdpa_prefill": ["lofi", "hifi4"]}}}
     spec = parse_spec(doc, n_layers=2)
-    ss = spec.sensitivity_study()
+    ss = sensitivity_study(spec)
     assert ss.name == "t.sensitivity" and ss.eval["prefill"] == 16 and ss.space.size == 1 + 2 * (2 + 1)
-    again = StudySpec.from_dict(ss.to_dict())
+    again = spec_from_dict(ss.to_dict())
     assert [p.label for p in again.space.probes] == [p.label for p in ss.space.probes]
-    assert StudySpec.from_dict(spec.to_dict()).sensitivity == spec.sensitivity
+    assert spec_from_dict(spec.to_dict()).sensitivity == spec.sensitivity
     bad = dict(doc, sensitivity={"families": ["ff1_3", "bogus"]})
     with pytest.raises(ConfigError, match="unknown family 'bogus'"):
         parse_spec(bad, n_layers=2)
@@ -232,6 +233,7 @@ def test_sensitivity_with_failed_probes_exits_1_and_retries(tiny_llama_dir, tmp_
     study = tmp_path / "tiny.toml"
     study.write_text(STUDY.format(dir=tmp_path))
     out = tmp_path / "out"
+    monkeypatch.setenv("SWEEP_WORKER_HOOK", HOOK)  # tests/worker_hooks.py
     monkeypatch.setenv("SWEEP_TEST_FAIL", "kv_cache: bfp4")  # the workers' test hook: these probes raise
     assert main(["sensitivity", str(study), "--out", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err

@@ -12,6 +12,7 @@ import optuna
 import pytest
 
 from sweep.cli import main
+from sweep.study.optuna_compat import storage_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,7 +173,7 @@ def test_the_gp_sampler_proposes_trials(work, monkeypatch, capsys):
 
     monkeypatch.setattr(optuna.samplers.GPSampler, "sample_relative", spy)
     prep = prepare(spec)
-    study = optuna.load_study(study_name=spec.name, storage=prep.study._storage,  # noqa: SLF001
+    study = optuna.load_study(study_name=spec.name, storage=storage_of(prep.study),
                               sampler=make_sampler(spec))
     Worker(study, spec).run()
     states = [t.state.name for t in study.get_trials(deepcopy=False)]

@@ -278,9 +278,9 @@ Notes (tiny-llama): Accuracy: 16-token prefill + 15 teacher-forced decode steps 
 
 @pytest.mark.slow
 def test_smollm2_paired_test_separates_bfp4_mlp_from_defaults(smollm2_evaluator):
-    from engine.accuracy.stats import compare
-
     from test_accuracy import BFP4_LOFI_MLP, smol
+
+    from engine.accuracy.stats import compare
 
     dflt, low = smol(smollm2_evaluator, "defaults"), smol(smollm2_evaluator, BFP4_LOFI_MLP)
     cmp = compare(dflt.record, low.record)

@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.numerics import fidelity
 from engine.numerics.fidelity import EXACT, SETTINGS, Fidelity, exp, matmul, recip, resolve

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from engine.accuracy.evaluator import Evaluator, reference_model
-from engine.vocab.config import DEFAULT, REFERENCE, Config, ModelConfig
 from engine.accuracy.fisher import activations, fisher_profile, fisher_score
 from engine.models.model import FULL
+from engine.vocab.config import DEFAULT, REFERENCE, Config, ModelConfig
 
 P, D = 32, 31
 MIXED_ACT = Config.parse("precision_cfg = {ff1_3: bfp4, wqkv: bfp8, kv_cache: bfp8, activation: bfp8}, "

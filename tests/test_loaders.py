@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.accuracy.text import END_MARKER, load_text, text_tokens
 from engine.models import loaders
 from engine.models.loaders import (
     ByteTokenizer,
@@ -23,7 +24,6 @@ from engine.models.loaders import (
     permute_qk,
     unpermute_qk,
 )
-from engine.accuracy.text import END_MARKER, load_text, text_tokens
 
 TINY = ("tiny-llama", "tiny-qwen2", "tiny-phi3")
 
@@ -284,8 +284,8 @@ def test_smollm2_matches_transformers_gguf_loading(smollm2_gguf):
     de-permutes independently), and our engine's REFERENCE logits match that model's."""
     from transformers import AutoModelForCausalLM
 
-    from engine.vocab.config import REFERENCE
     from engine.models.model import Model
+    from engine.vocab.config import REFERENCE
 
     m = load("smollm2-135m")
     assert m.spec.n_layers == 30 and "lm_head.weight" not in m.weights

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import engine.models.model as em
-from engine.numerics import formats
-from engine.vocab.config import DEFAULT, REFERENCE, Config, ConfigError, ModelConfig, performance
 from engine.models.model import Model, mm, rope_inv_freq
 from engine.models.spec import ModelSpec
+from engine.numerics import formats
+from engine.vocab.config import DEFAULT, REFERENCE, Config, ConfigError, ModelConfig, performance
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS = 64, 160, 4, 2, 16, 256, 2
 LLAMA3_ROPE = {

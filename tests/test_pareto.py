@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent / "data"))
 from synthetic_study import OBJECTIVES, build_study  # noqa: E402  (test fixture)
 
 from sweep import pareto  # noqa: E402
-from sweep.records import direction  # noqa: E402
+from sweep.objectives import direction  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 MAX2 = ["maximize", "maximize"]

@@ -7,12 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from engine.perf import calibrate as cal
-from engine.vocab.config import Config, ModelConfig
-from engine.vocab.devices import device_for, normalise_device
-from engine.perf.model import CCL_PREFIX, PARAMS_FILE, NotCovered, calibration_note, load_params, params_metadata, predict
 from engine.models.shapes import shape_for
 from engine.models.spec import ModelSpec
+from engine.perf import calibrate as cal
+from engine.perf.model import (
+    CCL_PREFIX,
+    PARAMS_FILE,
+    NotCovered,
+    calibration_note,
+    load_params,
+    params_metadata,
+    predict,
+)
+from engine.vocab.config import Config, ModelConfig
+from engine.vocab.devices import device_for, normalise_device
 
 SEED = cal.SEED_FILE
 LOFI_ALL = dict(li_ff1_3="lofi", li_ff2="lofi", li_qkv_decode="lofi", li_o_decode="lofi")

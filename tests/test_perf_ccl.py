@@ -8,11 +8,11 @@ import math
 
 import pytest
 
+from engine.models.shapes import shape_for
 from engine.perf import calibrate as cal
 from engine.perf import ccl
-from engine.vocab.devices import DEVICES, device_for, device_names
 from engine.perf.model import CCL_PREFIX, NotCovered, Params, device_distance, load_params, predict
-from engine.models.shapes import shape_for
+from engine.vocab.devices import DEVICES, device_for, device_names
 
 P = 262_144.0  # bytes: 32 rows x 4096 x bf16
 
@@ -173,12 +173,12 @@ def test_long_context_decode_is_bounded_by_the_sdpa_chunk_chain():
 # --- the device table drives every consumer -------------------------------------------------------
 def test_device_table_drives_the_study_files(monkeypatch):
     from engine.vocab import devices
-    from sweep import space
+    from sweep.space.parse import legal_devices
 
-    assert space._legal_devices() == device_names() == tuple(DEVICES)
+    assert legal_devices() == device_names() == tuple(DEVICES)
     assert {"N150", "N300", "T3K", "TG", "P150", "P100"} <= set(device_names())
     monkeypatch.setitem(devices.DEVICES, "X1", dataclasses.replace(DEVICES["N150"], name="X1"))
-    assert "X1" in space._legal_devices()
+    assert "X1" in legal_devices()
     assert device_for("T3K").tp == 8 and device_for("TG").tp == 32 and device_for("N300").replica(2).tp == 1
     assert device_for("TG").replica(1).k_split("wo") == 8 and device_for("TG").replica(1).k_split("qkv") == 4
     assert device_for("T3K").replica(1).k_split("ff2") == 8 and device_for("T3K").replica(1).k_split("ff1_3") == 1

@@ -184,12 +184,12 @@ def test_heatmap_works_at_any_size():
 
 # --- speed bars: between configs, the absolute error once ----------------------------------------
 def test_speed_bars_are_the_between_config_interval_and_smaller_than_the_absolute():
-    """On the committed lt-pareto results: each speed bar is engine.perf.calibrate.between_interval of the
+    """On the committed lt-pareto results: each speed bar is engine.perf.model.between_interval of the
     point against the knee (nil for the knee itself), every one narrower than the absolute 90%
     prediction interval (what the bars used to be), which the plot states once, above the axes."""
+    from committed_points import committed_analysis  # noqa: E402  (test fixture)
     from matplotlib.collections import LineCollection
 
-    from committed_points import committed_analysis  # noqa: E402  (test fixture)
     from engine.perf.calibrate import between_interval
     from engine.perf.model import interval
 
@@ -227,6 +227,7 @@ def test_speed_bars_are_the_between_config_interval_and_smaller_than_the_absolut
 
 def test_page_bars_are_the_plots_between_config_intervals():
     from committed_points import committed_analysis  # noqa: E402  (test fixture)
+
     from engine.perf.model import interval
     from sweep.html import page_data
 
@@ -243,8 +244,7 @@ def test_page_bars_are_the_plots_between_config_intervals():
 
 
 def test_between_config_fit_recovers_a_known_line_and_widens_off_the_calibration():
-    from engine.perf.calibrate import between_config_fit
-    from engine.perf.calibrate import between_interval, between_terms
+    from engine.perf.calibrate import between_config_fit, between_interval, between_terms
 
     # errors 0.02 + (0.1 .. 0.5) x the difference, evenly: the 80% line is 0.02 + 0.4 d
     pairs = [(d / 100, 0.02 + d / 100 * f) for d in range(1, 101) for f in (0.1, 0.2, 0.3, 0.4, 0.5)]

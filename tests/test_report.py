@@ -12,11 +12,11 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))
-from synthetic_study import (  # noqa: E402  (test fixture)
-    MODEL, N_LAYERS, build_study, journal_storage, lt_pareto_configs, synthetic_record)
+from synthetic_study import MODEL, N_LAYERS, build_study, journal_storage, lt_pareto_configs, synthetic_record  # noqa: E402  (test fixture)
 
 from engine.vocab.config import DEFAULT, Config, ModelConfig, performance  # noqa: E402
 from sweep import cli, pareto, report  # noqa: E402
+from sweep.report import check as report_check  # noqa: E402  (sweep check: its default_evaluator)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,9 +348,9 @@ def test_sweep_check_exit_status_with_a_fake_engine(tmp_path, monkeypatch, capsy
     text = build_report(build_study(configs=lt_pareto_configs()[:2]))
     path = tmp_path / "PERF.md"
     path.write_text(text)
-    monkeypatch.setattr(report, "default_evaluator", _factory(lambda m, c: (100.0, 100.0)))
+    monkeypatch.setattr(report_check, "default_evaluator", _factory(lambda m, c: (100.0, 100.0)))
     assert cli.main(["check", str(path)]) == 0
-    monkeypatch.setattr(report, "default_evaluator", _factory(lambda m, c: (0.0, 0.0)))
+    monkeypatch.setattr(report_check, "default_evaluator", _factory(lambda m, c: (0.0, 0.0)))
     assert cli.main(["check", str(path)]) == 1
     assert "FAIL" in capsys.readouterr().out
     assert cli.main(["check", str(path), "--model", "no-such-model"]) == 2

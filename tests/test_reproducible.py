@@ -240,8 +240,8 @@ def test_points_csv_uses_the_fingerprinted_reference():
 
 
 def test_readme_results_table_matches_points_csv():
-    from engine.vocab.config import ModelConfig
     from engine.models.loaders import model_spec
+    from engine.vocab.config import ModelConfig
 
     df = _points()
     by_config = {c: r for c, r in zip(df["config"], df.to_dict("records"))}
@@ -308,9 +308,9 @@ ALLOC_STUDY = ROOT / "studies" / "smollm2-allocate.toml"
 
 def test_committed_profile_covers_the_study_probes():
     """profile.csv lists exactly the probes the study's [sensitivity] section defines, in order."""
-    from sweep.space import load_spec
+    from sweep.space import load_spec, sensitivity_study
 
-    sspec = load_spec(ALLOC_STUDY).sensitivity_study()
+    sspec = sensitivity_study(load_spec(ALLOC_STUDY))
     prof = pd.read_csv(ALLOC / "profile.csv")
     assert list(prof["probe"]) == [p.label for p in sspec.space.probes]
     assert (prof["d_kld_lo"] <= prof["d_kld"] + 1e-12).all() and (prof["d_kld"] <= prof["d_kld_hi"] + 1e-12).all()

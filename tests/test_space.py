@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.vocab.config import DEFAULT, Config, ModelConfig, accuracy
+from engine.vocab.config import DEFAULT, NATURAL, Config, ModelConfig, accuracy
 from sweep.cli import main as cli_main
-from sweep.space import NATURAL, StudyFileError, StudySpec, load_spec, parse_spec
+from sweep.space import StudyFileError, load_spec, parse_spec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "studies"
@@ -88,7 +88,7 @@ def test_spec_round_trips_through_its_dict():
         spec = load_spec(STUDIES / f"{f}.toml", n_layers=30)
         d = spec.to_dict()
         json.dumps(d)
-        again = StudySpec.from_dict(json.loads(json.dumps(d)))
+        again = spec_from_dict(json.loads(json.dumps(d)))
         assert again.to_dict() == d
         assert again.space.size == spec.space.size
 

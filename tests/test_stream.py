@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import engine.models.model as em
-from engine.models import loaders
 from engine.accuracy.evaluator import Evaluator, reference_logits, window_tokens
-from engine.vocab.config import ModelConfig
+from engine.models import loaders
 from engine.models.weight_cache import WeightCache
+from engine.vocab.config import ModelConfig
 
 P, D = 48, 47
 CONFIGS = ["defaults", "performance", "accuracy", "reference"]

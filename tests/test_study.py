@@ -18,13 +18,14 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from worker_hooks import HOOK, hook_env  # tests/worker_hooks.py: the workers' fault injection
 
+from sweep import study as study_mod
 from sweep.cli import main as cli_main
 from sweep.records import TrialRecord
 from sweep.space import load_spec
-from sweep import study as study_mod
-from sweep.study import identity
-from sweep.study import Worker, load_study, prepare, records, run, status
+from sweep.study import Worker, identity, load_study, prepare, records, run, status
+from sweep.study.optuna_compat import frozen_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -97,7 +98,7 @@ def start_hung_run(path: Path, tmp_path: Path, ignore_sigint: bool = False) -> t
     """`sweep run PATH --workers 2` in its own session, with the first worker to reach an
     evaluation hanging there (SWEEP_TEST_HANG); returns the run and the hung worker's pid."""
     hang = tmp_path / "hang.pid"
-    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], {"SWEEP_TEST_HANG": str(hang)}, ignore_sigint)
+    proc = start_cli(["run", str(path), "--workers", "2", "--no-progress"], hook_env(SWEEP_TEST_HANG=str(hang)), ignore_sigint)
     return proc, wait_for(hang, proc)
 
 
@@ -241,6 +242,7 @@ def test_concurrent_runs_never_queue_a_config_twice(tmp_path):
 # --- failures, samplers, reuse ------------------------------------------------------------------------
 def test_a_crashing_trial_is_recorded_fail_and_the_study_goes_on(tmp_path, monkeypatch, capsys):
     spec = load_spec(tiny_lt_pareto(tmp_path))
+    monkeypatch.setenv("SWEEP_WORKER_HOOK", HOOK)
     monkeypatch.setenv("SWEEP_TEST_FAIL", "ff2: bf16")  # 3 of the 12 configs raise NonFiniteLogits
     prep = prepare(spec)
     assert prep.enqueued == 12 and prep.total == 12
@@ -309,7 +311,7 @@ def test_a_grid_trial_killed_mid_suggest_is_requeued_with_all_its_params(tmp_pat
     spec = load_spec(path)
     prep = prepare(spec)
     dead = _claim_and_die_mid_suggest(prep.study, spec)
-    ft = prep.study._storage.get_trial(dead._trial_id)  # noqa: SLF001
+    ft = frozen_trial(prep.study, dead)
     assert 0 < len(ft.params) < len(spec.space.params)
     queued = ft.user_attrs["config"]
 
@@ -384,7 +386,7 @@ def test_a_sampled_trial_killed_mid_suggest_is_replaced_by_a_new_sample(tmp_path
     prep = prepare(spec)
     dead = _claim_and_die_mid_suggest(prep.study, spec)
     assert study_mod.recover_stale(prep.study) == [dead.number]
-    ft = prep.study._storage.get_trial(dead._trial_id)  # noqa: SLF001
+    ft = frozen_trial(prep.study, dead)
     assert ft.state == TrialState.FAIL and ft.user_attrs["superseded"]
     assert "sampler proposes a new trial" in ft.user_attrs["fail_reason"]
     assert not [t for t in trials_of(spec) if t.state == TrialState.WAITING]  # nothing partial queued
@@ -529,7 +531,7 @@ def test_workers_exit_0_with_a_thread_still_inside_torch(tmp_path):
     still exit 0 once everything is stored."""
     path = tmp_path / "one.toml"
     path.write_text(SMALL + '[space]\nff1_3 = ["bfp8", "bf16"]\n')
-    env = dict(os.environ, PYTHONPATH=str(ROOT), SWEEP_TEST_BUSY_THREAD="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **hook_env(SWEEP_TEST_BUSY_THREAD="1"))
     out = subprocess.run([sys.executable, "-m", "sweep.cli", "worker", str(path)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -541,3 +543,17 @@ def test_workers_exit_0_with_a_thread_still_inside_torch(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "died" not in out.stdout, out.stdout + out.stderr
     assert status(load_spec(path2))["counts"]["COMPLETE"] == 2
+
+
+def test_the_worker_hook_is_a_module_or_a_file_function(monkeypatch):
+    """SWEEP_WORKER_HOOK (the worker's plugin point): MODULE:FUNCTION or PATH.py:FUNCTION; unset: none."""
+    from sweep.study.worker import before_evaluate_hook
+
+    monkeypatch.delenv("SWEEP_WORKER_HOOK", raising=False)
+    assert before_evaluate_hook() is None
+    for target in (HOOK, "worker_hooks:before_evaluate"):
+        monkeypatch.setenv("SWEEP_WORKER_HOOK", target)
+        assert before_evaluate_hook().__name__ == "before_evaluate"
+    monkeypatch.setenv("SWEEP_WORKER_HOOK", "no_colon")
+    with pytest.raises(ValueError, match="MODULE:FUNCTION"):
+        before_evaluate_hook()

@@ -17,10 +17,11 @@ from collections import Counter
 from pathlib import Path
 
 from optuna.trial import TrialState
+from test_study import wait_for
+from worker_hooks import hook_env
 
 from sweep.space import load_spec
 from sweep.study import load_study, status
-from test_study import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_BEATS = {"SWEEP_HEARTBEAT_S": "1", "SWEEP_STALE_S": "3"}
@@ -113,7 +114,7 @@ def test_a_sampled_study_on_two_hosts_ends_with_its_budget(tmp_path, pg_url):
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     procs = {h: start(["tests/pg_host.py", str(barrier), "2", str(p)], h) for h, p in files.items()}
-    for h, p in procs.items():
+    for p in procs.values():
         out = p.communicate(timeout=300)[0]
         assert p.returncode == 0 and "race 0 rc 0" in out, out
     trials = trials_of(files["hostA"])
@@ -125,7 +126,7 @@ def test_a_sampled_study_on_two_hosts_ends_with_its_budget(tmp_path, pg_url):
 def test_a_host_killed_mid_trial_the_other_finishes_and_reruns_its_trial_once(tmp_path, pg_url, capsys):
     files = grid20(tmp_path, pg_url)
     hang = tmp_path / "hang.pid"
-    a = start(["-m", "sweep.cli", "run", str(files["hostA"]), "--no-progress"], "hostA", SWEEP_TEST_HANG=str(hang))
+    a = start(["-m", "sweep.cli", "run", str(files["hostA"]), "--no-progress"], "hostA", **hook_env(SWEEP_TEST_HANG=str(hang)))
     pid = wait_for(hang, a)
     spec_b = load_spec(files["hostB"])
     st = status(spec_b)
@@ -157,7 +158,7 @@ def test_a_host_killed_mid_trial_the_other_finishes_and_reruns_its_trial_once(tm
 def test_the_study_resumes_after_every_process_on_every_host_is_killed(tmp_path, pg_url):
     files = grid20(tmp_path, pg_url)
     hang = tmp_path / "hang.pid"
-    runs = {h: start(["-m", "sweep.cli", "run", str(p), "--no-progress"], h, SWEEP_TEST_HANG=str(hang))
+    runs = {h: start(["-m", "sweep.cli", "run", str(p), "--no-progress"], h, **hook_env(SWEEP_TEST_HANG=str(hang)))
             for h, p in files.items()}
     t0 = time.time()
     while not (hang.exists() and hang.read_text().strip()):  # a worker of either host hangs mid-trial

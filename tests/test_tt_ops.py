@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import engine.models.model as em
-from engine.numerics import fidelity
-from engine.numerics import formats
 from engine.models import programs
-from engine.vocab.config import DEFAULT, FidelitySetting
 from engine.models.spec import ModelSpec
+from engine.numerics import fidelity, formats
+from engine.vocab.config import DEFAULT, FidelitySetting
 
 
 def bf16(t):

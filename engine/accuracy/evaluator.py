@@ -73,13 +73,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.models import loaders
-from engine.vocab.config import Config, ModelConfig
-from engine.models.reference import hf_config_from_spec, reference_logits, reference_model  # noqa: F401 - this module's API
-from engine.models.spec import ModelSpec
 from engine.accuracy.stats import kld_stats
 from engine.accuracy.text import text_sha256, text_tokens
 from engine.accuracy.token_record import TokenRecord
+from engine.models import loaders
+from engine.models.reference import hf_config_from_spec, reference_logits, reference_model  # noqa: F401 - this module's API
+from engine.models.spec import ModelSpec
+from engine.vocab.config import Config, ModelConfig
 
 REF_TOKENS = 1024  # tokens the reference runs over (tt-metal's method)
 DEFAULT_PREFILL = 512
@@ -493,8 +493,8 @@ class Evaluator:
         self.spec: ModelSpec = self.loaded.spec
         if prefill + decode > self.spec.max_seq:
             raise ValueError(f"prefill + decode = {prefill + decode} exceeds {self.spec.name}'s context of {self.spec.max_seq}")
-        from engine.vocab.devices import normalise_device
         from engine.models.programs import check_tp
+        from engine.vocab.devices import normalise_device
 
         self.device = normalise_device(device)
         self.tp, self.topology = device_layout(self.device)

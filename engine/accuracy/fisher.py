@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.accuracy.evaluator import reference_model
-from engine.vocab.config import REFERENCE, Config, ModelConfig
 from engine.models.model import FULL
+from engine.vocab.config import REFERENCE, Config, ModelConfig
 
 if TYPE_CHECKING:
     from engine.accuracy.evaluator import Evaluator
@@ -149,7 +149,7 @@ def fisher_profile(ev: "Evaluator", base: ModelConfig | Config | str,
             steps.update(1)
             h, g = act.h[layer], act.g[layer]
 
-            def output(cfg: Config, h_fmt: str) -> torch.Tensor:
+            def output(cfg: Config, h_fmt: str, layer: int = layer, h: torch.Tensor = h) -> torch.Tensor:
                 return torch.cat(model.layer_forward(layer, cfg, h[:P], h[P:], h_fmt=h_fmt))
 
             y_ref = output(REFERENCE, FULL)

@@ -64,16 +64,17 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
+from engine.models import programs
+from engine.models.spec import ModelSpec
+from engine.models.store import CHUNK_BYTES, DictStore, WeightStore, give_back_memory, vocab_chunks
 from engine.numerics import fidelity, formats
 from engine.vocab import assumptions as assumptions_table
 from engine.vocab import ops
-from engine.models import programs
 from engine.vocab.config import LM_HEAD, Config, ConfigError, FidelitySetting, ModelConfig, Precision, fidelity_of
-from engine.models.spec import ModelSpec
-from engine.models.store import CHUNK_BYTES, DictStore, WeightStore, give_back_memory, vocab_chunks
 
 ROWS = 32  # tile height: decode and LM-head activations are padded to a multiple of it
 LM_HEAD_CHUNK_BYTES = CHUNK_BYTES  # the LM head is read, quantized and multiplied in vocabulary chunks of this many fp32 bytes

@@ -56,7 +56,6 @@ import torch
 from engine.numerics import formats, native
 from engine.vocab.fidelity import EXACT, SETTINGS, SILU_MODES, SLICE_K, TILE_K, Fidelity, Setting, resolve  # noqa: F401 (the table)
 
-
 # ------------------------------------------------------------------------------------------------
 # Operand slices
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +275,7 @@ def _block_partials(pairs, blocks: list[tuple[int, int]]) -> list[torch.Tensor]:
     kb = blocks[0][1] - blocks[0][0]
     n_even = sum(1 for k0, k1 in blocks if k1 - k0 == kb)
     out = None
-    for j, (xs, ws) in enumerate(pairs):
+    for xs, ws in pairs:
         B, M, _ = xs.shape
         N = ws.shape[-1]
         xe = xs[..., : n_even * kb].reshape(B, M, n_even, kb).transpose(1, 2)  # [B, nb, M, kb]

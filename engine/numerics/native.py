@@ -75,7 +75,7 @@ def _lib():
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        warnings.warn(f"bf16-dest kernel not built ({str(detail).strip()[:200]}); using the slower torch path")
+        warnings.warn(f"bf16-dest kernel not built ({str(detail).strip()[:200]}); using the slower torch path", stacklevel=2)
         return None
     fn = lib.dest16_block
     p, i = ctypes.c_void_p, ctypes.c_int64

@@ -31,15 +31,22 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 from typing import Iterable, Sequence
 
-from engine.vocab.devices import DEVICES, Device, normalise_device
-from engine.perf.model import (
-    PARAMS_FILE, NotCovered, Params, device_distance, half_width, load_params_file, params_metadata, predict,
-)
 from engine.models.shapes import shape_for
+from engine.perf.model import (
+    PARAMS_FILE,
+    NotCovered,
+    Params,
+    device_distance,
+    half_width,
+    load_params_file,
+    params_metadata,
+    predict,
+)
+from engine.vocab.devices import DEVICES, Device, normalise_device
 
 # systems never fitted: TG (the model's validation set) and those without published rows (Blackhole)
 HELD_BACK = tuple(name for name, d in DEVICES.items() if not d.calibrated)

@@ -68,12 +68,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
+from engine.models.shapes import shape_for
+from engine.models.spec import ModelSpec
 from engine.perf import ccl
 from engine.vocab import formats, ops
 from engine.vocab.config import LM_HEAD, Config, FidelitySetting, ModelConfig, Precision, decoder_json_file, fidelity_of
 from engine.vocab.devices import DEVICES, Device, Replica, device_for
-from engine.models.shapes import shape_for
-from engine.models.spec import ModelSpec
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "data" / "perf_params.json"
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from sweep.commands.sensitivity import DEFAULT_OUT
+from sweep.errors import UserError
 
 CSV_COLUMNS = (
     "device", "min_speed", "max_ttft", "max_weights_gb", "config_file", "predicted_speed", "predicted_ttft",
@@ -54,15 +55,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from sweep import allocate as alloc
-    from sweep.cli import UserError
+    from sweep.commands.paths import check_output
     from sweep.profile import damage_table, measured, read_csv
-    from sweep.space import load_spec
+    from sweep.space import load_spec, sensitivity_study
     from sweep.study import StudyNotFound, load_study
 
-    from sweep.commands.paths import check_output
-
     spec = load_spec(args.study, storage=args.storage)
-    sspec = spec.sensitivity_study()
+    sspec = sensitivity_study(spec)
     check_output(args.out, "--out", kind="dir", default=DEFAULT_OUT)
     device = next((d for d in spec.devices if d.lower() == args.device.lower()), None)
     if device is None:
@@ -115,7 +114,6 @@ def run(args) -> int:
 
 def _budgets(args):
     from sweep import allocate as alloc
-    from sweep.cli import UserError
 
     given = [x for x in (args.min_speed, args.max_ttft, args.max_weights_gb) if x is not None]
     if args.front is not None and given:
@@ -201,7 +199,6 @@ def _verdict(v: str) -> str:
 
 def _grid(args, spec):
     """The --uniform study file, checked before anything is written."""
-    from sweep.cli import UserError
     from sweep.space import load_spec
 
     if args.uniform_candidates < 1:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sweep.errors import UserError
+
 
 def register(sub) -> None:
     p = sub.add_parser("check", help="regression check: re-evaluate a report's configs, fail if accuracy drops > 0.5")
@@ -18,10 +20,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from sweep.cli import UserError
-    from sweep.report import check_report
-
     from sweep.commands.paths import read_text_file
+    from sweep.report import check_report
 
     path = Path(args.report)
     if args.windows is not None and args.windows < 1:

@@ -17,6 +17,7 @@ import argparse
 import json
 
 from sweep.commands.evaluate import add_eval_args
+from sweep.errors import UserError
 
 
 def register(sub) -> None:
@@ -35,8 +36,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from sweep.cli import UserError
-
     if args.target:
         if len(args.target) != 3 or args.config:
             raise UserError("give either STUDY A B (two trial numbers) or --config A --config B, not both")
@@ -87,7 +86,6 @@ def _from_model(args) -> tuple[dict, dict]:
 
 
 def _from_study(args) -> tuple[dict, dict]:
-    from sweep.cli import UserError
     from sweep.pareto import open_study
     from sweep.records import token_record_of
 

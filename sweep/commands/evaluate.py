@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from sweep.errors import UserError
+
 
 def add_eval_args(p, windows_help: str = "disjoint 1024-token windows scored (default 1: tt-metal's method)") -> None:
     """--model, --prefill, --decode, --windows, --lm-head and --cache-dir (shared with `sweep compare`)."""
@@ -27,10 +29,9 @@ def evaluator_for(args, configs, device: str | None = None):
     """Validate model, configs and --windows cheaply (bad input fails before any model loads),
     then build the Evaluator (given `device` when the engine emulates per device)."""
     from engine.accuracy.evaluator import Evaluator
-    from engine.vocab.config import ModelConfig
     from engine.models.loaders import model_spec
     from engine.models.shapes import check_context
-    from sweep.cli import UserError
+    from engine.vocab.config import ModelConfig
 
     if args.windows < 1:
         raise UserError(f"--windows must be >= 1, not {args.windows}")
@@ -82,7 +83,6 @@ def _switches_help() -> str:
 def parse_assume(items: list[str]) -> dict[str, str]:
     """['bfp_pack=double', ...] -> {'bfp_pack': 'double'}, checked against the switch table."""
     from engine.vocab.assumptions import resolve
-    from sweep.cli import UserError
 
     out = {}
     for item in items:

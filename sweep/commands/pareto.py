@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sweep.commands.report import add_study_args, load_analysis
+from sweep.errors import UserError
 
 
 def register(sub) -> None:
@@ -22,8 +23,6 @@ def run(args) -> int:
 
     check_output(args.out, "--out", kind="dir", default="reports/plots")
     if getattr(args, "html", None) and Path(args.html).is_dir():
-        from sweep.cli import UserError
-
         raise UserError(f"--html {args.html} is a directory; give the page's file name, e.g. {Path(args.html) / 'index.html'}")
     check_output(getattr(args, "html", None), "--html")
     a = load_analysis(args)

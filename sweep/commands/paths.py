@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sweep.errors import UserError
+
 STUDY_HINT = "give a study file (studies/NAME.toml), its journal file (studies/.runs/NAME.log) or a storage URL"
 
 
 def _user_error(msg: str) -> Exception:
-    from sweep.cli import UserError
-
     return UserError(msg)
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import sys
 
+from sweep.errors import UserError
+
 
 def register(sub) -> None:
     p = sub.add_parser("perf", help="predict decode speed (t/s/u) and TTFT (ms) on Wormhole systems",
@@ -71,8 +73,8 @@ def _pi(iv, digits: int) -> str:
 
 
 def run_predict(args) -> int:
-    from engine.perf.model import predict
     from engine.models.shapes import check_context, shape_for
+    from engine.perf.model import predict
 
     if not args.model:
         raise ValueError("--model is required (or use `sweep perf calibrate` / `sweep perf table` / `sweep perf devices`)")
@@ -113,9 +115,8 @@ def run_predict(args) -> int:
 
 def _does_not_fit(res, args) -> None:
     """A prediction for a model that does not fit in DRAM is no prediction: one line, exit 2."""
-    from engine.vocab.devices import device_for, device_names
     from engine.perf.model import predict
-    from sweep.cli import UserError
+    from engine.vocab.devices import device_for, device_names
 
     cap = device_for(res.device).chip.dram_gb
     bigger = [d for d in device_names() if d != res.device and predict(
@@ -131,15 +132,14 @@ def _does_not_fit(res, args) -> None:
 
 def run_calibrate(args) -> int:
     from engine.perf import calibrate as cal
-    from engine.perf.model import PARAMS_FILE, load_params_file
-
+    from engine.perf.model import PARAMS_FILE, _load_params_file
     from sweep.commands.paths import check_output
 
     check_output(args.out, "--out")
     out = None if args.dry_run else (args.out or PARAMS_FILE)
     result = cal.calibrate(args.tables, out=out, fit_pareto_ttft=args.fit_pareto_ttft, loss=args.loss,
                            cross_validation=not args.no_cv)
-    load_params_file.cache_clear()
+    _load_params_file.cache_clear()
     data = result["data"]
     meta = data["calibration"]
     if args.json:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sweep.errors import UserError
+
 
 def add_study_args(p) -> None:
     p.add_argument("study", help="study file (studies/NAME.toml), journal file (studies/.runs/NAME.log) or storage URL")
@@ -20,8 +22,6 @@ def load_analysis(args):
     objectives = [o.strip() for o in args.objectives.split(",")] if getattr(args, "objectives", None) else None
     a = analyze(study, objectives=objectives)
     if not a.points:
-        from sweep.cli import UserError
-
         raise UserError(f"study {study.study_name!r} has no COMPLETE trials yet; run `sweep run` first")
     return a
 

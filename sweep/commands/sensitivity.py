@@ -35,15 +35,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from sweep.commands.paths import check_output
     from sweep.profile import measured, write_csv
-    from sweep.space import load_spec
+    from sweep.space import load_spec, sensitivity_study
     from sweep.study import load_study
     from sweep.study import run as run_study
 
-    from sweep.commands.paths import check_output
-
     spec = load_spec(args.study, storage=args.storage)
-    sspec = spec.sensitivity_study()  # no [sensitivity]: a one-line error before anything is written
+    sspec = sensitivity_study(spec)  # no [sensitivity]: a one-line error before anything is written
     check_output(args.out, "--out", kind="dir", default=DEFAULT_OUT)
     summary = run_study(sspec, workers=args.workers, progress=not args.no_progress,
                         retry_failed=getattr(args, "retry_failed", False))

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from sweep.space import StudySpec
 from sweep.study import locks
+from sweep.study.optuna_compat import storage_of, study_id
 from sweep.study.recovery import RequeueStaleTrial, recover_stale
 from sweep.study.storage import backend, lock, open_storage
 
@@ -46,8 +47,8 @@ class TrialQueue:
 
     def claim(self, study: optuna.Study) -> optuna.Trial | None:
         """Move one WAITING trial to RUNNING for this worker, or None when none waits."""
-        storage = study._storage  # noqa: SLF001 - Study exposes no public storage accessor
-        sid = study._study_id  # noqa: SLF001
+        storage = storage_of(study)
+        sid = study_id(study)
         for t in storage.get_all_trials(sid, deepcopy=False, states=(TrialState.WAITING,)):
             tid = storage.get_trial_id_from_study_id_trial_number(sid, t.number)
             try:
@@ -59,7 +60,7 @@ class TrialQueue:
 
     def beat(self, study: optuna.Study, trial_id: int) -> None:
         """A heartbeat of a running trial (its `heartbeat` user attribute: unix time)."""
-        study._storage.set_trial_user_attr(trial_id, "heartbeat", time.time())  # noqa: SLF001
+        storage_of(study).set_trial_user_attr(trial_id, "heartbeat", time.time())
 
 
 class LocalQueue(TrialQueue):

@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sweep.records import ALLOCATION, QUEUED_CONFIG
 from sweep.space import StudySpec
 from sweep.study import identity, locks
+from sweep.study.optuna_compat import storage_of, trial_id_of_number
 from sweep.study.storage import stale_s
 
 NO_WORKER_GRACE_S = 60.0  # a RUNNING trial with no worker attribute this old is stale
@@ -51,8 +52,7 @@ def is_stale(t: FrozenTrial, now: float | None = None, nobody_since: float | Non
 
 
 def trial_id(study: optuna.Study, number: int) -> int:
-    storage = study._storage  # noqa: SLF001 - Study exposes no public storage accessor
-    return storage.get_trial_id_from_study_id_trial_number(study._study_id, number)  # noqa: SLF001
+    return trial_id_of_number(study, number)
 
 
 def requeue_params(t: FrozenTrial) -> dict | None:
@@ -87,7 +87,7 @@ def fail_and_requeue(study: optuna.Study, t: FrozenTrial, reason: str, death: bo
     """Fail a RUNNING trial with `reason` and queue its params again (unless its worker died
     MAX_DEATHS times on it). Returns whether it was re-queued. Safe against a concurrent recovery:
     only the process whose token ends up on the trial re-queues it."""
-    storage = study._storage  # noqa: SLF001
+    storage = storage_of(study)
     tid = trial_id(study, t.number)
     token = uuid.uuid4().hex
     deaths = int(t.user_attrs.get("deaths", 0)) + (1 if death else 0)

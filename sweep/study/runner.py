@@ -232,15 +232,7 @@ def _interruptible():
 def _run(spec: StudySpec, workers: int, progress: bool, retry_failed: bool, out, poll_s: float,
          torch_device: str | None) -> RunSummary:
     out = sys.stdout if out is None else out
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    if workers > 1 and not backend(spec.storage).atomic_claim:
-        raise ValueError("SQLite storage cannot hand out trials to several workers safely (a trial can run twice); "
-                         "use a journal file (journal:PATH, one machine) or PostgreSQL/MySQL, or --workers 1")
-    check_torch_device(torch_device)
-    cuda_env = cuda_env_set()
-    wants_gpus = torch_device == "cuda" or (torch_device is None and cuda_env)
-    devices = device_plan(workers, torch_device, visible_gpus() if wants_gpus else [], cuda_env)
+    devices = _check_workers(spec, workers, torch_device)
     t0 = time.time()
     prep = prepare(spec, retry_failed=retry_failed)
     study, queue = prep.study, prep.queue
@@ -255,6 +247,44 @@ def _run(spec: StudySpec, workers: int, progress: bool, retry_failed: bool, out,
         remaining = tl.counts["WAITING"] + tl.counts["RUNNING"]
     else:
         remaining = max(total - tl.done, tl.counts["WAITING"])
+    print(_start_message(spec, prep, tl, remaining, extra), file=out, flush=True)
+    errors: list[str] = []
+    interrupted = False
+    recovered = list(prep.recovered)
+    n_workers = 0
+    if remaining > 0:
+        log_dir = spec.runs_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        n_workers = min(workers, remaining)
+        pool = _Pool(spec, log_dir, worker_threads(n_workers), devices, n_workers, 2 * workers)
+        pool.start()
+        interrupted = _supervise(pool, queue, study, tally, prep.total, total, tl.done, progress, poll_s, errors,
+                                 recovered)
+    tl, trials = tally()
+    total, extra = _aim(spec, prep.total, tl, trials)
+    summary = RunSummary(spec.name, total, prep.size, prep.skipped, tl.counts, tl.done, time.time() - t0,
+                         n_workers, interrupted, recovered, errors, prep.total, extra)
+    _print_summary(summary, trials, spec, out)
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary
+
+
+def _check_workers(spec: StudySpec, workers: int, torch_device: str | None) -> list:
+    """Check --workers and --device against the storage and the machine; the device of each worker."""
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if workers > 1 and not backend(spec.storage).atomic_claim:
+        raise ValueError("SQLite storage cannot hand out trials to several workers safely (a trial can run twice); "
+                         "use a journal file (journal:PATH, one machine) or PostgreSQL/MySQL, or --workers 1")
+    check_torch_device(torch_device)
+    cuda_env = cuda_env_set()
+    wants_gpus = torch_device == "cuda" or (torch_device is None and cuda_env)
+    return device_plan(workers, torch_device, visible_gpus() if wants_gpus else [], cuda_env)
+
+
+def _start_message(spec: StudySpec, prep, tl: Tally, remaining: int, extra: int) -> str:
+    """The run's first line: the space, the plan and what is left to run."""
     c = tl.counts
     msg = f"study {spec.name}: {prep.size} configs in the space"
     if spec.is_grid:
@@ -268,87 +298,97 @@ def _run(spec: StudySpec, workers: int, progress: bool, retry_failed: bool, out,
         msg += f" ({prep.requeued_failed} failed trial(s) queued again)"
     if prep.recovered:
         msg += f"; recovered {len(prep.recovered)} trial(s) of dead workers ({', '.join(map(str, prep.recovered))})"
-    print(msg, file=out, flush=True)
-    errors: list[str] = []
-    interrupted = False
-    recovered = list(prep.recovered)
-    n_workers = 0
-    if remaining > 0:
-        log_dir = spec.runs_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
-        n_workers = min(workers, remaining)
-        threads = worker_threads(n_workers)
-        procs: dict[int, subprocess.Popen] = {i: _spawn(spec, i, log_dir, threads, devices[i]) for i in range(n_workers)}
-        next_index = n_workers
-        respawns = 0
-        fatal = False
-        from engine.progress import bar as progress_bar
+    return msg
 
-        bar = progress_bar(total=total, initial=min(tl.done, total), desc=spec.name, unit="trial", leave=True,
-                           show=progress)  # on a terminal only: trials done, rate, time left
-        if bar.disable:
-            bar = None
-        last_done = tl.done
-        try:
-            while procs:
-                time.sleep(poll_s)
-                died = False
-                for i, p in list(procs.items()):
-                    rc = p.poll()
-                    if rc is None:
-                        continue
-                    del procs[i]
-                    if rc == FATAL_EXIT:
-                        fatal = True
-                        errors.append(f"worker {i} stopped: {_log_tail(spec, i, 3)}")
-                    elif rc not in (0, 130):
-                        died = True
-                        errors.append(f"worker {i} died (exit status {rc}): {_log_tail(spec, i, 3)}")
-                if died:
-                    with queue.guard():
-                        rec = queue.recover(study)
-                    recovered += rec
-                    tl, _ = tally()
-                    more = tl.counts["WAITING"] > 0 or (not spec.is_grid and tl.slots < prep.total)
-                    if more and respawns < 2 * workers and not fatal:
-                        while len(procs) < n_workers:
-                            procs[next_index] = _spawn(spec, next_index, log_dir, threads, devices[next_index % len(devices)])
-                            next_index += 1
-                            respawns += 1
-                if bar is not None:
-                    tl, trials = tally()
-                    if tl.done != last_done:
-                        bar.update(min(tl.done, total) - bar.n)
-                        last_done = tl.done
-                        bar.set_postfix_str(_best_text(trials, spec.primary), refresh=True)
-                if not procs and not fatal and respawns < 2 * workers:
-                    # every worker is gone: trials still RUNNING belong to dead workers (e.g. of a
-                    # run killed before this one started): recover them and go on
-                    with queue.guard():
-                        rec = queue.recover(study)
-                    recovered += rec
-                    if rec:
-                        tl, _ = tally()
-                        for _ in range(min(n_workers, tl.counts["WAITING"]) or 1):
-                            procs[next_index] = _spawn(spec, next_index, log_dir, threads, devices[next_index % len(devices)])
-                            next_index += 1
-                            respawns += 1
-        except KeyboardInterrupt:
-            interrupted = True
-            _shutdown(procs)
-        finally:
+
+@dataclass
+class _Pool:
+    """The worker processes of one `sweep run`: started, reaped, respawned (at most `max_respawns`)."""
+    spec: StudySpec
+    log_dir: Path
+    threads: int
+    devices: list
+    size: int
+    max_respawns: int
+    procs: dict[int, subprocess.Popen] = field(default_factory=dict)
+    next_index: int = 0
+    respawns: int = 0
+    fatal: bool = False
+
+    def start(self) -> None:
+        self.procs = {i: _spawn(self.spec, i, self.log_dir, self.threads, self.devices[i]) for i in range(self.size)}
+        self.next_index = self.size
+
+    def respawn(self, n: int) -> None:
+        for _ in range(n):
+            i = self.next_index
+            self.procs[i] = _spawn(self.spec, i, self.log_dir, self.threads, self.devices[i % len(self.devices)])
+            self.next_index += 1
+            self.respawns += 1
+
+    def reap(self, errors: list[str]) -> bool:
+        """Forget the workers that ended (their errors into `errors`); whether one died."""
+        died = False
+        for i, p in list(self.procs.items()):
+            rc = p.poll()
+            if rc is None:
+                continue
+            del self.procs[i]
+            if rc == FATAL_EXIT:
+                self.fatal = True
+                errors.append(f"worker {i} stopped: {_log_tail(self.spec, i, 3)}")
+            elif rc not in (0, 130):
+                died = True
+                errors.append(f"worker {i} died (exit status {rc}): {_log_tail(self.spec, i, 3)}")
+        return died
+
+
+def _supervise(pool: _Pool, queue, study, tally, planned: int, total: int, done: int, progress: bool, poll_s: float,
+               errors: list[str], recovered: list[int]) -> bool:
+    """Watch the workers until none is left: recover and respawn after deaths, move the progress
+    bar. Whether the run was interrupted (Ctrl-C: the workers are shut down)."""
+    from engine.progress import bar as progress_bar
+
+    spec = pool.spec
+    bar = progress_bar(total=total, initial=min(done, total), desc=spec.name, unit="trial", leave=True,
+                       show=progress)  # on a terminal only: trials done, rate, time left
+    if bar.disable:
+        bar = None
+    last_done = done
+    try:
+        while pool.procs:
+            time.sleep(poll_s)
+            if pool.reap(errors):
+                with queue.guard():
+                    recovered += queue.recover(study)
+                tl, _ = tally()
+                more = tl.counts["WAITING"] > 0 or (not spec.is_grid and tl.slots < planned)
+                if more and pool.respawns < pool.max_respawns and not pool.fatal:
+                    pool.respawn(max(0, pool.size - len(pool.procs)))
             if bar is not None:
                 tl, trials = tally()
-                bar.update(max(0, min(tl.done, total) - bar.n))
-                bar.close()
-    tl, trials = tally()
-    total, extra = _aim(spec, prep.total, tl, trials)
-    summary = RunSummary(spec.name, total, prep.size, prep.skipped, tl.counts, tl.done, time.time() - t0,
-                         n_workers, interrupted, recovered, errors, prep.total, extra)
-    _print_summary(summary, trials, spec, out)
-    if interrupted:
-        raise KeyboardInterrupt
-    return summary
+                if tl.done != last_done:
+                    bar.update(min(tl.done, total) - bar.n)
+                    last_done = tl.done
+                    bar.set_postfix_str(_best_text(trials, spec.primary), refresh=True)
+            if not pool.procs and not pool.fatal and pool.respawns < pool.max_respawns:
+                # every worker is gone: trials still RUNNING belong to dead workers (e.g. of a
+                # run killed before this one started): recover them and go on
+                with queue.guard():
+                    rec = queue.recover(study)
+                recovered += rec
+                if rec:
+                    tl, _ = tally()
+                    pool.respawn(min(pool.size, tl.counts["WAITING"]) or 1)
+    except KeyboardInterrupt:
+        _shutdown(pool.procs)
+        return True
+    finally:
+        if bar is not None:
+            tl, trials = tally()
+            bar.update(max(0, min(tl.done, total) - bar.n))
+            bar.close()
+    return False
 
 
 def _shutdown(procs: dict[int, subprocess.Popen], grace_s: float = 30.0) -> None:

@@ -22,12 +22,16 @@ reason and the study goes on. SIGINT / SIGTERM: the worker fails its running tri
 told as soon as it ends). Samplers: a new trial is asked only under the queue's guard while the
 budget (`n_trials`, counting every trial that is not superseded) has room.
 
+SWEEP_WORKER_HOOK names a function called before each evaluation (`before_evaluate_hook`).
+
 `serve` is the whole life of a worker process: `python -m sweep.study worker` (started by
 `sweep run`) and `sweep worker` (joining a study from any host) both end there.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import math
 import os
 import signal
@@ -35,6 +39,8 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
+from typing import Callable
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -43,8 +49,9 @@ from optuna.trial import FrozenTrial, TrialState
 from engine.vocab.config import ModelConfig
 from sweep.equivalence import numerics_digest
 from sweep.records import ALLOCATION, QUEUED_CONFIG, TrialRecord, accuracy_attrs
-from sweep.space import StudySpec
+from sweep.space import StudySpec, spec_from_dict
 from sweep.study import identity, locks
+from sweep.study.optuna_compat import frozen_trial, storage_of, trial_id, unwrapped_storage
 from sweep.study.prepare import make_sampler
 from sweep.study.queue import TrialQueue, queue_for, storage_for_queue
 from sweep.study.recovery import fail_and_requeue
@@ -76,7 +83,7 @@ class Worker:
         self.study = study
         self.spec = spec
         self.index = index
-        self.queue = queue or queue_for(spec, getattr(study._storage, "_backend", study._storage))  # noqa: SLF001
+        self.queue = queue or queue_for(spec, unwrapped_storage(storage_of(study)))
         self.torch_device = torch_device
         self.evaluator = None  # the last one used
         self.evaluators: dict = {}  # numerics layout -> Evaluator
@@ -124,7 +131,7 @@ class Worker:
             if t is None:
                 continue
             try:
-                self.queue.beat(self.study, t._trial_id)  # noqa: SLF001
+                self.queue.beat(self.study, trial_id(t))
             except Exception:  # noqa: BLE001 - the trial just finished, or a transient storage error
                 pass
 
@@ -171,25 +178,26 @@ class Worker:
                 return t
         return None
 
+    def _trial_config(self, trial: optuna.Trial) -> ModelConfig:
+        """The config a claimed trial evaluates: its queued config string, or its params."""
+        queued = trial.user_attrs.get(QUEUED_CONFIG)
+        if queued:  # a config from outside the space (an allocation, a comparison): no params
+            return ModelConfig.parse(queued, self.spec.n_layers, self.spec.model)
+        fixed = frozen_trial(self.study, trial).system_attrs.get("fixed_params")
+        missing = [p.name for p in self.spec.space.params if fixed and p.name not in fixed]
+        if missing:  # the sampler would fill them at random: another config than the one queued
+            raise ValueError(f"trial was queued without params {', '.join(missing)}; "
+                             "re-run `sweep run --retry-failed` to queue its config again")
+        return self.spec.space.config(self.spec.space.suggest(trial))
+
     def process(self, trial: optuna.Trial) -> str:
         """Evaluate one claimed trial; returns its final state name."""
         t_start = time.time()
         self.current = trial
-        params = None
         try:
-            self.queue.beat(self.study, trial._trial_id)  # noqa: SLF001 - at once: a trial never lacks a heartbeat for long
+            self.queue.beat(self.study, trial_id(trial))  # at once: a trial never lacks a heartbeat for long
             trial.set_user_attr("worker", identity.worker_identity())
-            queued = trial.user_attrs.get(QUEUED_CONFIG)
-            if queued:  # a config from outside the space (an allocation, a comparison): no params
-                mc = ModelConfig.parse(queued, self.spec.n_layers, self.spec.model)
-            else:
-                fixed = self.study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")  # noqa: SLF001
-                missing = [p.name for p in self.spec.space.params if fixed and p.name not in fixed]
-                if missing:  # the sampler would fill them at random: another config than the one queued
-                    raise ValueError(f"trial was queued without params {', '.join(missing)}; "
-                                     "re-run `sweep run --retry-failed` to queue its config again")
-                params = self.spec.space.suggest(trial)
-                mc = self.spec.space.config(params)
+            mc = self._trial_config(trial)
             cfg = str(mc)
             digest = numerics_digest(mc, layout=self._layouts()[self.spec.primary] or (1, 1))
             trial.set_user_attr("config", cfg)
@@ -215,12 +223,12 @@ class Worker:
         except (KeyboardInterrupt, _Interrupted):
             self.in_eval = False
             self.stop = True
-            ft = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+            ft = frozen_trial(self.study, trial)
             if not ft.state.is_finished():
                 fail_and_requeue(self.study, ft, "interrupted (Ctrl-C or SIGTERM) during the trial; re-queued", death=False)
             return "INTERRUPTED"
         except FatalWorkerError:
-            ft = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+            ft = frozen_trial(self.study, trial)
             if not ft.state.is_finished():
                 fail_and_requeue(self.study, ft, "worker could not start its evaluator; re-queued", death=False)
             raise
@@ -261,7 +269,9 @@ class Worker:
             self.in_eval = True  # from here SIGINT / SIGTERM interrupt the evaluation
             if self.stop:
                 raise _Interrupted()
-            _test_hook(cfg)
+            hook = before_evaluate_hook()
+            if hook is not None:
+                hook(cfg)
             res = ev.evaluate(mc)
             per_device = {}
             for lay, devs in others.items():  # once per distinct numerics, not per device
@@ -309,48 +319,31 @@ class Worker:
         return done
 
 
-def _test_hook(cfg: str) -> None:
-    """Test hooks (environment variables read by workers; used by tests/test_study.py only):
-
-    SWEEP_TEST_HANG=PATH   the first trial to evaluate (whoever creates PATH) writes its pid
-                           there and sleeps, so a test can SIGKILL a worker mid-trial;
-    SWEEP_TEST_FAIL=TEXT   trials whose config string contains TEXT raise NonFiniteLogits;
-    SWEEP_TEST_BUSY_THREAD=1  the first trial starts a daemon thread that multiplies matrices with
-                           torch until the process ends: a thread inside torch's C++ at exit, as a
-                           library's can be, which aborts a process that tears its interpreter down
-                           ("terminate called without an active exception", exit 134).
-    """
-    if os.environ.get("SWEEP_TEST_BUSY_THREAD") and not getattr(_test_hook, "busy", None):
-        import torch
-
-        a = torch.ones(512, 512)
-
-        def spin():
-            while True:
-                a @ a
-
-        _test_hook.busy = threading.Thread(target=spin, daemon=True, name="test-busy")
-        _test_hook.busy.start()
-    hang = os.environ.get("SWEEP_TEST_HANG")
-    if hang:
-        try:
-            fd = os.open(hang, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            fd = None
-        if fd is not None:
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            while True:
-                time.sleep(0.2)
-    fail = os.environ.get("SWEEP_TEST_FAIL")
-    if fail and fail in cfg:
-        try:
-            from engine.accuracy.evaluator import NonFiniteLogits
-        except ImportError:  # pragma: no cover
-            NonFiniteLogits = RuntimeError  # noqa: N806
-        raise NonFiniteLogits("non-finite logits at decode position 3 (test hook SWEEP_TEST_FAIL)")
+def before_evaluate_hook() -> Callable[[str], None] | None:
+    """The worker's plugin point: SWEEP_WORKER_HOOK=MODULE:FUNCTION (or PATH.py:FUNCTION) names a
+    function that every worker calls with the trial's config string just before it evaluates its
+    accuracy (the trial is claimed, its heartbeat runs, SIGINT / SIGTERM interrupt it from here on),
+    e.g. to log or trace trials or to inject faults (tests/worker_hooks.py). What it raises fails the
+    trial as an error of the evaluation would. Unset or empty: no hook. Loaded once per process."""
+    return _load_hook(os.environ.get("SWEEP_WORKER_HOOK", ""))
 
 
+@functools.lru_cache(maxsize=None)
+def _load_hook(target: str) -> Callable[[str], None] | None:
+    if not target:
+        return None
+    where, sep, name = target.rpartition(":")
+    if not sep or not where or not name:
+        raise ValueError(f"SWEEP_WORKER_HOOK={target!r}: write MODULE:FUNCTION or PATH.py:FUNCTION")
+    if where.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        if spec is None or spec.loader is None or not Path(where).is_file():
+            raise ValueError(f"SWEEP_WORKER_HOOK={target!r}: no file {where}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    return getattr(module, name)
 
 
 def open_worker_study(storage_url: str, study_name: str, lock_dir: str | None = None):
@@ -365,7 +358,7 @@ def open_worker_study(storage_url: str, study_name: str, lock_dir: str | None = 
                          "--storage URL` (or give `sweep worker` the study file)") from None
     if "spec" not in study.user_attrs:
         raise ValueError(f"study {study_name!r} in {redact(storage_url)} was not made by `sweep run` (no spec)")
-    spec = StudySpec.from_dict(study.user_attrs["spec"])
+    spec = spec_from_dict(study.user_attrs["spec"])
     spec = dataclasses.replace(spec, storage=storage_url, _lock_dir=lock_dir)
     return spec, storage
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from engine.vocab.config import ModelConfig
 from engine.models.loaders import model_spec
+from engine.vocab.config import ModelConfig
 from sweep.pareto import Point, StudyInfo, analyze
 from sweep.records import TrialRecord
 

@@ -88,7 +88,7 @@ def build_study(storage=None, name: str = "lt-pareto", model: str = MODEL, confi
                 space: dict | None = None) -> optuna.Study:
     """A COMPLETE study like the runner's: one trial per config, user attrs = TrialRecord.
     `constraints`: optional function record -> {name: value} (> 0 = violated, Optuna's rule)."""
-    from sweep.records import direction
+    from sweep.objectives import direction
 
     study = optuna.create_study(storage=storage, study_name=name, directions=[direction(o) for o in objectives])
     study.set_user_attr("model", model)

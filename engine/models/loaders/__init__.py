@@ -45,7 +45,13 @@ from types import ModuleType
 
 from engine.models.loaders import gguf_file, hf_dir
 from engine.models.loaders.common import (  # noqa: F401 (the loaders' API)
-    BYTE_TOKENIZER_FILE, ByteTokenizer, LoadedModel, MissingModelFile, UnknownModel, cache_dir, check_weights,
+    BYTE_TOKENIZER_FILE,
+    ByteTokenizer,
+    LoadedModel,
+    MissingModelFile,
+    UnknownModel,
+    cache_dir,
+    check_weights,
     expected_shapes,
 )
 from engine.models.loaders.gguf_file import GGUFArray, gguf_tokenizer, permute_qk, read_gguf_header, unpermute_qk  # noqa: F401

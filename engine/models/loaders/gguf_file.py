@@ -14,7 +14,6 @@ from typing import Any
 from engine.models.loaders.common import LoadedModel, _file_fingerprint, cache_dir, check_weights
 from engine.models.spec import ModelFormatError, ModelSpec
 
-
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 

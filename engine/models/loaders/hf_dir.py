@@ -8,7 +8,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.models.loaders.common import (
-    BYTE_TOKENIZER_FILE, ByteTokenizer, LoadedModel, _file_fingerprint, check_weights,
+    BYTE_TOKENIZER_FILE,
+    ByteTokenizer,
+    LoadedModel,
+    _file_fingerprint,
+    check_weights,
 )
 from engine.models.spec import ModelFormatError, ModelSpec, from_hf_config
 from engine.models.store import CanonicalStore, SafetensorsStore, safetensors_files
