@@ -130,3 +130,15 @@ def test_the_cycle_check_catches_a_function_level_cycle(tmp_path):
     deps["b"] |= {n.module for n in ast.walk(fn) if isinstance(n, ast.ImportFrom)}
     with pytest.raises(graphlib.CycleError):
         tuple(graphlib.TopologicalSorter(deps).static_order())
+
+
+def test_no_function_over_60_lines_outside_tests():
+    long = []
+    for pkg in (*PACKAGES, "bench"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > 60:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long
