@@ -132,14 +132,14 @@ def _does_not_fit(res, args) -> None:
 
 def run_calibrate(args) -> int:
     from engine.perf import calibrate as cal
-    from engine.perf.model import PARAMS_FILE, _load_params_file
+    from engine.perf.model import PARAMS_FILE, load_params_file
     from sweep.commands.paths import check_output
 
     check_output(args.out, "--out")
     out = None if args.dry_run else (args.out or PARAMS_FILE)
     result = cal.calibrate(args.tables, out=out, fit_pareto_ttft=args.fit_pareto_ttft, loss=args.loss,
                            cross_validation=not args.no_cv)
-    _load_params_file.cache_clear()
+    load_params_file.cache_clear()
     data = result["data"]
     meta = data["calibration"]
     if args.json:
