@@ -289,6 +289,65 @@ def test_perf_md_matches_points_csv():
     assert checked >= 13, f"only {checked} PERF.md rows of {name} found"  # 13 configs x the study's device(s)
 
 
+def _as_on_another_cpu(df: pd.DataFrame, fraction: float) -> pd.DataFrame:
+    """`df` with every summation-order dependent figure moved by `fraction` of its cross-CPU bound,
+    alternately up and down (what another CPU's vector kernels make of it when `fraction` < 1)."""
+    from sweep.report import ORDER_DEPENDENT
+
+    tol, out = _tolerance(), df.copy()
+    for col, (scale, bound) in ORDER_DEPENDENT.items():
+        step = [fraction * bound * tol * (1 if i % 2 else -1) for i in range(len(out))]
+        out[col] = [v * math.exp(d) if scale == "log" else v + d for v, d in zip(out[col], step)]
+    return out
+
+
+def test_points_csv_rewritten_on_another_cpu_is_the_same_bytes(tmp_path):
+    """`sweep run` / `sweep report` on a CPU whose kernels sum in another order (every KLD, ppl,
+    ref_ppl, rms_dp within the cross-CPU tolerance of the committed ones) leaves the committed
+    points.csv byte for byte as it is: a fresh clone's main job does not dirty the tree."""
+    from sweep.report import ORDER_DEPENDENT, write_csv
+
+    committed = pd.read_csv(POINTS)
+    assert set(ORDER_DEPENDENT) <= set(committed.columns)
+    out = tmp_path / "points.csv"
+    out.write_bytes(POINTS.read_bytes())
+
+    class Rerun:  # the analysis of the same trials made on the other CPU
+        def frame(self):
+            return _as_on_another_cpu(committed, 0.9)
+
+    write_csv(Rerun(), out)
+    assert out.read_bytes() == POINTS.read_bytes()
+
+
+def test_points_csv_takes_a_figure_that_moved_beyond_the_tolerance(tmp_path):
+    """A figure outside the cross-CPU tolerance (an engine, model or text change), or any change of an
+    exact column, is written anew; only figures within the tolerance keep the file's digits."""
+    from sweep.report import ORDER_DEPENDENT, write_csv
+
+    committed = pd.read_csv(POINTS)
+    new = _as_on_another_cpu(committed, 0.9)
+    moved = _as_on_another_cpu(committed, 1.5)
+    for col in ORDER_DEPENDENT:
+        new.loc[1, col] = moved.loc[1, col]
+    new.loc[2, "top1"] = committed.loc[2, "top1"] + 1e-9  # exact columns: any change is written
+    out = tmp_path / "points.csv"
+    out.write_bytes(POINTS.read_bytes())
+
+    class Rerun:
+        def frame(self):
+            return new
+
+    write_csv(Rerun(), out)
+    got = pd.read_csv(out)
+    for col in ORDER_DEPENDENT:
+        assert got.loc[1, col] == moved.loc[1, col] != committed.loc[1, col], col
+        assert (got.drop(index=1)[col] == committed.drop(index=1)[col]).all(), col
+    assert got.loc[2, "top1"] == new.loc[2, "top1"] != committed.loc[2, "top1"]
+    write_csv(Rerun(), tmp_path / "fresh.csv")  # no file yet: every figure as computed
+    assert pd.read_csv(tmp_path / "fresh.csv")["kld"].tolist() == new["kld"].tolist()
+
+
 @pytest.mark.slow
 def test_committed_defaults_row_is_what_the_engine_measures(smollm2_evaluator):
     """Re-evaluate one committed row (the defaults: the README's first line) with today's engine."""

@@ -23,7 +23,16 @@ and their merge into a report), files (the report, CSV and front files), check (
 from __future__ import annotations
 
 from sweep.report.check import accuracy_settings, check_report
-from sweep.report.files import decoder_json_of, optimizations_string, tt_problem, write_csv, write_front, write_report
+from sweep.report.files import (
+    ORDER_DEPENDENT,
+    decoder_json_of,
+    keep_cross_cpu_figures,
+    optimizations_string,
+    tt_problem,
+    write_csv,
+    write_front,
+    write_report,
+)
 from sweep.report.markdown import (
     display_name,
     find_section,
@@ -37,7 +46,7 @@ from sweep.report.markdown import (
 )
 from sweep.report.study_sections import build_sections, calibration_text, interval_text, rows_for, update_report
 
-__all__ = ["accuracy_settings", "build_sections", "calibration_text", "check_report", "decoder_json_of", "display_name",
-           "find_section", "fmt_ms", "fmt_percent", "fmt_speed", "interval_text", "optimizations_string",
+__all__ = ["ORDER_DEPENDENT", "accuracy_settings", "build_sections", "calibration_text", "check_report", "decoder_json_of", "display_name",
+           "find_section", "fmt_ms", "fmt_percent", "fmt_speed", "interval_text", "keep_cross_cpu_figures", "optimizations_string",
            "parse_markdown", "render_markdown", "rows_for", "sections", "table_lines", "tt_problem", "update_report",
            "write_csv", "write_front", "write_report"]
