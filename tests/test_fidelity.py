@@ -287,13 +287,13 @@ def test_compiled_kernel_equals_torch_walk(monkeypatch):
     for native_on in (True, False):
         if not native_on:
             monkeypatch.setenv("TTSWEEP_NO_NATIVE", "1")
-        native.dest16.cache_clear()
+        native._lib.cache_clear()
         runs[native_on] = [matmul(x, w, s, kb) for s in ("lofi", "hifi2na", "hifi2fp16", bf16_dest(3), bf16_dest(4))
                            for kb in (None, 32, 64)]
-    native.dest16.cache_clear()
+    native._lib.cache_clear()
     assert native.dest16() is None  # TTSWEEP_NO_NATIVE still set: the fallback really ran
     monkeypatch.delenv("TTSWEEP_NO_NATIVE")
-    native.dest16.cache_clear()
+    native._lib.cache_clear()
     if native.dest16() is None:
         pytest.skip("no C compiler: the compiled kernel cannot be checked")
     assert all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]))

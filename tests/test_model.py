@@ -99,7 +99,7 @@ def test_full_precision_rule(llama, monkeypatch):
     weights and fidelities (incl. their K-block partials) still apply."""
     host = []
     real = formats.quantize
-    monkeypatch.setattr(formats, "quantize", lambda x, f, rounding="host": (rounding == "host" and host.append(f)) or real(x, f, rounding))
+    monkeypatch.setattr(formats, "quantize", lambda x, f, rounding="host", **kw: (rounding == "host" and host.append(f)) or real(x, f, rounding, **kw))
     cfg = DEFAULT.replace(activation="fp32", kv_cache="bfp4")
     calls = _device_roundings(llama, monkeypatch, lambda: llama.prefill(_tokens(20), cfg))
     assert {(s, f) for s, f in calls if f != "fp32"} == {((20, KV_HEADS, HEAD_DIM), "bfp4")}  # K and V only
@@ -191,7 +191,7 @@ def test_every_setting_carries_the_one_table_record():
 def _device_roundings(model, monkeypatch, run):
     calls = []
     real = em.rnd
-    monkeypatch.setattr(em, "rnd", lambda x, f: calls.append((tuple(x.shape), f)) or real(x, f))
+    monkeypatch.setattr(em, "rnd", lambda x, f, *a: calls.append((tuple(x.shape), f)) or real(x, f, *a))
     run()
     monkeypatch.setattr(em, "rnd", real)
     return calls
@@ -268,7 +268,7 @@ def test_quantized_weights_cached(monkeypatch):
     model = Model(spec, sd)
     host = []
     real = formats.quantize
-    monkeypatch.setattr(formats, "quantize", lambda x, f, rounding="host": (rounding == "host" and host.append(f)) or real(x, f, rounding))
+    monkeypatch.setattr(formats, "quantize", lambda x, f, rounding="host", **kw: (rounding == "host" and host.append(f)) or real(x, f, rounding, **kw))
     toks = _tokens(30)
 
     def trial(cfg):

@@ -160,8 +160,8 @@ def test_qwen_bias_added_after_rounding(monkeypatch):
     real = em.rnd
     qkv_n = (ld.spec.n_heads + 2 * ld.spec.n_kv_heads) * ld.spec.head_dim
 
-    def spy(x, f):
-        out = real(x, f)
+    def spy(x, f, *a):
+        out = real(x, f, *a)
         if x.shape[-1] == qkv_n:
             seen.append((x.clone(), out))
         return out
