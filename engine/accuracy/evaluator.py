@@ -471,7 +471,8 @@ class Evaluator:
     One `engine.models.model.Model` is reused across trials, so its quantized-weight cache is too.
     `device` (default N150) decides the tensor-parallel layout whose rounding is emulated; `lm_head`
     (optional) overrides the model-level LM head (default bfp8 + hifi2fp16 as tt/lm_head.py);
-    `silu` the SFPU SiLU (`sfpu-piecewise`, the seed era's, or `exact`); `assumptions` switches of
+    `silu` the SFPU SiLU (`sfpu-piecewise`, the seed era's, or `exact`; default the profile's);
+    `profile` the tt-metal release whose rules apply (engine.vocab.profiles: seed, current); `assumptions` switches of
     engine.vocab.assumptions away from their defaults (the assumption band); `torch_device` where the
     engine runs (cpu, cuda:0). `windows` disjoint windows are scored (see the module docstring);
     their references are computed once and cached like window 0's.
@@ -480,7 +481,8 @@ class Evaluator:
     def __init__(self, model_name: str, prefill: int = DEFAULT_PREFILL, decode: int = DEFAULT_DECODE,
                  cache_dir: str | os.PathLike | None = None, *, lm_head: tuple[str, str] | None = None,
                  device: str = "N150", silu: str | None = None, torch_device: str | None = None,
-                 windows: int = 1, stream: bool | None = None, assumptions: dict[str, str] | None = None):
+                 windows: int = 1, stream: bool | None = None, assumptions: dict[str, str] | None = None,
+                 profile: str | None = None):
         if prefill < 1 or decode < 1:
             raise ValueError(f"prefill and decode must be >= 1 (got {prefill}, {decode})")
         if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
@@ -511,6 +513,9 @@ class Evaluator:
         self.tokens = self.window_tokens[0]
         self._model = None
         self._anchors: list | None = None
+        from engine.vocab import profiles
+
+        self.profile = profiles.profile(profile).name  # the tt-metal release whose rules apply
         self.set_assumptions(assumptions)
         self._lm_head = tuple(lm_head) if lm_head else None
         self._silu = silu
@@ -538,16 +543,19 @@ class Evaluator:
             ctx = reference_length(self.prefill, self.decode)
             self._model = Model(self.spec, self.loaded.weights, rope_context=ctx, tp=self.tp, topology=self.topology,
                                 torch_device=self.torch_device, keep_weights=not self.stream,
-                                weight_cache=self.weight_cache, assumptions=self.assumptions, **kwargs)
+                                weight_cache=self.weight_cache, assumptions=self.assumptions, profile=self.profile,
+                                **kwargs)
         return self._model
 
     def set_assumptions(self, assumptions: dict[str, str] | None) -> None:
         """Run later trials under these switches of engine.vocab.assumptions (None: the defaults);
         the evaluation key carries the changed ones, so their records never pair with others'."""
         from engine.vocab import assumptions as assumptions_table
+        from engine.vocab import profiles
 
-        self.assumptions = assumptions_table.resolve(assumptions)
-        self.eval_key = eval_key(self.loaded, self.prefill, self.decode) + assumptions_table.key(self.assumptions)
+        self.assumptions = assumptions_table.resolve({"bfp_pack": profiles.profile(self.profile).bfp_pack, **(assumptions or {})})
+        self.eval_key = (eval_key(self.loaded, self.prefill, self.decode) + assumptions_table.key(self.assumptions)
+                         + ("" if self.profile == profiles.DEFAULT else f"+tt:{self.profile}"))
         self._anchors = None  # cached layer inputs were computed under the old switches
         if self._model is not None:
             self._model.set_assumptions(self.assumptions)

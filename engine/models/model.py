@@ -73,13 +73,13 @@ from engine.models.spec import ModelSpec
 from engine.models.store import CHUNK_BYTES, DictStore, WeightStore, give_back_memory, vocab_chunks
 from engine.numerics import fidelity, formats
 from engine.vocab import assumptions as assumptions_table
-from engine.vocab import ops
+from engine.vocab import ops, profiles
 from engine.vocab.config import LM_HEAD, Config, ConfigError, FidelitySetting, ModelConfig, Precision, fidelity_of
 
 ROWS = 32  # tile height: decode and LM-head activations are padded to a multiple of it
 LM_HEAD_CHUNK_BYTES = CHUNK_BYTES  # the LM head is read, quantized and multiplied in vocabulary chunks of this many fp32 bytes
 FULL = "fp32"  # the no-rounding format name
-DEFAULT_SILU = "sfpu-piecewise"  # the seed era's SFPU SiLU
+DEFAULT_SILU = profiles.profile(None).silu  # the default profile's (the seed era's SFPU SiLU)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,25 +337,27 @@ class Model:
         rope_context: int | None = None,
         tp: int = 1,
         topology: str = "line",
-        silu: str = DEFAULT_SILU,
+        silu: str | None = None,
         torch_device: str | torch.device | None = None,
         keep_weights: bool = True,
         weight_cache=None,
         prefetch: bool | None = None,
         assumptions: dict[str, str] | None = None,
+        profile: str | None = None,
     ):
         if spec.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {spec.head_dim}")
         if spec.n_heads % spec.n_kv_heads:
             raise ValueError(f"n_heads {spec.n_heads} is not a multiple of n_kv_heads {spec.n_kv_heads}")
         programs.check_tp(spec, tp)
+        self.profile = profiles.profile(profile)  # the tt-metal release whose rules apply (engine.vocab.profiles)
         self.set_assumptions(assumptions)
         self.spec = spec
         self.tp, self.topology = int(tp), topology
         self.wo_split = 1 if programs.wo_fused(spec, self.tp, topology) else self.tp  # wo split along K
         self._prog = {p: programs.blocks(spec, self.tp, p, topology) for p in (False, True)}
         self.sdpa_exp_approx = sdpa_exp_approx  # False: exact exp in SDPA, as tt_transformers runs it
-        self.silu = fidelity.silu_fn(silu)
+        self.silu = fidelity.silu_fn(silu or self.profile.silu)
         self.lm_head_format, self.lm_head_setting = lm_head[0], fidelity_of(lm_head[1])
         formats.get_format(self.lm_head_format)
         self.logits_format = formats.get_format(logits_format).name
@@ -508,7 +510,7 @@ class Model:
     # --- one decoder layer ---------------------------------------------------------------------
     def set_assumptions(self, assumptions: dict[str, str] | None) -> None:
         """The switches of engine.vocab.assumptions this model runs under (None: the defaults)."""
-        self.assumptions = assumptions_table.resolve(assumptions)
+        self.assumptions = assumptions_table.resolve({"bfp_pack": self.profile.bfp_pack, **(assumptions or {})})
         #: (rounding, gasket ties) of a compute op's block-format output (the `bfp_pack` switch)
         self.pack = ("packer" if self.assumptions["bfp_pack"] == "double" else "device", self.assumptions["gasket_ties"])
 
@@ -632,6 +634,12 @@ class Model:
         kern = setting.kernel
         exp_approx = kern.approx and self.sdpa_exp_approx
         scale = sdpa_scale(D, full)
+        # current tt-metal, 16-bit dest: the subtraction of the running max is packed to bf16 before exp
+        dest16_sub = self.profile.sdpa_max_bf16 and not full and not kern.fp32_dest
+
+        def max_round(t: torch.Tensor) -> torch.Tensor:
+            return rnd(t, "bf16") if dest16_sub else t
+
         qh = q.reshape(M, nkv, G, D).permute(1, 2, 0, 3).reshape(nkv, G * M, D)
         maskg = mask.repeat(G, 1)
         m = l = o = None
@@ -640,13 +648,13 @@ class Model:
             sc = rnd(mm(setting, qh, kt[:, :, c0:c1], None, im), im) + maskg[:, c0:c1]
             m_new = sc.amax(-1, keepdim=True) if m is None else torch.maximum(m, sc.amax(-1, keepdim=True))
             m_safe = torch.where(torch.isneginf(m_new), 0.0, m_new)  # a fully masked row so far adds nothing
-            pr = rnd(fidelity.exp((sc - m_safe) * scale, exp_approx), im)
+            pr = rnd(fidelity.exp(max_round(sc - m_safe) * scale, exp_approx), im)
             lc = rnd(pr.sum(-1, keepdim=True), im)
             oc = rnd(mm(setting, pr, v[:, c0:c1], None, im), im)
             if m is None:
                 l, o = lc, oc
             else:
-                alpha = rnd(torch.where(torch.isneginf(m), 0.0, fidelity.exp((m - m_safe) * scale, exp_approx)), im)
+                alpha = rnd(torch.where(torch.isneginf(m), 0.0, fidelity.exp(max_round(m - m_safe) * scale, exp_approx)), im)
                 l = rnd(rnd(l * alpha, im) + lc, im)
                 o = rnd(rnd(o * alpha, im) + oc, im)
             m = m_new

@@ -23,6 +23,9 @@ def add_eval_args(p, windows_help: str = "disjoint 1024-token windows scored (de
                    help="override the model-level LM head, e.g. bf16,hifi4 (default bfp8,hifi2fp16 as tt_transformers)")
     p.add_argument("--cache-dir", default=None, help="cache root (default $TTSWEEP_CACHE or ~/.cache/ttsweep)")
     p.add_argument("--torch-device", default=None, help="where the engine runs: cpu (default), cuda, cuda:N")
+    p.add_argument("--tt-metal", default=None, metavar="PROFILE",
+                   help="the tt-metal release whose numerics rules apply: seed (default; the committed reports) or "
+                        "current (engine.vocab.profiles)")
 
 
 def evaluator_for(args, configs, device: str | None = None):
@@ -46,9 +49,15 @@ def evaluator_for(args, configs, device: str | None = None):
     for c in configs:
         ModelConfig.parse(c, spec.n_layers, spec.name)
     lm_head = parse_lm_head(args.lm_head) if getattr(args, "lm_head", None) else None
+    profile = getattr(args, "tt_metal", None)
+    if profile is not None:
+        from engine.vocab.profiles import PROFILES
+
+        if profile not in PROFILES:
+            raise UserError(f"--tt-metal {profile!r}: unknown profile; legal: {', '.join(PROFILES)}")
     return Evaluator(args.model, prefill=args.prefill, decode=args.decode, cache_dir=args.cache_dir,
                      windows=args.windows, device=device or "N150", lm_head=lm_head,
-                     torch_device=getattr(args, "torch_device", None))
+                     torch_device=getattr(args, "torch_device", None), profile=profile)
 
 
 def register(sub) -> None:
@@ -106,7 +115,7 @@ def run(args) -> int:
     if args.json:
         d = r.to_dict()
         d |= {"prefill": args.prefill, "decode": args.decode, "streamed": ev.stream,
-              "assumed": ev.assumptions}
+              "assumed": ev.assumptions, "tt_metal": ev.profile}
         if band is not None:
             d["assumptions"] = band
         if ev.weight_cache is not None:
@@ -122,6 +131,7 @@ def run(args) -> int:
         print(f"{r.model} on {r.device}: {r.tokens} teacher-forced decode steps after a {args.prefill}-token prefill")
     print(f"  config  {r.config}")
     print(f"  lm_head {r.lm_head[0]} + {r.lm_head[1]}")
+    print(f"  tt-metal profile {ev.profile}")
     if ev.stream:
         print("  weights streamed layer by layer" + (f"; {ev.weight_cache.describe()}" if ev.weight_cache else ""))
     print(f"  Top-1 {r.top1:.1f}% [{r.top1_ci[0]:.1f}, {r.top1_ci[1]:.1f}]   "

@@ -42,7 +42,7 @@ WEIGHT_COUPLING = WEIGHT_READERS
 TOP_KEYS = ("study", "eval", "perf", "sampler", "constraints", "space", "numerics", "sensitivity")
 SENSITIVITY_KEYS = ("base", "prefill", "decode", "families", "choices", "layers")
 SENSITIVITY_DEFAULTS = {"prefill": 128, "decode": 127}  # a short teacher-forced window: a quarter of a trial
-NUMERICS_KEYS = ("silu", "lm_head")  # version switches and model-level numerics (engine.accuracy.evaluator.Evaluator)
+NUMERICS_KEYS = ("silu", "lm_head", "tt_metal")  # version switches and model-level numerics (engine.accuracy.evaluator.Evaluator)
 STUDY_KEYS = ("name", "model", "devices", "objectives", "storage", "description")
 EVAL_KEYS = ("prefill", "decode", "windows")
 PERF_KEYS = ("batch", "prefill", "decode", "dp")
@@ -262,10 +262,11 @@ class StudySpec:
         return self.sampler.kind == "grid"
 
     def numerics_kwargs(self) -> dict:
-        """[numerics] as `engine.accuracy.evaluator.Evaluator` keywords (silu, lm_head)."""
+        """[numerics] as `engine.accuracy.evaluator.Evaluator` keywords (silu, lm_head, profile)."""
         num = self.numerics
         return ({"silu": num["silu"]} if "silu" in num else {}) | (
-            {"lm_head": tuple(num["lm_head"])} if "lm_head" in num else {})
+            {"lm_head": tuple(num["lm_head"])} if "lm_head" in num else {}) | (
+            {"profile": num["tt_metal"]} if "tt_metal" in num else {})
 
     @property
     def journal_path(self) -> Path | None:

@@ -273,7 +273,8 @@ def _parse_sensitivity(where: str, d: Any, model: str, n_layers: int) -> dict:
 
 
 def _parse_numerics(where: str, d: Any) -> dict:
-    """[numerics]: `silu = "sfpu-piecewise" | "exact"`, `lm_head = ["bfp8", "hifi2fp16"]`."""
+    """[numerics]: `silu = "sfpu-piecewise" | "exact"`, `lm_head = ["bfp8", "hifi2fp16"]`,
+    `tt_metal = "seed" | "current"` (engine.vocab.profiles)."""
     from engine.vocab import fidelity
     from engine.vocab.config import lm_head_of
 
@@ -283,6 +284,12 @@ def _parse_numerics(where: str, d: Any) -> dict:
         if d["silu"] not in fidelity.SILU_MODES:
             raise fail(where, f"numerics.silu {d['silu']!r}; legal values: {', '.join(fidelity.SILU_MODES)}")
         out["silu"] = d["silu"]
+    if "tt_metal" in d:
+        from engine.vocab.profiles import PROFILES
+
+        if d["tt_metal"] not in PROFILES:
+            raise fail(where, f"numerics.tt_metal {d['tt_metal']!r}; legal values: {', '.join(PROFILES)}")
+        out["tt_metal"] = d["tt_metal"]
     if "lm_head" in d:
         v = d["lm_head"]
         if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)):
