@@ -15,7 +15,7 @@ class Profile:
     name: str
     silu: str  # the SFPU SiLU (engine.vocab.fidelity.SILU_MODES)
     bfp_pack: str  # compute ops' block-format outputs: "precise" (one rounding) or "double" (the packer's)
-    sdpa_max_bf16: bool  # with a 16-bit dest, S - max is rounded to bf16 before exp (SDPA's sub_tiles into Float16_b)
+    sdpa_max_bf16: bool  # with a 16-bit dest, S - max is held as bf16 before exp (sub_exp_block_bcast_cols_inplace)
     about: str
 
 
