@@ -241,3 +241,29 @@ def test_device_facts_come_from_the_device_table():
     n150 = DEVICES["N150"]
     half = replace(n150, chip=replace(n150.chip, prefill_block_rows=512))
     assert predict("Llama3.2-1B", half, prefill=4096).ttft_ms > predict("Llama3.2-1B", n150, prefill=4096).ttft_ms
+
+
+def test_t3k_fused_wo_runs_at_hifi2_in_decode_and_prefill_blocks_use_the_chip_width():
+    """tt/attention.py: on a ring whose (dim / 32 / tp) % tp == 0, decode wo is the all_gather_matmul
+    with compute_kernel_config_hifi2 (fp32 dest, fp32 partials) whatever li_o_decode says; prefill
+    runs no all-gather-matmul, so wo's K block is the chip's attention width."""
+    from engine.models.loaders import expected_shapes
+    from engine.models.spec import ModelSpec
+
+    spec = ModelSpec("fused", "llama", n_layers=1, hidden=2048, n_heads=16, n_kv_heads=8, head_dim=128,
+                     intermediate=256, vocab=64, tied_embeddings=True)
+    assert programs.wo_fused(spec, 8, "ring") and not programs.wo_fused(spec, 2, "line")
+    blk = programs.blocks(spec, 8, prefill=True, topology="ring")
+    per_chip = spec.n_heads * spec.head_dim // 8
+    assert blk.wo == programs.matmul_in0_block_w(per_chip, programs.find_prefill_grid(8, per_chip // 32)) * 32
+    g = torch.Generator().manual_seed(0)
+    w = {k: (torch.ones(s) if len(s) == 1 else 0.05 * torch.randn(s, generator=g)) for k, s in expected_shapes(spec).items()}
+
+    def decode(li_o: str, tp: int, topology: str) -> torch.Tensor:
+        m = em.Model(spec, w, tp=tp, topology=topology)
+        cfg = DEFAULT.replace(li_o_decode=li_o)
+        _, cache = m.prefill(torch.arange(1, 9), cfg)
+        return m.decode_batched(torch.arange(9, 13), cache, cfg)
+
+    assert torch.equal(decode("lofi", 8, "ring"), decode("hifi4", 8, "ring"))  # the setting is not read
+    assert not torch.equal(decode("lofi", 2, "line"), decode("hifi4", 2, "line"))  # N300 reads it

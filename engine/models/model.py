@@ -584,7 +584,10 @@ class Model:
         o = self._sdpa(q, cache.kt[i][:, :, :L], cache.v[i][:, :L], mask,
                        c.sdpa_prefill if prefill else c.sdpa_decode, q_fmt, self._chunk(prefill, L, full))
         wo_fmt = _out(c, li_o)  # decode wo: dtype=None, the SDPA output's
-        o = self._linear(getattr(c, li_o), o, self.weight(*W["wo"]), blk.wo, wo_fmt, interm(li_o), self.wo_split)
+        if not prefill and self.wo_split == 1 and self.tp > 1:  # all_gather_matmul: hifi2, fp32 partials, any li_o_decode
+            o = self._linear(FidelitySetting.HIFI2, o, self.weight(*W["wo"]), blk.wo, wo_fmt, None, 1)
+        else:
+            o = self._linear(getattr(c, li_o), o, self.weight(*W["wo"]), blk.wo, wo_fmt, interm(li_o), self.wo_split)
         h = self._pack(h + o, x_fmt)  # first residual add: dtype=None keeps the residual's dtype
 
         # MLP block

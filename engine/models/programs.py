@@ -125,7 +125,8 @@ def blocks(spec: ModelSpec, tp: int = 1, prefill: bool = False, topology: str = 
     if prefill:
         return Blocks(
             qkv=kb(1),  # XQKV_PREFILL_PROGCFG: in0_block_w=1
-            wo=kb(matmul_in0_block_w(wo_k, find_prefill_grid(8, wo_k // TILE))),
+            # prefill runs no all-gather-matmul: wo's K is the chip's attention width even on a fused ring
+            wo=kb(matmul_in0_block_w(attn // tp, find_prefill_grid(8, attn // tp // TILE))),
             w13=kb(matmul_in0_block_w(dim, find_prefill_grid(8, dim // TILE))),
             w2=kb(matmul_in0_block_w(hidden, find_prefill_grid(8, hidden // TILE))),  # full hidden, as tt passes it
             lm_head=lm,
