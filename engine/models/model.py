@@ -134,9 +134,17 @@ def _rope_format(c: Config) -> str:
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: str,
-              pack: tuple[str, str] = ("device", "away")) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * w in fp32 (transformers' LlamaRMSNorm), rounded to `out`."""
-    return rnd(F.rms_norm(x, (x.shape[-1],), w, eps), out, pack)
+              pack: tuple[str, str] = ("device", "away"), hifi2: bool = False) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * w in fp32 (transformers' LlamaRMSNorm), rounded to `out`.
+    `hifi2` (the current profile; full-precision mode never): as models/common/rmsnorm.py runs it,
+    HiFi2 with an fp32 dest: x*x, the reduce's multiply by the bf16 scaler 1/N, x*rsqrt and *gamma
+    each through the fidelity phases (fidelity.eltwise_mul), sums in fp32."""
+    if not hifi2 or out == FULL:
+        return rnd(F.rms_norm(x, (x.shape[-1],), w, eps), out, pack)
+    scaler = torch.tensor(1.0 / x.shape[-1], device=x.device).to(torch.bfloat16).float()
+    mean = fidelity.eltwise_mul(fidelity.eltwise_mul(x, x, "hifi2"), scaler, "hifi2").sum(-1, keepdim=True)
+    y = fidelity.eltwise_mul(x, torch.rsqrt(mean + eps), "hifi2")
+    return rnd(fidelity.eltwise_mul(y, w, "hifi2"), out, pack)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -566,7 +574,7 @@ class Model:
         # attention block: the layer input is typecast to the activation dtype (tt/model.py)
         x_fmt = _out(c, "norm", h_fmt)
         h = rnd(h, x_fmt)
-        x = _rms_norm(h, self.weight(*W["ln1"]), s.rms_eps, x_fmt, self.pack)
+        x = _rms_norm(h, self.weight(*W["ln1"]), s.rms_eps, x_fmt, self.pack, self.profile.rmsnorm_hifi2)
         qkv_fmt = _out(c, li_qkv)
         qkv = self._linear(getattr(c, li_qkv), x, self.weight(*W["wqkv"]), blk.qkv, qkv_fmt, interm(li_qkv))
         if s.qkv_bias:  # added after the qkv output is rounded (attention.py), in the output's dtype
@@ -591,7 +599,7 @@ class Model:
         h = self._pack(h + o, x_fmt)  # first residual add: dtype=None keeps the residual's dtype
 
         # MLP block
-        x = _rms_norm(h, self.weight(*W["ln2"]), s.rms_eps, x_fmt, self.pack)
+        x = _rms_norm(h, self.weight(*W["ln2"]), s.rms_eps, x_fmt, self.pack, self.profile.rmsnorm_hifi2)
         f13 = _out(c, "li_ff1_3")
         gu = mm(c.li_ff1_3, x, self.weight(*W["w13"]), blk.w13, f13, interm("li_ff1_3"))
         if s.intermediate % formats.BLOCK == 0:  # no block straddles w1 | w3: round both at once
@@ -759,7 +767,8 @@ class Model:
         The head is read and multiplied in vocabulary chunks (`lm_head_chunks`; every op is
         column-independent, so the chunks change no bit); `ug` is the embedding's dtype."""
         m = h.shape[0]
-        x = _rms_norm(_pad_rows(h), self.weight("model.norm.weight", ug), self.spec.rms_eps, h_fmt, self.pack)  # keeps h's dtype
+        x = _rms_norm(_pad_rows(h), self.weight("model.norm.weight", ug), self.spec.rms_eps, h_fmt, self.pack,
+                      self.profile.rmsnorm_hifi2)  # keeps h's dtype
         fmt = FULL if full else self.lm_head_format
         if not full:
             x = x[:m]  # the emulated matmuls are row-independent: padding rows' logits are never read

@@ -92,6 +92,16 @@ def _combined_pairs(x: torch.Tensor, w: torch.Tensor, phases: int) -> list[tuple
     return [(x7, w7), (x7 - xh, w7 - _keep(w, 4))]
 
 
+def eltwise_mul(a: torch.Tensor, b: torch.Tensor, setting) -> torch.Tensor:
+    """a * b elementwise as the FPU multiplies at a fidelity setting with an fp32 dest: in0 (`a`)
+    in SrcA, in1 (`b`, broadcast) in SrcB, each phase's truncated slices multiplied and the phases
+    summed in fp32 (*assumption*: the operand roles follow the matmul's, in0 -> SrcA). Used by
+    the current profile's RMSNorm (models/common/rmsnorm.py runs at HiFi2)."""
+    pairs = _combined_pairs(b, a, resolve(setting).phases)
+    out = pairs[0][0] * pairs[0][1]
+    return out - pairs[1][0] * pairs[1][1] if len(pairs) > 1 else out
+
+
 def x_phases(x: torch.Tensor, phases: int) -> torch.Tensor:
     """The activation's per-phase slices stacked on dim 1: x [B, M, K] -> [B, P, M, K]
     (phases 0-1 read xh, 2-3 xl)."""
