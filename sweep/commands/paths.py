@@ -41,7 +41,9 @@ def check_study_target(target: str) -> None:
     if first.startswith(b"SQLite format 3\0"):
         raise _user_error(f"{p} is an SQLite database; give it as a storage URL: sqlite:///{p}")
     if not first.strip():
-        return  # an empty journal: holds no study (open_study says so)
+        if not p.read_bytes().strip():
+            return  # an empty journal: holds no study (open_study says so)
+        raise _user_error(f"{p} is not an Optuna journal file; {STUDY_HINT}")  # a blank first line, then bytes
     try:
         ok = "op_code" in json.loads(first.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, TypeError):
