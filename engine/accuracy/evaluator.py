@@ -527,8 +527,6 @@ class Evaluator:
 
             if limit_bytes() > 0:
                 self.weight_cache = WeightCache(self.cache_dir, self.loaded.fingerprint)
-        self._anchors: list | None = None
-        self._model = None
 
     @property
     def model(self):
@@ -553,7 +551,7 @@ class Evaluator:
         from engine.vocab import assumptions as assumptions_table
         from engine.vocab import profiles
 
-        self.assumptions = assumptions_table.resolve({"bfp_pack": profiles.profile(self.profile).bfp_pack, **(assumptions or {})})
+        self.assumptions = profiles.profile(self.profile).assumptions(assumptions)
         self.eval_key = (eval_key(self.loaded, self.prefill, self.decode) + assumptions_table.key(self.assumptions)
                          + ("" if self.profile == profiles.DEFAULT else f"+tt:{self.profile}"))
         self._anchors = None  # cached layer inputs were computed under the old switches

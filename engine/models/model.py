@@ -518,7 +518,7 @@ class Model:
     # --- one decoder layer ---------------------------------------------------------------------
     def set_assumptions(self, assumptions: dict[str, str] | None) -> None:
         """The switches of engine.vocab.assumptions this model runs under (None: the defaults)."""
-        self.assumptions = assumptions_table.resolve({"bfp_pack": self.profile.bfp_pack, **(assumptions or {})})
+        self.assumptions = self.profile.assumptions(assumptions)
         #: (rounding, gasket ties) of a compute op's block-format output (the `bfp_pack` switch)
         self.pack = ("packer" if self.assumptions["bfp_pack"] == "double" else "device", self.assumptions["gasket_ties"])
 

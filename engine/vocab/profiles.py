@@ -19,6 +19,13 @@ class Profile:
     rmsnorm_hifi2: bool  # RMSNorm's x*x, the 1/N reduce, x*rsqrt and *gamma through HiFi2's phases (models/common/rmsnorm.py)
     about: str
 
+    def assumptions(self, given=None) -> dict[str, str]:
+        """The assumption switches under this profile: its packing rule as `bfp_pack`'s default,
+        `given` (engine.vocab.assumptions) over it."""
+        from engine.vocab.assumptions import resolve
+
+        return resolve({"bfp_pack": self.bfp_pack, **(given or {})})
+
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("seed", silu="sfpu-piecewise", bfp_pack="precise", sdpa_max_bf16=False, rmsnorm_hifi2=False,

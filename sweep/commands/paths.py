@@ -38,10 +38,11 @@ def check_study_target(target: str) -> None:
         return  # sweep.pareto.open_storage says it is missing
     with p.open("rb") as f:
         first = f.readline(1 << 20)  # a journal's first line is its create-study record
+        rest = f.read(1 << 20) if not first.strip() else b""
     if first.startswith(b"SQLite format 3\0"):
         raise _user_error(f"{p} is an SQLite database; give it as a storage URL: sqlite:///{p}")
     if not first.strip():
-        if not p.read_bytes().strip():
+        if not rest.strip():
             return  # an empty journal: holds no study (open_study says so)
         raise _user_error(f"{p} is not an Optuna journal file; {STUDY_HINT}")  # a blank first line, then bytes
     try:
